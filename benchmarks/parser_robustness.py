@@ -14,9 +14,9 @@ import io
 import time
 
 import numpy as np
-from _common import command, machine, table
 from PIL import Image, ImageFilter
 
+from _common import command, machine, table
 from omnitok.world.build import HELDOUT_COMBOS
 from omnitok.world.parser import parse_scene, score_scene
 from omnitok.world.scene import render_image, sample_scene
@@ -61,10 +61,22 @@ def main() -> None:
     clean_held = evaluate([scenes[i] for i in held], [images[i] for i in held])
 
     print(f"machine: {machine()}\ncommand: {command()}\n")
-    print(f"clean renders: {len(scenes)} scenes, exact match {clean['exact']:.4f} "
-          f"(held-out combos: {clean_held['exact']:.4f} on {len(held)}), {per_image_ms:.1f} ms/image\n")
-    rows = [["clean", "-", clean["exact"], clean["object_f1"], clean["shape_f1"], clean["color_f1"],
-             clean["size_f1"], clean["cell_f1"]]]
+    print(
+        f"clean renders: {len(scenes)} scenes, exact match {clean['exact']:.4f} "
+        f"(held-out combos: {clean_held['exact']:.4f} on {len(held)}), {per_image_ms:.1f} ms/image\n"
+    )
+    rows = [
+        [
+            "clean",
+            "-",
+            clean["exact"],
+            clean["object_f1"],
+            clean["shape_f1"],
+            clean["color_f1"],
+            clean["size_f1"],
+            clean["cell_f1"],
+        ]
+    ]
     sub_s, sub_i = scenes[: args.degraded], images[: args.degraded]
     for name, fn, levels in (
         ("gaussian blur (sigma px)", blur, (0.5, 1.0, 1.5, 2.0)),
@@ -73,8 +85,9 @@ def main() -> None:
     ):
         for level in levels:
             r = evaluate(sub_s, [fn(img, level, rng) for img in sub_i])
-            rows.append([name, level, r["exact"], r["object_f1"], r["shape_f1"], r["color_f1"],
-                         r["size_f1"], r["cell_f1"]])
+            rows.append(
+                [name, level, r["exact"], r["object_f1"], r["shape_f1"], r["color_f1"], r["size_f1"], r["cell_f1"]]
+            )
     print(table(["degradation", "level", "exact", "object F1", "shape F1", "color F1", "size F1", "cell F1"], rows))
 
 

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from _common import command, machine, table
-
 from omnitok.world.build import DEFAULT_KIND_RATIOS, WorldConfig, build_world
 
 

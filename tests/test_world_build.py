@@ -119,7 +119,7 @@ def test_crash_leaves_no_partial_shard(tmp_path, monkeypatch):
 
 
 def test_changed_settings_are_refused(world):
-    with pytest.raises(OmnitokError, match="different settings.*n"):
+    with pytest.raises(OmnitokError, match=r"different settings.*n"):
         build_world(world, WorldConfig(n=41, seed=3, speech=False, samples_per_shard=8))
 
 

@@ -2,7 +2,15 @@ from omnitok.world.language import parse_caption
 from omnitok.world.parser import parse_scene, scene_match
 from omnitok.world.scene import render_image, sample_scene, scene_is_valid
 from omnitok.world.tasks import EDITS, construction_steps, sample_edit
-from omnitok.world.video import EVENTS, MAX_FRAMES, MIN_FRAMES, event_caption, event_key, parse_event_caption, sample_clip
+from omnitok.world.video import (
+    EVENTS,
+    MAX_FRAMES,
+    MIN_FRAMES,
+    event_caption,
+    event_key,
+    parse_event_caption,
+    sample_clip,
+)
 
 
 def test_clips_and_their_captions(rng):

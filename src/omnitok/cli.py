@@ -27,6 +27,10 @@ def _register() -> None:
     app.add_typer(world_app, name="world")
     app.command("demo")(demo)
 
+    from omnitok.tokenizers.cli import app as tokenizer_app
+
+    app.add_typer(tokenizer_app, name="tokenizer")
+
 
 _register()
 

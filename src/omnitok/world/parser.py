@@ -107,15 +107,18 @@ def _fit_blob(blob: np.ndarray, background: np.ndarray, others: np.ndarray, colo
     assert best is not None
     score, shape, size, x, y = best
     mask = _place(shape, size, x, y)
-    unexplained = (float((mask & (background > 0.5)).sum()) + float((blob & ~mask).sum())) / max(
-        float(mask.sum()), 1.0
-    )
+    unexplained = (float((mask & (background > 0.5)).sum()) + float((blob & ~mask).sum())) / max(float(mask.sum()), 1.0)
     if unexplained > MAX_UNEXPLAINED_FRACTION:
         return None
     row, col = _cell_of(y), _cell_of(x)
     obj = SceneObject(
-        shape=shape, color=color, size=size, row=row, col=col,
-        dx=x - CELL_CENTERS[col], dy=y - CELL_CENTERS[row],
+        shape=shape,
+        color=color,
+        size=size,
+        row=row,
+        col=col,
+        dx=x - CELL_CENTERS[col],
+        dy=y - CELL_CENTERS[row],
     )
     return _Fit(obj=obj, mask=mask, visible=blob, unexplained=unexplained)
 
@@ -189,8 +192,6 @@ def score_scene(pred: Scene, truth: Scene) -> dict[str, float]:
     out = {"exact": float(scene_match(pred, truth)), "count": float(len(pred) == len(truth))}
     out["cell_f1"] = _f1([o.cell for o in pred], [o.cell for o in truth])
     for attr in ("shape", "color", "size"):
-        out[f"{attr}_f1"] = _f1(
-            [(o.cell, getattr(o, attr)) for o in pred], [(o.cell, getattr(o, attr)) for o in truth]
-        )
+        out[f"{attr}_f1"] = _f1([(o.cell, getattr(o, attr)) for o in pred], [(o.cell, getattr(o, attr)) for o in truth])
     out["object_f1"] = _f1([o.key() for o in pred], [o.key() for o in truth])
     return out

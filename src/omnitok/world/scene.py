@@ -76,8 +76,13 @@ class SceneObject:
     @staticmethod
     def from_json(d: dict[str, Any]) -> SceneObject:
         obj = SceneObject(
-            shape=d["shape"], color=d["color"], size=d["size"], row=int(d["row"]), col=int(d["col"]),
-            dx=int(d.get("dx", 0)), dy=int(d.get("dy", 0)),
+            shape=d["shape"],
+            color=d["color"],
+            size=d["size"],
+            row=int(d["row"]),
+            col=int(d["col"]),
+            dx=int(d.get("dx", 0)),
+            dy=int(d.get("dy", 0)),
         )
         validate_object(obj)
         return obj

@@ -46,17 +46,17 @@ def sample_edit(
                 color = [c for c in COLORS if c != obj.color][int(rng.integers(len(COLORS) - 1))]
                 if (color, obj.shape) in forbidden:
                     continue
-                edited = (*scene[:i], replace(obj, color=color), *scene[i + 1:])
+                edited = (*scene[:i], replace(obj, color=color), *scene[i + 1 :])
                 text = f"Make {ref} {color}." if rng.random() < 0.5 else f"Change the color of {ref} to {color}."
                 record = {"type": kind, "object": obj.to_json(), "to": color}
             elif kind == "move":
                 row, col = free[int(rng.integers(len(free)))]
-                edited = (*scene[:i], replace(obj, row=row, col=col, dx=0, dy=0), *scene[i + 1:])
+                edited = (*scene[:i], replace(obj, row=row, col=col, dx=0, dy=0), *scene[i + 1 :])
                 text = f"Move {ref} to the {position_phrase(row, col).split(' the ', 1)[1]}."
                 record = {"type": kind, "object": obj.to_json(), "to": [row, col]}
             else:  # resize
                 size = "small" if obj.size == "large" else "large"
-                edited = (*scene[:i], replace(obj, size=size), *scene[i + 1:])
+                edited = (*scene[:i], replace(obj, size=size), *scene[i + 1 :])
                 text = f"Make {ref} {'bigger' if size == 'large' else 'smaller'}."
                 record = {"type": kind, "object": obj.to_json(), "to": size}
         if scene_is_valid(edited):

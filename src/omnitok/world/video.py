@@ -82,7 +82,7 @@ def sample_clip(
             changed = replace(target, color=color)
             if (color, target.shape) in forbidden:
                 continue
-            end = (*scene[:target_i], changed, *scene[target_i + 1:])
+            end = (*scene[:target_i], changed, *scene[target_i + 1 :])
             if not scene_is_valid(end):
                 continue
             frames = [scene if t < at else end for t in range(n_frames)]
@@ -90,7 +90,7 @@ def sample_clip(
         # move: glide in a straight line from the first to the last frame
         row, col = free[int(rng.integers(len(free)))]
         dest = replace(target, row=row, col=col, dx=0, dy=0)
-        end = (*scene[:target_i], dest, *scene[target_i + 1:])
+        end = (*scene[:target_i], dest, *scene[target_i + 1 :])
         if not scene_is_valid(end):
             continue
         (x0, y0), (x1, y1) = target.center, dest.center
@@ -98,7 +98,7 @@ def sample_clip(
         for t in range(n_frames):
             a = t / (n_frames - 1)
             moving = _at_pixel(target, x0 + a * (x1 - x0), y0 + a * (y1 - y0))
-            frames.append((*scene[:target_i], moving, *scene[target_i + 1:]))
+            frames.append((*scene[:target_i], moving, *scene[target_i + 1 :]))
         frames[-1] = end
         return frames, {"type": kind, "object": target.to_json(), "to": [row, col], "frame": 1}
     raise RuntimeError("could not sample a valid clip")

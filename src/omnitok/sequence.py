@@ -1,0 +1,278 @@
+"""Samples <-> one token stream: the chat template, loss masks, and the inverse parse of generated ids.
+
+Layout of one encoded sample::
+
+    <|bos|> [<|user|> ... <|end|>] [<|assistant|> ... <|end|>] ... <|eos|>
+    image:  <image> c c c ... </image>
+    speech: <speech> [<|voice:v|> <|pitch:p|> <|rate:r|>] c c ... </speech>
+    video:  <video> <frame> c c ... <frame> c c ... </video>
+
+Segments without a role (pre-training documents) are written without turn markers. The loss mask decides
+what the model is taught to *produce*: in SFT only the assistant's turns (their content, closers and the end
+of turn), in pre-training everything; each modality can be switched off separately. Role markers themselves
+are never targets: at inference they are part of the prompt.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from omnitok.errors import OmnitokError
+from omnitok.vocab import BOS, END, EOS, FRAME, ROLE_TOKENS, SPAN_TOKENS, Vocabulary, style_token
+
+ROLES = tuple(ROLE_TOKENS)
+STYLE_FIELDS = ("voice", "pitch", "rate")
+
+
+class TextCodec(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclass
+class Text:
+    text: str
+    role: str | None = None
+
+
+@dataclass
+class Image:
+    """An image as pixels (HxWx3 uint8) and/or as codes from an image tokenizer ([N] or [N, levels])."""
+
+    codes: np.ndarray | None = None
+    role: str | None = None
+    pixels: np.ndarray | None = None
+
+
+@dataclass
+class Audio:
+    """Speech as samples (with their rate) and/or codes; ``style`` (voice/pitch/rate) is emitted as tokens."""
+
+    codes: np.ndarray | None = None
+    role: str | None = None
+    style: dict[str, str] | None = None
+    samples: np.ndarray | None = None
+    sample_rate: int | None = None
+
+
+@dataclass
+class Video:
+    """A clip as per-frame image codes (and/or frames as pixels)."""
+
+    frames: list[np.ndarray] = field(default_factory=list)
+    role: str | None = None
+    pixels: list[np.ndarray] | None = None
+
+
+Segment = Text | Image | Audio | Video
+MODALITY_OF = {Text: "text", Image: "image", Audio: "speech", Video: "video"}
+
+
+@dataclass(frozen=True)
+class LossPolicy:
+    """Which tokens are targets: ``roles=None`` trains on every token (pre-training)."""
+
+    roles: frozenset[str] | None = frozenset({"assistant"})
+    modalities: frozenset[str] = frozenset({"text", "image", "speech", "video"})
+
+    @staticmethod
+    def pretraining(modalities: Sequence[str] = ("text", "image", "speech", "video")) -> LossPolicy:
+        return LossPolicy(roles=None, modalities=frozenset(modalities))
+
+
+@dataclass
+class Encoded:
+    ids: np.ndarray  # int64 [T]
+    mask: np.ndarray  # uint8 [T], 1 = training target
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _segment_tokens(seg: Segment, vocab: Vocabulary, text: TextCodec) -> list[int]:
+    if isinstance(seg, Text):
+        return list(text.encode(seg.text))
+    if isinstance(seg, Image):
+        if seg.codes is None:
+            raise OmnitokError("Image segment has no codes: run the image tokenizer before encoding the sample")
+        open_, close = SPAN_TOKENS["image"]
+        return [vocab.special(open_), *vocab.codes_to_ids("image", seg.codes), vocab.special(close)]
+    if isinstance(seg, Audio):
+        if seg.codes is None:
+            raise OmnitokError("Audio segment has no codes: run the speech tokenizer before encoding the sample")
+        open_, close = SPAN_TOKENS["speech"]
+        style = []
+        for f in STYLE_FIELDS:
+            if seg.style and f in seg.style:
+                style.append(vocab.special(style_token(f, seg.style[f])))
+        return [vocab.special(open_), *style, *vocab.codes_to_ids("speech", seg.codes), vocab.special(close)]
+    if isinstance(seg, Video):
+        if not seg.frames:
+            raise OmnitokError("Video segment has no frame codes: run the image tokenizer on its frames first")
+        open_, close = SPAN_TOKENS["video"]
+        ids = [vocab.special(open_)]
+        for frame in seg.frames:
+            ids += [vocab.special(FRAME), *vocab.codes_to_ids("image", frame)]
+        return [*ids, vocab.special(close)]
+    raise OmnitokError(f"unknown segment type {type(seg).__name__}")
+
+
+def _turns(sample: Sequence[Segment]) -> list[tuple[str | None, list[Segment]]]:
+    turns: list[tuple[str | None, list[Segment]]] = []
+    for seg in sample:
+        if seg.role is not None and seg.role not in ROLES:
+            raise OmnitokError(f"segment role must be one of {list(ROLES)} or None, got {seg.role!r}")
+        if turns and turns[-1][0] == seg.role:
+            turns[-1][1].append(seg)
+        else:
+            turns.append((seg.role, [seg]))
+    return turns
+
+
+def encode(
+    sample: Sequence[Segment],
+    vocab: Vocabulary,
+    text: TextCodec,
+    policy: LossPolicy = LossPolicy(),
+    add_eos: bool = True,
+) -> Encoded:
+    """Tokenise a sample (its media already carry codes) into ids and a loss mask."""
+    if not sample:
+        raise OmnitokError("cannot encode an empty sample")
+    ids: list[int] = [vocab.special(BOS)]
+    mask: list[int] = [0]
+    last_trained = False
+    for role, segs in _turns(sample):
+        trained_turn = policy.roles is None or role in policy.roles
+        if role is not None:
+            ids.append(vocab.special(ROLE_TOKENS[role]))
+            mask.append(0)
+        for seg in segs:
+            toks = _segment_tokens(seg, vocab, text)
+            on = trained_turn and MODALITY_OF[type(seg)] in policy.modalities
+            ids += toks
+            mask += [int(on)] * len(toks)
+        if role is not None:
+            ids.append(vocab.special(END))
+            mask.append(int(trained_turn))
+        last_trained = trained_turn
+    if add_eos:
+        ids.append(vocab.special(EOS))
+        mask.append(int(last_trained))
+    return Encoded(np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8))
+
+
+def prompt(sample: Sequence[Segment], vocab: Vocabulary, text: TextCodec, respond_as: str = "assistant") -> np.ndarray:
+    """Ids that ask the model for the next turn: the encoded sample without EOS, then the role marker."""
+    ids = encode(sample, vocab, text, LossPolicy(roles=frozenset()), add_eos=False).ids
+    return np.concatenate([ids, [vocab.special(ROLE_TOKENS[respond_as])]]).astype(np.int64)
+
+
+# --- inverse parse ------------------------------------------------------------------------------------
+
+_STYLE_RE = re.compile(r"^<\|(\w+):([^|]+)\|>$")
+
+
+def decode(ids: Sequence[int] | np.ndarray, vocab: Vocabulary, text: TextCodec) -> list[Segment]:
+    """Generated ids back into segments; lenient with truncation (an unclosed span keeps what it has).
+
+    Ids that cannot occur where they stand (a speech code inside an image span, a stray closer) end the
+    current span and are dropped, so a half-trained model's output still parses into something inspectable.
+    """
+    role_of = {vocab.special(t): r for r, t in ROLE_TOKENS.items()}
+    opens = {vocab.special(o): m for m, (o, _) in SPAN_TOKENS.items()}
+    closes = {vocab.special(c): m for m, (_, c) in SPAN_TOKENS.items()}
+    frame_id = vocab.special(FRAME)
+    out: list[Segment] = []
+    role: str | None = None
+    text_buf: list[int] = []
+    span: str | None = None
+    span_ids: list[int] = []
+    style: dict[str, str] = {}
+    frames: list[list[int]] = []
+
+    def flush_text() -> None:
+        if text_buf:
+            out.append(Text(text.decode(text_buf), role))
+            text_buf.clear()
+
+    def flush_span() -> None:
+        nonlocal span
+        if span == "image" and span_ids:
+            out.append(Image(codes=_codes(vocab, "image", span_ids), role=role))
+        elif span == "speech":
+            out.append(Audio(codes=_codes(vocab, "speech", span_ids), role=role, style=dict(style) or None))
+        elif span == "video":
+            fr = [_codes(vocab, "image", f) for f in frames if f]
+            out.append(Video(frames=fr, role=role))
+        span = None
+        span_ids.clear()
+        style.clear()
+        frames.clear()
+
+    for tok in (int(t) for t in np.asarray(ids).reshape(-1)):
+        kind = vocab.kind(tok) if 0 <= tok < vocab.size else "invalid"
+        if span is not None:
+            if tok in closes and closes[tok] == span:
+                flush_span()
+                continue
+            style_match = _STYLE_RE.match(vocab.special_name(tok) or "") if kind == "special" else None
+            if span == "speech" and style_match and not span_ids:
+                style[style_match.group(1)] = style_match.group(2)
+                continue
+            if span == "video" and tok == frame_id:
+                frames.append([])
+                continue
+            if span == "video" and kind == "image" and frames:
+                frames[-1].append(tok)
+                continue
+            if span in ("image", "speech") and kind == span:
+                span_ids.append(tok)
+                continue
+            flush_span()  # anything else ends the span; fall through to handle the token normally
+        if kind == "text":
+            text_buf.append(tok)
+        elif tok in opens:
+            flush_text()
+            span = opens[tok]
+        elif tok in role_of:
+            flush_text()
+            role = role_of[tok]
+        elif tok == vocab.special(END):
+            flush_text()
+            role = None
+        elif tok == vocab.special(EOS):
+            break
+        # BOS, PAD, stray codes and closers carry no content
+    if span is not None:
+        flush_span()
+    flush_text()
+    return out
+
+
+def _codes(vocab: Vocabulary, modality: str, ids: list[int]) -> np.ndarray:
+    q = vocab.levels(modality)
+    usable = len(ids) - len(ids) % q  # a truncated last frame of a multi-level codec is dropped
+    return vocab.ids_to_codes(modality, ids[:usable]) if usable else np.zeros((0,) if q == 1 else (0, q), np.int64)
+
+
+def describe(segments: Sequence[Segment]) -> list[dict[str, Any]]:
+    """A JSON-friendly summary of segments (for logs and reports)."""
+    out: list[dict[str, Any]] = []
+    for s in segments:
+        d: dict[str, Any] = {"type": MODALITY_OF[type(s)], "role": s.role}
+        if isinstance(s, Text):
+            d["text"] = s.text
+        elif isinstance(s, Image | Audio) and s.codes is not None:
+            d["tokens"] = int(np.asarray(s.codes).size)
+        if isinstance(s, Audio) and s.style:
+            d["style"] = s.style
+        if isinstance(s, Video):
+            d["frames"] = len(s.frames)
+        out.append(d)
+    return out

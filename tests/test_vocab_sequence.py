@@ -1,0 +1,163 @@
+import numpy as np
+import pytest
+
+from omnitok.errors import OmnitokError
+from omnitok.sequence import Audio, Image, LossPolicy, Text, Video, decode, encode, prompt
+from omnitok.tokenizers.text import TextTokenizer
+from omnitok.vocab import BASE_SPECIALS, CodeRange, Vocabulary, style_token
+
+STYLES = {"voice": ["us_m1", "gb_f2"], "pitch": ["low", "mid", "high"], "rate": ["slow", "normal", "fast"]}
+
+
+@pytest.fixture(scope="module")
+def text_tok() -> TextTokenizer:
+    corpus = ["a large red circle in the top left", "there is a small blue star at the center"] * 50
+    return TextTokenizer.train(corpus, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def vocab(text_tok) -> Vocabulary:
+    return Vocabulary.build(text_tok.vocab_size, {"image": 64, "speech": [16, 16]}, STYLES)
+
+
+def test_layout_text_then_specials_then_codebooks(vocab, text_tok):
+    assert vocab.text_size == text_tok.vocab_size
+    assert vocab.special(BASE_SPECIALS[0]) == vocab.text_size
+    img = vocab.code_range("image")
+    s0, s1 = vocab.code_range("speech", 0), vocab.code_range("speech", 1)
+    assert img.start == vocab.text_size + len(vocab.specials)
+    assert s0.start == img.stop and s1.start == s0.stop and vocab.size == s1.stop
+    assert vocab.kind(0) == "text" and vocab.kind(img.start) == "image" and vocab.kind(s1.start) == "speech"
+    assert vocab.kind(vocab.special(style_token("pitch", "high"))) == "special"
+
+
+def test_codes_round_trip_per_level(vocab):
+    codes = np.array([[1, 15], [0, 3], [7, 7]])
+    ids = vocab.codes_to_ids("speech", codes)
+    assert ids.tolist() == [
+        vocab.code_range("speech", 0).start + 1,
+        vocab.code_range("speech", 1).start + 15,
+        vocab.code_range("speech", 0).start,
+        vocab.code_range("speech", 1).start + 3,
+        vocab.code_range("speech", 0).start + 7,
+        vocab.code_range("speech", 1).start + 7,
+    ]
+    assert np.array_equal(vocab.ids_to_codes("speech", ids), codes)
+    img = np.arange(64)
+    assert np.array_equal(vocab.ids_to_codes("image", vocab.codes_to_ids("image", img)), img)
+
+
+def test_out_of_range_codes_and_ids_are_named(vocab):
+    with pytest.raises(OmnitokError, match="image code 64 at position 0"):
+        vocab.codes_to_ids("image", [64])
+    with pytest.raises(OmnitokError, match="no 'video' codebook"):
+        vocab.codes_to_ids("video", [1])
+    with pytest.raises(OmnitokError, match="not a speech level-1 code"):
+        vocab.ids_to_codes("speech", [vocab.code_range("speech", 0).start] * 2)
+    with pytest.raises(OmnitokError, match="outside the vocabulary"):
+        vocab.kind(vocab.size)
+
+
+def test_save_load_and_validation(vocab, tmp_path):
+    vocab.save(tmp_path / "vocab.json")
+    assert Vocabulary.load(tmp_path) == vocab
+    d = vocab.to_json()
+    d["codebooks"][1]["start"] -= 3
+    with pytest.raises(OmnitokError, match="overlaps the previous range"):
+        Vocabulary.from_json(d)
+    d = vocab.to_json()
+    d["codebooks"][0]["start"] += 1
+    with pytest.raises(OmnitokError, match="gap"):
+        Vocabulary.from_json(d)
+    d = vocab.to_json()
+    d["specials"].append(d["specials"][0])
+    with pytest.raises(OmnitokError, match="duplicate special"):
+        Vocabulary.from_json(d)
+    d = vocab.to_json()
+    d["format"] = "something"
+    with pytest.raises(OmnitokError, match="format"):
+        Vocabulary.from_json(d)
+    with pytest.raises(OmnitokError, match="overlaps"):
+        Vocabulary(10, list(BASE_SPECIALS), [CodeRange("image", 0, 10, 5)])
+
+
+def test_text_tokenizer_round_trip_and_save(text_tok, tmp_path):
+    s = "a tiny purple diamond on the right side! ünïcödé"
+    assert text_tok.decode(text_tok.encode(s)) == s
+    text_tok.save(tmp_path)
+    assert TextTokenizer.load(tmp_path).encode(s) == text_tok.encode(s)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(OmnitokError, match=r"not a valid tokenizer\.json"):
+        TextTokenizer.load(tmp_path / "bad")
+    with pytest.raises(OmnitokError, match="not found"):
+        TextTokenizer.load(tmp_path / "nowhere")
+
+
+def _chat(rng):
+    return [
+        Text("describe this", role="user"),
+        Image(codes=rng.integers(0, 64, 16), role="user"),
+        Text("a red circle", role="assistant"),
+        Audio(
+            codes=rng.integers(0, 16, (5, 2)),
+            role="assistant",
+            style={"voice": "gb_f2", "pitch": "high", "rate": "slow"},
+        ),
+    ]
+
+
+def test_sft_mask_trains_only_the_assistant(vocab, text_tok, rng):
+    enc = encode(_chat(rng), vocab, text_tok)
+    ids, mask = enc.ids, enc.mask
+    start = int(np.flatnonzero(ids == vocab.special("<|assistant|>"))[0])
+    assert mask[: start + 1].sum() == 0, "prompt and the role marker are not targets"
+    assert mask[start + 1 :].all(), "assistant content, closers, end of turn and eos are targets"
+    assert ids[0] == vocab.special("<|bos|>") and ids[-1] == vocab.special("<|eos|>")
+
+
+def test_pretraining_and_per_modality_masks(vocab, text_tok, rng):
+    doc = [Text("step one"), Image(codes=rng.integers(0, 64, 16)), Text("step two")]
+    enc = encode(doc, vocab, text_tok, LossPolicy.pretraining())
+    assert enc.mask[1:].all() and enc.mask[0] == 0
+    no_img = encode(doc, vocab, text_tok, LossPolicy.pretraining(["text"]))
+    img_ids = (enc.ids >= vocab.code_range("image").start) & (enc.ids < vocab.code_range("image").stop)
+    assert no_img.mask[img_ids].sum() == 0 and no_img.mask[~img_ids][1:].sum() > 0
+
+
+def test_decode_inverts_encode(vocab, text_tok, rng):
+    sample = [*_chat(rng), Video(frames=[rng.integers(0, 64, 16) for _ in range(3)], role="assistant")]
+    segs = decode(encode(sample, vocab, text_tok).ids, vocab, text_tok)
+    assert [type(s).__name__ for s in segs] == ["Text", "Image", "Text", "Audio", "Video"]
+    assert [s.role for s in segs] == ["user", "user", "assistant", "assistant", "assistant"]
+    assert segs[2].text == "a red circle"
+    assert np.array_equal(segs[1].codes, sample[1].codes)
+    assert np.array_equal(segs[3].codes, sample[3].codes) and segs[3].style == sample[3].style
+    assert all(np.array_equal(a, b) for a, b in zip(segs[4].frames, sample[4].frames, strict=True))
+
+
+def test_decode_is_lenient_with_broken_generations(vocab, text_tok):
+    img0 = vocab.code_range("image").start
+    sp0 = vocab.code_range("speech", 0).start
+    ids = [vocab.special("<|assistant|>"), vocab.special("<image>"), img0, img0 + 1, sp0, *text_tok.encode("hi")]
+    segs = decode(ids, vocab, text_tok)
+    assert isinstance(segs[0], Image) and segs[0].codes.tolist() == [0, 1]
+    assert isinstance(segs[1], Text) and segs[1].text == "hi"
+    truncated = decode([vocab.special("<speech>"), sp0, sp0 + 16 + 1, sp0 + 2], vocab, text_tok)
+    assert truncated[0].codes.tolist() == [[0, 1]]
+
+
+def test_prompt_ends_with_the_role_to_answer(vocab, text_tok):
+    ids = prompt([Text("hello", role="user")], vocab, text_tok)
+    assert ids[-1] == vocab.special("<|assistant|>") and vocab.special("<|eos|>") not in ids
+
+
+def test_bad_samples_are_named(vocab, text_tok):
+    with pytest.raises(OmnitokError, match="empty sample"):
+        encode([], vocab, text_tok)
+    with pytest.raises(OmnitokError, match="no codes"):
+        encode([Image(pixels=np.zeros((64, 64, 3), np.uint8))], vocab, text_tok)
+    with pytest.raises(OmnitokError, match="role"):
+        encode([Text("x", role="narrator")], vocab, text_tok)
+    with pytest.raises(OmnitokError, match="special token"):
+        encode([Audio(codes=np.zeros((2, 2), int), style={"voice": "nobody"})], vocab, text_tok)
