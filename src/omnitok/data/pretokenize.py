@@ -1,0 +1,227 @@
+"""World samples -> token shards, once, before training.
+
+Tokenizing media is the expensive part of the pipeline (an image encoder pass per picture, a speech
+encoder pass per clip), so it happens once and training reads memory-mapped ids. Work is split by rank
+(``RANK``/``WORLD_SIZE`` as set by ``torchrun``): rank r takes world samples r, r+W, r+2W … and writes its own
+shard per (split, task), so a cluster tokenizes in parallel and the result does not depend on W. A shard
+that exists is complete (the writer renames it into place), so rerunning the command resumes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from omnitok.data import tasks as task_defs
+from omnitok.errors import OmnitokError
+from omnitok.io import ensure_writable_dir, write_run_config
+from omnitok.sequence import Audio, Image, Segment, Text, Video, encode
+from omnitok.tokenizers.text import TextTokenizer
+from omnitok.vocab import Vocabulary
+from omnitok.world.read import decode_sample, iter_samples, load_manifest
+
+TEXT_TOKENIZER_DIR = "text_tokenizer"
+
+
+def _dist_env(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    r = int(os.environ.get("RANK", 0)) if rank is None else rank
+    w = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if not 0 <= r < w:
+        raise OmnitokError(f"rank {r} is outside world size {w}")
+    return r, w
+
+
+def _barrier(world_size: int) -> None:
+    """Synchronise ranks under torchrun; ranks run by hand (explicit rank/world_size) coordinate themselves."""
+    if world_size > 1 and "MASTER_ADDR" in os.environ:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        dist.barrier()
+
+
+def resolve_tasks(requested: Sequence[str] | None, have_speech: bool) -> list[str]:
+    names = list(requested) if requested else list(task_defs.TASKS)
+    unknown = [t for t in names if t not in task_defs.TASKS]
+    if unknown:
+        raise OmnitokError(f"--tasks: unknown task(s) {unknown}; known: {list(task_defs.TASKS)}")
+    if not have_speech:
+        need = [t for t in names if t in task_defs.SPEECH_TASKS]
+        if requested and need:
+            raise OmnitokError(f"--tasks {need} need speech codes: pass --speech-tokenizer")
+        names = [t for t in names if t not in task_defs.SPEECH_TASKS]
+    return names
+
+
+def world_texts(world: Path, task_names: Sequence[str], seed: int) -> Iterable[str]:
+    """Every text segment the tasks produce on the train split (the BPE's training corpus)."""
+    for task in task_names:
+        kind, fn, _ = task_defs.TASKS[task]
+        for s in iter_samples(world, "train", kind):
+            for sample in fn(s, task_defs.sample_rng(seed, s["key"], task)):
+                yield from (seg.text for seg in sample if isinstance(seg, Text))
+
+
+class MediaEncoder:
+    """Fills ``codes`` of Image/Video/Audio segments with the given tokenizers (images in batches)."""
+
+    def __init__(self, image_tokenizer: Any, speech_tokenizer: Any | None) -> None:
+        self.image = image_tokenizer
+        self.speech = speech_tokenizer
+
+    def __call__(self, samples: list[list[Segment]]) -> None:
+        pending: list[tuple[Any, int | None, np.ndarray]] = []  # (segment, frame index, pixels)
+        for sample in samples:
+            for seg in sample:
+                if isinstance(seg, Image) and seg.codes is None:
+                    pending.append((seg, None, seg.pixels))
+                elif isinstance(seg, Video) and not seg.frames:
+                    seg.frames = [np.empty(0)] * len(seg.pixels or [])
+                    pending += [(seg, i, px) for i, px in enumerate(seg.pixels or [])]
+                elif isinstance(seg, Audio) and seg.codes is None:
+                    if self.speech is None:
+                        raise OmnitokError("a sample has speech but no speech tokenizer was given")
+                    seg.codes = np.asarray(self.speech.encode(seg.samples, seg.sample_rate))
+        if pending:
+            codes = np.asarray(self.image.encode(np.stack([p for _, _, p in pending])))
+            for (seg, i, _), c in zip(pending, codes, strict=True):
+                if i is None:
+                    seg.codes = c
+                else:
+                    seg.frames[i] = c
+
+
+def _encode_task(
+    world: Path,
+    wm: dict[str, Any],
+    split: str,
+    task: str,
+    rank: int,
+    world_size: int,
+    seed: int,
+    batch_size: int,
+    media: MediaEncoder,
+    vocab: Vocabulary,
+    text_tok: TextTokenizer,
+    report: Callable[[int, int], None] | None,
+) -> Iterable[Any]:
+    """Encoded documents of one task on this rank's share of a split, media tokenized in batches."""
+    kind, fn, policy = task_defs.TASKS[task]
+    total = wm["counts"][split][kind]
+    batch: list[list[Segment]] = []
+    for i, raw in enumerate(iter_samples(world, split, kind, decode=False)):
+        if i % world_size != rank:
+            continue  # other ranks' share: skip before paying for PNG/WAV decoding
+        s = decode_sample(raw)
+        batch += fn(s, task_defs.sample_rng(seed, s["key"], task))
+        if len(batch) >= batch_size:
+            media(batch)
+            yield from (encode(sample, vocab, text_tok, policy) for sample in batch)
+            batch.clear()
+        if report and i % 64 == 0:
+            report(i, total)
+    media(batch)
+    yield from (encode(sample, vocab, text_tok, policy) for sample in batch)
+    if report:
+        report(total, total)
+
+
+def build_vocabulary(
+    text_tok: TextTokenizer, image_tok: Any, speech_tok: Any | None, world_manifest: dict
+) -> Vocabulary:
+    codebooks: dict[str, int | list[int]] = {"image": int(image_tok.codebook_size)}
+    styles: dict[str, list[str]] = {}
+    if speech_tok is not None:
+        sizes = getattr(speech_tok, "codebook_sizes", None)
+        codebooks["speech"] = [int(s) for s in sizes] if sizes else int(speech_tok.codebook_size)
+        w = world_manifest["world"]
+        styles = {"voice": [v["name"] for v in w["voices"]], "pitch": list(w["pitches"]), "rate": list(w["rates"])}
+    return Vocabulary.build(text_tok.vocab_size, codebooks, styles)
+
+
+def pretokenize(
+    world: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    image_tokenizer: str | os.PathLike[str],
+    speech_tokenizer: str | os.PathLike[str] | None = None,
+    text_tokenizer: str | os.PathLike[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    splits: Sequence[str] = ("train", "val"),
+    text_vocab_size: int = 1024,
+    seed: int = 0,
+    batch_size: int = 64,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Tokenize ``splits`` of a built world into ``out``; returns the token manifest (rank 0) or {}."""
+    from omnitok.data.shards import ShardWriter, write_manifest
+    from omnitok.tokenizers.base import load_image_tokenizer
+
+    world = Path(world)
+    wm = load_manifest(world)
+    rank, world_size = _dist_env(rank, world_size)
+    out_dir = ensure_writable_dir(out, "token output directory")
+    for split in splits:
+        if split not in wm["shards"]:
+            raise OmnitokError(f"--splits: {split!r} is not a split of {world}; it has {sorted(wm['shards'])}")
+    image_tok = load_image_tokenizer(image_tokenizer)
+    speech_tok = None
+    if speech_tokenizer is not None:
+        from omnitok.tokenizers.speech import load_speech_tokenizer
+
+        speech_tok = load_speech_tokenizer(speech_tokenizer)
+    task_names = resolve_tasks(tasks, speech_tok is not None)
+
+    if rank == 0:
+        if text_tokenizer is not None:
+            text_tok = TextTokenizer.load(text_tokenizer)
+        elif (out_dir / TEXT_TOKENIZER_DIR / "tokenizer.json").exists():
+            text_tok = TextTokenizer.load(out_dir / TEXT_TOKENIZER_DIR)  # resuming
+        else:
+            text_tok = TextTokenizer.train(world_texts(world, task_names, seed), vocab_size=text_vocab_size)
+        text_tok.save(out_dir / TEXT_TOKENIZER_DIR)
+        vocab = build_vocabulary(text_tok, image_tok, speech_tok, wm)
+        if (out_dir / "vocab.json").exists() and Vocabulary.load(out_dir) != vocab:
+            raise OmnitokError(f"{out_dir}/vocab.json differs from the one these tokenizers give; use a new --out")
+        vocab.save(out_dir / "vocab.json")
+        write_run_config(
+            out_dir,
+            "omnitok pretokenize",
+            {
+                "world": str(world),
+                "image_tokenizer": str(image_tokenizer),
+                "speech_tokenizer": None if speech_tokenizer is None else str(speech_tokenizer),
+                "text_tokenizer": str(out_dir / TEXT_TOKENIZER_DIR),
+                "tasks": task_names,
+                "splits": list(splits),
+                "seed": seed,
+                "world_size": world_size,
+            },
+        )
+    _barrier(world_size)
+    text_tok = TextTokenizer.load(out_dir / TEXT_TOKENIZER_DIR)
+    vocab = Vocabulary.load(out_dir)
+    media = MediaEncoder(image_tok, speech_tok)
+
+    for split in splits:
+        for task in task_names:
+            prefix = out_dir / split / task / f"shard-{rank:05d}"
+            if Path(f"{prefix}.offsets.npy").exists():
+                continue  # finished by an earlier run
+            writer = ShardWriter(out_dir, split, task, rank)
+            report = (lambda done, total, name=f"{split}/{task}": progress(name, done, total)) if progress else None
+            for enc in _encode_task(
+                world, wm, split, task, rank, world_size, seed, batch_size, media, vocab, text_tok, report
+            ):
+                writer.add(enc.ids, enc.mask)
+            writer.close()
+    _barrier(world_size)
+    if rank == 0:
+        return write_manifest(out_dir, vocab.size)
+    return {}

@@ -1,0 +1,166 @@
+"""Training tasks built from toy-world samples: which segments the user gives and which the assistant answers.
+
+One world sample can feed several tasks (a scene is captioned, drawn, transcribed and spoken), so tasks
+are functions ``(decoded world sample, rng) -> list of Samples``. Media stay raw here (pixels, waveforms);
+tokenizers fill in codes afterwards, so the same task definitions serve pretokenization and evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from omnitok.sequence import Audio, Image, LossPolicy, Segment, Text, Video
+
+Sample = list[Segment]
+
+_CAPTION_ASKS = ("Describe the picture.", "What is in this image?", "Caption this image.", "What do you see?")
+_DRAW_ASKS = ("Draw: ", "Make a picture of this: ", "Paint this: ", "")
+_ASR_ASKS = ("Transcribe the speech.", "What was said?", "Write down what you hear.")
+_TTS_ASKS = ("Say this: ", "Read aloud: ", "Speak: ")
+_VIDEO_ASKS = ("What happens in the video?", "Describe the clip.", "What changed?")
+_FILTER_ASK = "Does this caption match the picture? "
+SAMPLE_RATE_KEY = "sample_rate"
+
+
+def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _style(record: dict[str, Any]) -> dict[str, str]:
+    return {"voice": record["voice"], "pitch": record["pitch"], "rate": record["rate"]}
+
+
+def _audio(samples: np.ndarray, record: dict[str, Any], role: str, with_style: bool) -> Audio:
+    return Audio(
+        samples=samples,
+        sample_rate=int(record[SAMPLE_RATE_KEY]),
+        role=role,
+        style=_style(record) if with_style else None,
+    )
+
+
+def caption(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
+    text = _pick(rng, tuple(s["meta"]["captions"]))
+    return [
+        [
+            Image(pixels=s["png"], role="user"),
+            Text(_pick(rng, _CAPTION_ASKS), role="user"),
+            Text(text, role="assistant"),
+        ]
+    ]
+
+
+def t2i(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
+    text = _pick(rng, tuple(s["meta"]["captions"]))
+    return [[Text(_pick(rng, _DRAW_ASKS) + text, role="user"), Image(pixels=s["png"], role="assistant")]]
+
+
+def asr(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
+    if "wav" not in s:
+        return []
+    rec = s["meta"]["speech"]
+    # input speech carries no style tokens: at inference nobody tells the model who is speaking
+    return [
+        [
+            _audio(s["wav"], rec, "user", False),
+            Text(_pick(rng, _ASR_ASKS), role="user"),
+            Text(rec["text"], role="assistant"),
+        ]
+    ]
+
+
+def tts(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
+    if "wav" not in s:
+        return []
+    rec = s["meta"]["speech"]
+    return [[Text(_pick(rng, _TTS_ASKS) + rec["text"], role="user"), _audio(s["wav"], rec, "assistant", True)]]
+
+
+def video_caption(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
+    strip = s["video.png"]
+    n = int(s["meta"]["n_frames"])
+    w = strip.shape[1] // n
+    frames = [strip[:, i * w : (i + 1) * w] for i in range(n)]
+    return [
+        [
+            Video(pixels=frames, role="user"),
+            Text(_pick(rng, _VIDEO_ASKS), role="user"),
+            Text(s["meta"]["caption"], role="assistant"),
+        ]
+    ]
+
+
+def interleaved(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
+    doc: Sample = []
+    for seg in s["meta"]["segments"]:
+        doc.append(Text(seg["text"]) if seg["type"] == "text" else Image(pixels=s[seg["file"]]))
+    return [doc]
+
+
+def edit(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
+    return [
+        [
+            Image(pixels=s["png"], role="user"),
+            Text(s["meta"]["instruction"], role="user"),
+            Image(pixels=s["edited.png"], role="assistant"),
+        ]
+    ]
+
+
+def spoken_qa(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
+    if "question.wav" not in s:
+        return []
+    m = s["meta"]
+    return [
+        [
+            Image(pixels=s["png"], role="user"),
+            _audio(s["question.wav"], m["question_speech"], "user", False),
+            Text(m["answer"], role="assistant"),
+            _audio(s["answer.wav"], m["answer_speech"], "assistant", True),
+        ]
+    ]
+
+
+def caption_filter(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
+    m = s["meta"]
+    answer = "Yes." if m["correct"] else f"No, the {m['error']['field']} is wrong."
+    return [
+        [
+            Image(pixels=s["png"], role="user"),
+            Text(_FILTER_ASK + m["caption"], role="user"),
+            Text(answer, role="assistant"),
+        ]
+    ]
+
+
+def text(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
+    """Plain captions as a text-only document (keeps the language side fluent)."""
+    return [[Text(" ".join(s["meta"]["captions"]))]]
+
+
+TaskFn = Callable[[dict[str, Any], np.random.Generator], list[Sample]]
+
+# task -> (world kind it reads, builder, loss policy)
+TASKS: dict[str, tuple[str, TaskFn, LossPolicy]] = {
+    "caption": ("scene", caption, LossPolicy()),
+    "t2i": ("scene", t2i, LossPolicy()),
+    "asr": ("scene", asr, LossPolicy()),
+    "tts": ("scene", tts, LossPolicy()),
+    "text": ("scene", text, LossPolicy.pretraining()),
+    "video_caption": ("video", video_caption, LossPolicy()),
+    "interleaved": ("construction", interleaved, LossPolicy.pretraining()),
+    "edit": ("edit", edit, LossPolicy()),
+    "spoken_qa": ("spoken_qa", spoken_qa, LossPolicy()),
+    "caption_filter": ("caption_filter", caption_filter, LossPolicy()),
+}
+SPEECH_TASKS = frozenset({"asr", "tts", "spoken_qa"})
+
+
+def sample_rng(seed: int, key: str, task: str) -> np.random.Generator:
+    """A generator per (sample, task) so prompts do not depend on processing order or rank."""
+    import zlib
+
+    return np.random.default_rng([seed, zlib.crc32(key.encode()), zlib.crc32(task.encode())])

@@ -1,0 +1,86 @@
+"""World -> token shards: every task encodes, decodes back to its segments, and reruns resume."""
+
+from pathlib import Path
+
+import pytest
+
+from omnitok.data.pretokenize import pretokenize
+from omnitok.data.shards import TokenDataset, load_manifest
+from omnitok.errors import OmnitokError
+from omnitok.sequence import Image, Text, Video, decode
+from omnitok.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+from omnitok.tokenizers.text import TextTokenizer
+from omnitok.vocab import Vocabulary
+from omnitok.world.build import WorldConfig, build_world
+
+TASKS = ["caption", "t2i", "interleaved", "edit", "video_caption", "caption_filter", "text"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("pretok")
+    build_world(root / "world", WorldConfig(n=30, seed=0, speech=False, samples_per_shard=20), workers=1)
+    cfg = ImageTokenizerConfig(widths=(8, 8, 8, 8), depths=(1, 1, 1, 1), levels=(4, 4, 4))
+    ImageTokenizer(cfg).save(root / "imgtok")
+    pretokenize(root / "world", root / "tokens", root / "imgtok", tasks=TASKS, text_vocab_size=300, batch_size=8)
+    return root / "world", root / "tokens", root / "imgtok"
+
+
+def test_every_task_is_tokenized_and_decodes(setup):
+    _, tokens, _ = setup
+    manifest = load_manifest(tokens)
+    vocab = Vocabulary.load(tokens)
+    text = TextTokenizer.load(tokens / "text_tokenizer")
+    assert manifest["vocab_size"] == vocab.size == text.vocab_size + len(vocab.specials) + 64
+    for task in TASKS:
+        ds = TokenDataset(tokens, "train", task)
+        assert len(ds) > 0
+        ids, mask = ds[0]
+        assert ids.max() < vocab.size and mask.any()
+        segs = decode(ids, vocab, text)
+        assert segs, task
+        if task == "t2i":
+            assert isinstance(segs[-1], Image) and segs[-1].role == "assistant" and len(segs[-1].codes) == 64
+            assert mask[ids == vocab.special("<|assistant|>")].sum() == 0
+        if task == "caption":
+            assert isinstance(segs[-1], Text) and segs[-1].role == "assistant"
+        if task == "video_caption":
+            assert isinstance(segs[0], Video) and 4 <= len(segs[0].frames) <= 8
+        if task == "interleaved":
+            assert all(s.role is None for s in segs) and mask[1:].all()
+
+
+def test_rerun_resumes_without_rewriting(setup):
+    world, tokens, imgtok = setup
+    shard = tokens / "train" / "caption" / "shard-00000.ids.npy"
+    before = shard.stat().st_mtime_ns
+    pretokenize(world, tokens, imgtok, tasks=TASKS, text_vocab_size=300)
+    assert shard.stat().st_mtime_ns == before
+
+
+def test_two_ranks_cover_the_same_documents(setup, tmp_path):
+    world, tokens, imgtok = setup
+    out = tmp_path / "tok"
+    text_dir = tokens / "text_tokenizer"
+    # rank 0 prepares the vocabulary, rank 1 tokenizes its half, rank 0 reruns (resuming) to write the manifest;
+    # under torchrun barriers order the same steps
+    for rank in (0, 1, 0):
+        pretokenize(world, out, imgtok, text_tokenizer=text_dir, tasks=["caption"], rank=rank, world_size=2)
+    single = TokenDataset(tokens, "train", "caption")
+    split = TokenDataset(out, "train", "caption")
+    assert len(split) == len(single)
+    a = sorted(tuple(single[i][0].tolist()) for i in range(len(single)))
+    b = sorted(tuple(split[i][0].tolist()) for i in range(len(split)))
+    assert a == b
+
+
+def test_bad_requests_are_named(setup, tmp_path):
+    world, _, imgtok = setup
+    with pytest.raises(OmnitokError, match="unknown task"):
+        pretokenize(world, tmp_path / "a", imgtok, tasks=["podcast"])
+    with pytest.raises(OmnitokError, match="speech-tokenizer"):
+        pretokenize(world, tmp_path / "b", imgtok, tasks=["asr"])
+    with pytest.raises(OmnitokError, match="not a built omnitok world"):
+        pretokenize(tmp_path, tmp_path / "c", imgtok)
+    with pytest.raises(OmnitokError, match="splits"):
+        pretokenize(world, tmp_path / "d", imgtok, splits=["dev"])
