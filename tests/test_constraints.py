@@ -1,0 +1,113 @@
+"""Random logits under the modality automaton always decode into well-formed segments."""
+
+import numpy as np
+import pytest
+import torch
+
+from omnitok.constraints import DONE, OUTSIDE, ModalityConstraint
+from omnitok.errors import OmnitokError
+from omnitok.sequence import Audio, Image, Video, decode
+from omnitok.vocab import Vocabulary
+
+STYLES = {"voice": ["a", "b"], "pitch": ["low", "high"], "rate": ["slow", "fast"]}
+
+
+class ByteText:
+    def encode(self, text):
+        return list(text.encode())
+
+    def decode(self, ids):
+        return bytes(ids).decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Vocabulary:
+    return Vocabulary.build(256, {"image": 32, "speech": [8, 8, 8]}, STYLES)
+
+
+def _run(constraint: ModalityConstraint, vocab, steps: int, seed: int, bias: dict[int, float]) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    batch = 16
+    st = constraint.initial(batch)
+    rows: list[list[int]] = [[] for _ in range(batch)]
+    settled = [0] * batch  # length of each row's prefix that ends outside any span (spans still open are cut)
+    for _ in range(steps):
+        logits = torch.randn(batch, vocab.size, generator=g)
+        for i, b in bias.items():
+            logits[:, i] += b
+        tok = torch.distributions.Categorical(logits=constraint.apply(logits, st)).sample()
+        for r in range(batch):
+            rows[r].append(int(tok[r]))
+        st = constraint.advance(st, tok)
+        for r in range(batch):
+            if int(st["state"][r]) in (OUTSIDE, DONE):
+                settled[r] = len(rows[r])
+    return [row[:n] for row, n in zip(rows, settled, strict=True)]
+
+
+def test_sampled_sequences_are_well_formed(vocab):
+    c = ModalityConstraint(vocab, image_tokens=16, max_speech_frames=12, max_video_frames=3)
+    # push the sampler towards opening spans so all automaton paths are exercised
+    bias = {vocab.special(t): 6.0 for t in ("<image>", "<speech>", "<video>", "<frame>", "</speech>")}
+    bias[vocab.special("<|eos|>")] = 1.0
+    seen: set[str] = set()
+    for seed in range(3):
+        for ids in _run(c, vocab, 200, seed, bias):
+            segs = decode(ids, vocab, ByteText())
+            seen |= {type(s).__name__ for s in segs}
+            for s in segs:
+                if isinstance(s, Image):
+                    assert len(s.codes) == 16
+                if isinstance(s, Audio):
+                    assert s.codes.ndim == 2 and s.codes.shape[1] == 3 and len(s.codes) <= 12
+                if isinstance(s, Video):
+                    assert 1 <= len(s.frames) <= 3 and all(len(f) == 16 for f in s.frames)
+            eos = vocab.special("<|eos|>")
+            if eos in ids:
+                tail = ids[ids.index(eos) + 1 :]
+                assert all(t == vocab.special("<|pad|>") for t in tail)
+    assert {"Image", "Audio", "Video", "Text"} <= seen
+
+
+def test_output_restrictions(vocab):
+    text_only = ModalityConstraint(vocab, outputs=["text"])
+    m = text_only.mask(text_only.initial(1))[0]
+    assert m[:256].all() and not m[vocab.special("<image>")] and not m[vocab.special("<speech>")]
+    img = ModalityConstraint(vocab, image_tokens=16, outputs=["image"])
+    m = img.mask(img.initial(1))[0]
+    assert not m[:256].any() and m[vocab.special("<image>")]
+    with pytest.raises(OmnitokError, match="image_tokens"):
+        ModalityConstraint(vocab, outputs=["image"])
+
+
+def test_prompt_state_and_forced_tokens(vocab):
+    c = ModalityConstraint(vocab, image_tokens=4)
+    img0 = vocab.code_range("image").start
+    prompt = torch.tensor(
+        [
+            [
+                vocab.special("<|user|>"),
+                vocab.special("<image>"),
+                img0,
+                img0,
+                img0,
+                img0,
+                vocab.special("</image>"),
+                vocab.special("<|end|>"),
+                vocab.special("<|assistant|>"),
+            ]
+        ]
+    )
+    st = c.after_prompt(prompt)
+    assert int(st["state"][0]) == OUTSIDE
+    st = c.after_prompt(torch.tensor([[vocab.special("<image>"), img0, img0, img0, img0]]))
+    assert int(c.force(st)[0]) == vocab.special("</image>")
+    st = c.advance(c.initial(1), torch.tensor([vocab.special("<|eos|>")]))
+    assert int(st["state"][0]) == DONE and int(c.force(st)[0]) == vocab.special("<|pad|>")
+
+
+def test_speech_without_speech_codebook_is_not_offered():
+    v = Vocabulary.build(256, {"image": 32})
+    c = ModalityConstraint(v, image_tokens=4)
+    assert not c.mask(c.initial(1))[0, v.special("<speech>")]
+    assert np.isfinite(c.apply(torch.zeros(1, v.size), c.initial(1))[0, 0].item())
