@@ -1,0 +1,169 @@
+"""The token-level decoding loop: KV cache, constrained sampling per modality, CFG, streaming.
+
+Kept separate from the user-facing ``omnitok.generate`` (which turns segments into prompts and codes into
+pixels and audio) so the loop can be read — and benchmarked against ``transformers.generate`` — on its own.
+
+Classifier-free guidance for images runs conditional and unconditional prompts as rows of one batch:
+``logits = uncond + scale * (cond - uncond)`` while a row is inside an image span, the conditional
+logits elsewhere; both rows receive the same sampled token so their caches stay in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from omnitok.constraints import DONE, IMAGE_CODE, SPEECH_CODE0, SPEECH_START, VIDEO_CODE, ModalityConstraint
+from omnitok.errors import OmnitokError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling for one modality; temperature 0 means greedy."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise OmnitokError(f"bad sampling settings {self}: temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+
+
+@dataclass
+class DecodeConfig:
+    max_new_tokens: int = 256
+    text: Sampling = field(default_factory=lambda: Sampling(temperature=0.0))
+    image: Sampling = field(default_factory=lambda: Sampling(temperature=1.0, top_k=64))
+    speech: Sampling = field(default_factory=lambda: Sampling(temperature=0.8, top_k=32))
+    cfg_scale: float = 1.0  # 1.0 = no guidance
+
+
+def _filter(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    if s.top_k:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return logits
+
+
+def _sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    probs = _filter(logits / s.temperature, s).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+class ConstraintProcessor:
+    """The same automaton as a ``transformers`` logits processor, for use with ``model.generate``.
+
+    ``generate`` hands over the whole sequence each step, so the state is built from the prompt on the first
+    call and advanced by the last token afterwards.
+    """
+
+    def __init__(self, constraint: ModalityConstraint) -> None:
+        self.constraint = constraint
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.state is None:
+            self.state = self.constraint.after_prompt(input_ids)
+        else:
+            self.state = self.constraint.advance(self.state, input_ids[:, -1])
+        return self.constraint.apply(scores, self.state)
+
+
+@torch.inference_mode()
+def decode_tokens(
+    model: torch.nn.Module,
+    prompts: list[torch.Tensor],
+    constraint: ModalityConstraint,
+    cfg: DecodeConfig,
+    uncond_prompts: list[torch.Tensor] | None = None,
+    on_token: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Generate up to ``max_new_tokens`` per prompt; stops rows at EOS. Returns the new ids per row.
+
+    ``on_token(tokens [B], states [B])`` is called after every step (streaming consumers decode speech
+    chunks from it). ``uncond_prompts`` (same count as ``prompts``) enables CFG with ``cfg.cfg_scale``.
+    """
+    if not prompts:
+        raise OmnitokError("decode_tokens needs at least one prompt")
+    if any(len(p) == 0 for p in prompts):
+        raise OmnitokError("every prompt needs at least one token")
+    use_cfg = uncond_prompts is not None and cfg.cfg_scale != 1.0
+    if use_cfg and len(uncond_prompts) != len(prompts):  # type: ignore[arg-type]
+        raise OmnitokError("uncond_prompts must have one prompt per conditional prompt")
+    b = len(prompts)
+    rows = prompts + (list(uncond_prompts) if use_cfg else [])  # type: ignore[arg-type]
+    device = next(model.parameters()).device
+    pad_id = constraint.ids["pad"]
+    ids, attn = _left_pad(rows, pad_id)
+    ids, attn = ids.to(device), attn.to(device)
+    st = constraint.initial(b, device)
+    for i, p in enumerate(prompts):  # state after each prompt (prompts may end inside a span opener)
+        one = constraint.after_prompt(p.view(1, -1).to(device))
+        for k in st:
+            st[k][i] = one[k][0]
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=True)
+    past = out.past_key_values
+    logits = out.logits[:, -1, :].float()
+    new: list[list[int]] = [[] for _ in range(b)]
+    for _ in range(cfg.max_new_tokens):
+        cond = logits[:b]
+        if use_cfg:
+            uncond = logits[b:]
+            in_image = ((st["state"] == IMAGE_CODE) | (st["state"] == VIDEO_CODE)).unsqueeze(-1)
+            guided = uncond + cfg.cfg_scale * (cond - uncond)
+            cond = torch.where(in_image, guided, cond)
+        cond = constraint.apply(cond, st)
+        tokens = torch.empty(b, dtype=torch.long, device=device)
+        state = st["state"]
+        groups = {
+            "image": (state == IMAGE_CODE) | (state == VIDEO_CODE),
+            "speech": (state == SPEECH_START) | (state >= SPEECH_CODE0),
+        }
+        groups["text"] = ~(groups["image"] | groups["speech"])
+        for name, rows_mask in groups.items():
+            if rows_mask.any():
+                tokens[rows_mask] = _sample(cond[rows_mask], getattr(cfg, name), generator)
+        done_before = state == DONE
+        st = constraint.advance(st, tokens)
+        for i in range(b):
+            if not done_before[i]:
+                new[i].append(int(tokens[i]))
+        if on_token is not None:
+            on_token(tokens, st["state"])
+        if bool((st["state"] == DONE).all()):
+            break
+        step_tokens = torch.cat([tokens, tokens]) if use_cfg else tokens
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+        out = model(
+            input_ids=step_tokens.view(-1, 1),
+            attention_mask=attn,
+            position_ids=position_ids,
+            past_key_values=past,
+            use_cache=True,
+        )
+        past = out.past_key_values
+        logits = out.logits[:, -1, :].float()
+    return new
