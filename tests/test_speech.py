@@ -1,0 +1,180 @@
+"""eSpeak NG speech for the toy world: tables, determinism, style control, phonemes, WAV files."""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import pickle
+import wave
+
+import numpy as np
+import pytest
+
+from omnitok.errors import OmnitokError
+from omnitok.world.speech import (
+    PITCHES,
+    RATES,
+    SAMPLE_RATE,
+    VOICES,
+    Speaker,
+    Style,
+    decode_wav,
+    encode_wav,
+    estimate_f0,
+)
+
+SENTENCE = "A small red circle is above the big blue square."
+
+
+@pytest.fixture(scope="module")
+def speaker() -> Speaker:
+    return Speaker()
+
+
+def test_tables_are_complete() -> None:
+    assert len(VOICES) >= 8
+    assert len({v.name for v in VOICES}) == len(VOICES)
+    assert {v.gender for v in VOICES} == {"male", "female"}
+    assert len({v.lang for v in VOICES}) >= 3
+    assert {v.lang.split("-")[0] for v in VOICES} == {"en"}
+    assert set(PITCHES) == {"low", "mid", "high"}
+    assert PITCHES["low"] < PITCHES["mid"] < PITCHES["high"]
+    assert all(0 <= p <= 100 for p in PITCHES.values())
+    assert set(RATES) == {"slow", "normal", "fast"}
+    assert RATES["slow"] < RATES["normal"] < RATES["fast"]
+    assert all(80 <= r <= 450 for r in RATES.values())
+
+
+def test_every_voice_speaks(speaker: Speaker) -> None:
+    for voice in VOICES:
+        audio = speaker.synthesize("red", Style(voice.name, "mid", "normal"))
+        assert audio.size > 0.1 * SAMPLE_RATE, voice.name
+
+
+@pytest.mark.parametrize("field", ["voice", "pitch", "rate"])
+def test_bad_style_names_the_field(field: str) -> None:
+    kwargs = {"voice": VOICES[0].name, "pitch": "mid", "rate": "normal", field: "nonsense"}
+    with pytest.raises(OmnitokError, match=field) as err:
+        Style(**kwargs)
+    assert "nonsense" in str(err.value)
+
+
+def test_output_format_and_duration(speaker: Speaker) -> None:
+    audio = speaker.synthesize(SENTENCE, Style("us_m1", "mid", "normal"))
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert np.all(np.abs(audio) <= 1.0)
+    assert np.sqrt(np.mean(audio**2)) > 0.02  # not silent
+    seconds = audio.size / SAMPLE_RATE
+    assert 1.5 < seconds < 6.0  # ten words at 170 words per minute
+
+
+def test_deterministic_whatever_came_before(speaker: Speaker) -> None:
+    style = Style("gb_f2", "high", "normal")
+    first = speaker.synthesize(SENTENCE, style)
+    speaker.synthesize("Something else entirely, spoken fast.", Style("sc_m4", "low", "fast"))
+    again = speaker.synthesize(SENTENCE, style)
+    assert np.array_equal(first, again)
+    assert encode_wav(first) == encode_wav(again)
+
+
+def _worker_clip(args: tuple[str, str, str, str]) -> bytes:
+    text, voice, pitch, rate = args
+    return encode_wav(Speaker().synthesize(text, Style(voice, pitch, rate)))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_same_bytes_in_worker_processes(speaker: Speaker, method: str) -> None:
+    jobs = [(SENTENCE, "us_f1", "low", "slow"), ("The green star is behind it.", "rp_m6", "high", "fast")]
+    expected = [encode_wav(speaker.synthesize(t, Style(v, p, r))) for t, v, p, r in jobs]
+    with mp.get_context(method).Pool(1) as pool:
+        got = pool.map(_worker_clip, jobs[::-1])[::-1]  # other order than here
+    assert got == expected
+
+
+def test_speaker_pickles_as_its_paths(speaker: Speaker) -> None:
+    clone = pickle.loads(pickle.dumps(speaker))
+    assert (clone.library, clone.data_path) == (speaker.library, speaker.data_path)
+    style = Style("us_m3", "low", "normal")
+    assert np.array_equal(clone.synthesize("Blue.", style), speaker.synthesize("Blue.", style))
+
+
+def test_slow_rate_is_longer_than_fast(speaker: Speaker) -> None:
+    lengths = {rate: speaker.synthesize(SENTENCE, Style("us_f5", "mid", rate)).size for rate in RATES}
+    assert lengths["slow"] > lengths["normal"] > lengths["fast"]
+    assert lengths["slow"] > 1.4 * lengths["fast"]
+
+
+@pytest.mark.parametrize("voice", ["us_m1", "gb_f2", "sc_m4"])
+def test_pitch_classes_order_measured_f0(speaker: Speaker, voice: str) -> None:
+    f0 = {p: estimate_f0(speaker.synthesize(SENTENCE, Style(voice, p, "normal")), SAMPLE_RATE) for p in PITCHES}
+    assert f0["low"] * 1.15 < f0["mid"] and f0["mid"] * 1.15 < f0["high"], f0
+
+
+def test_estimate_f0_on_known_signals() -> None:
+    sr = 16000
+    t = np.arange(sr) / sr
+    for hz in (90.0, 150.0, 240.0):
+        # a buzzy source (harmonics with falling amplitude) like a glottal pulse train
+        x = sum(np.sin(2 * np.pi * hz * k * t) / k for k in range(1, 8))
+        assert estimate_f0(x, sr) == pytest.approx(hz, rel=0.02)
+    assert np.isnan(estimate_f0(np.zeros(sr), sr))
+    with pytest.raises(OmnitokError, match="mono"):
+        estimate_f0(np.zeros((2, sr)), sr)
+
+
+def test_phonemes(speaker: Speaker) -> None:
+    ipa = speaker.phonemes(SENTENCE, Style("us_m1", "mid", "normal"))
+    words = ipa.split(" ")
+    assert len(words) == len(SENTENCE.split())
+    assert all(w for w in words)
+    assert "_" in ipa and "s_k_w" in ipa  # "square"
+    # two clauses: both are returned
+    assert len(speaker.phonemes("Red, then blue.", Style("us_m1", "mid", "normal")).split()) == 3
+    # accent matters: Scottish English has a rolled r in "red"
+    assert speaker.phonemes("red", Style("sc_m4", "mid", "normal")) != speaker.phonemes(
+        "red", Style("us_m1", "mid", "normal")
+    )
+
+
+@pytest.mark.parametrize("text", ["", "   \n"])
+def test_empty_text_is_refused(speaker: Speaker, text: str) -> None:
+    with pytest.raises(OmnitokError, match="empty"):
+        speaker.synthesize(text, Style("us_m1", "mid", "normal"))
+    with pytest.raises(OmnitokError, match="empty"):
+        speaker.phonemes(text, Style("us_m1", "mid", "normal"))
+
+
+def test_missing_library_or_data_is_reported(tmp_path) -> None:
+    with pytest.raises(OmnitokError, match="library not found"):
+        Speaker(library=str(tmp_path / "libnothing.so"), data_path=str(tmp_path))
+    with pytest.raises(OmnitokError, match="phontab"):
+        Speaker(data_path=str(tmp_path))
+
+
+def test_wav_round_trip() -> None:
+    rng = np.random.default_rng(0)
+    x = (0.5 * rng.standard_normal(4000)).clip(-1, 1).astype(np.float32)
+    data = encode_wav(x)
+    assert data[:4] == b"RIFF" and data == encode_wav(x)
+    y, sr = decode_wav(data)
+    assert sr == SAMPLE_RATE and y.dtype == np.float32
+    assert np.max(np.abs(y - x)) < 1.0 / 16000
+    y, sr = decode_wav(encode_wav(x, 22050))
+    assert sr == 22050 and y.size == x.size
+
+
+def test_wav_errors() -> None:
+    with pytest.raises(OmnitokError, match="not a WAV"):
+        decode_wav(b"OggS" + bytes(40))
+    stereo = io.BytesIO()
+    with wave.open(stereo, "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(bytes(400))
+    with pytest.raises(OmnitokError, match="mono"):
+        decode_wav(stereo.getvalue())
+    with pytest.raises(OmnitokError, match="mono"):
+        encode_wav(np.zeros((100, 2), np.float32))
+    with pytest.raises(OmnitokError, match="NaN"):
+        encode_wav(np.array([0.0, np.nan], np.float32))
