@@ -10,7 +10,7 @@ logits elsewhere; both rows receive the same sampled token so their caches stay 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -89,36 +89,46 @@ class ConstraintProcessor:
         return self.constraint.apply(scores, self.state)
 
 
-@torch.inference_mode()
-def decode_tokens(
+def iter_decode(
     model: torch.nn.Module,
     prompts: list[torch.Tensor],
     constraint: ModalityConstraint,
     cfg: DecodeConfig,
     uncond_prompts: list[torch.Tensor] | None = None,
-    on_token: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     generator: torch.Generator | None = None,
-) -> list[list[int]]:
-    """Generate up to ``max_new_tokens`` per prompt; stops rows at EOS. Returns the new ids per row.
+) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Yield ``(tokens [B], automaton state after them)`` once per step, until every row ended or the limit.
 
-    ``on_token(tokens [B], states [B])`` is called after every step (streaming consumers decode speech
-    chunks from it). ``uncond_prompts`` (same count as ``prompts``) enables CFG with ``cfg.cfg_scale``.
+    A generator so that streaming consumers (speech chunks, server-sent events) act on each token as it
+    arrives; rows that already ended keep yielding ``<|pad|>``.
     """
     if not prompts:
-        raise OmnitokError("decode_tokens needs at least one prompt")
+        raise OmnitokError("decoding needs at least one prompt")
     if any(len(p) == 0 for p in prompts):
         raise OmnitokError("every prompt needs at least one token")
     use_cfg = uncond_prompts is not None and cfg.cfg_scale != 1.0
     if use_cfg and len(uncond_prompts) != len(prompts):  # type: ignore[arg-type]
         raise OmnitokError("uncond_prompts must have one prompt per conditional prompt")
+    with torch.inference_mode():
+        yield from _decode_steps(model, prompts, constraint, cfg, uncond_prompts if use_cfg else None, generator)
+
+
+def _decode_steps(
+    model: torch.nn.Module,
+    prompts: list[torch.Tensor],
+    constraint: ModalityConstraint,
+    cfg: DecodeConfig,
+    uncond_prompts: list[torch.Tensor] | None,
+    generator: torch.Generator | None,
+) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    use_cfg = uncond_prompts is not None
     b = len(prompts)
-    rows = prompts + (list(uncond_prompts) if use_cfg else [])  # type: ignore[arg-type]
+    rows = prompts + (list(uncond_prompts) if uncond_prompts is not None else [])
     device = next(model.parameters()).device
-    pad_id = constraint.ids["pad"]
-    ids, attn = _left_pad(rows, pad_id)
+    ids, attn = _left_pad(rows, constraint.ids["pad"])
     ids, attn = ids.to(device), attn.to(device)
     st = constraint.initial(b, device)
-    for i, p in enumerate(prompts):  # state after each prompt (prompts may end inside a span opener)
+    for i, p in enumerate(prompts):  # state after each prompt (a prompt may end inside a span it opened)
         one = constraint.after_prompt(p.view(1, -1).to(device))
         for k in st:
             st[k][i] = one[k][0]
@@ -126,14 +136,12 @@ def decode_tokens(
     out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=True)
     past = out.past_key_values
     logits = out.logits[:, -1, :].float()
-    new: list[list[int]] = [[] for _ in range(b)]
     for _ in range(cfg.max_new_tokens):
         cond = logits[:b]
         if use_cfg:
             uncond = logits[b:]
             in_image = ((st["state"] == IMAGE_CODE) | (st["state"] == VIDEO_CODE)).unsqueeze(-1)
-            guided = uncond + cfg.cfg_scale * (cond - uncond)
-            cond = torch.where(in_image, guided, cond)
+            cond = torch.where(in_image, uncond + cfg.cfg_scale * (cond - uncond), cond)
         cond = constraint.apply(cond, st)
         tokens = torch.empty(b, dtype=torch.long, device=device)
         state = st["state"]
@@ -145,15 +153,10 @@ def decode_tokens(
         for name, rows_mask in groups.items():
             if rows_mask.any():
                 tokens[rows_mask] = _sample(cond[rows_mask], getattr(cfg, name), generator)
-        done_before = state == DONE
         st = constraint.advance(st, tokens)
-        for i in range(b):
-            if not done_before[i]:
-                new[i].append(int(tokens[i]))
-        if on_token is not None:
-            on_token(tokens, st["state"])
+        yield tokens, st
         if bool((st["state"] == DONE).all()):
-            break
+            return
         step_tokens = torch.cat([tokens, tokens]) if use_cfg else tokens
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         position_ids = position_ids[:, -1:] + 1
@@ -166,4 +169,29 @@ def decode_tokens(
         )
         past = out.past_key_values
         logits = out.logits[:, -1, :].float()
+
+
+def decode_tokens(
+    model: torch.nn.Module,
+    prompts: list[torch.Tensor],
+    constraint: ModalityConstraint,
+    cfg: DecodeConfig,
+    uncond_prompts: list[torch.Tensor] | None = None,
+    on_token: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Generate up to ``max_new_tokens`` per prompt; rows stop after EOS. Returns the new ids per row.
+
+    ``on_token(tokens [B], states [B])`` is called after every step. ``uncond_prompts`` (one per prompt)
+    enables classifier-free guidance with ``cfg.cfg_scale``.
+    """
+    new: list[list[int]] = [[] for _ in prompts]
+    done = torch.zeros(len(prompts), dtype=torch.bool)
+    for tokens, st in iter_decode(model, prompts, constraint, cfg, uncond_prompts, generator):
+        for i in range(len(prompts)):
+            if not done[i]:
+                new[i].append(int(tokens[i]))
+        done = (st["state"] == DONE).cpu()
+        if on_token is not None:
+            on_token(tokens, st["state"])
     return new

@@ -173,6 +173,46 @@ def prompt(sample: Sequence[Segment], vocab: Vocabulary, text: TextCodec, respon
     return np.concatenate([ids, [vocab.special(ROLE_TOKENS[respond_as])]]).astype(np.int64)
 
 
+class MediaEncoder:
+    """Fills ``codes`` of Image/Video/Audio segments using the given tokenizers (all images in one batch).
+
+    Shared by pretokenization and generation so a prompt is tokenized exactly like the training data.
+    """
+
+    def __init__(self, image_tokenizer: Any | None, speech_tokenizer: Any | None) -> None:
+        self.image = image_tokenizer
+        self.speech = speech_tokenizer
+
+    def __call__(self, samples: list[list[Segment]]) -> None:
+        pending: list[tuple[Any, int | None, np.ndarray]] = []  # (segment, frame index, pixels)
+        for sample in samples:
+            for seg in sample:
+                if isinstance(seg, Image) and seg.codes is None:
+                    if seg.pixels is None:
+                        raise OmnitokError("Image segment has neither codes nor pixels")
+                    pending.append((seg, None, seg.pixels))
+                elif isinstance(seg, Video) and not seg.frames:
+                    if not seg.pixels:
+                        raise OmnitokError("Video segment has neither frame codes nor frames")
+                    seg.frames = [np.empty(0)] * len(seg.pixels)
+                    pending += [(seg, i, px) for i, px in enumerate(seg.pixels)]
+                elif isinstance(seg, Audio) and seg.codes is None:
+                    if seg.samples is None or seg.sample_rate is None:
+                        raise OmnitokError("Audio segment has neither codes nor samples with a sample rate")
+                    if self.speech is None:
+                        raise OmnitokError("the input has speech but this model has no speech tokenizer")
+                    seg.codes = np.asarray(self.speech.encode(seg.samples, seg.sample_rate))
+        if pending:
+            if self.image is None:
+                raise OmnitokError("the input has an image but this model has no image tokenizer")
+            codes = np.asarray(self.image.encode(np.stack([p for _, _, p in pending])))
+            for (seg, i, _), c in zip(pending, codes, strict=True):
+                if i is None:
+                    seg.codes = c
+                else:
+                    seg.frames[i] = c
+
+
 # --- inverse parse ------------------------------------------------------------------------------------
 
 _STYLE_RE = re.compile(r"^<\|(\w+):([^|]+)\|>$")

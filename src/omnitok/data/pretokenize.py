@@ -14,12 +14,10 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from omnitok.data import tasks as task_defs
 from omnitok.errors import OmnitokError
 from omnitok.io import ensure_writable_dir, write_run_config
-from omnitok.sequence import Audio, Image, Segment, Text, Video, encode
+from omnitok.sequence import MediaEncoder, Segment, Text, encode
 from omnitok.tokenizers.text import TextTokenizer
 from omnitok.vocab import Vocabulary
 from omnitok.world.read import decode_sample, iter_samples, load_manifest
@@ -65,35 +63,6 @@ def world_texts(world: Path, task_names: Sequence[str], seed: int) -> Iterable[s
         for s in iter_samples(world, "train", kind):
             for sample in fn(s, task_defs.sample_rng(seed, s["key"], task)):
                 yield from (seg.text for seg in sample if isinstance(seg, Text))
-
-
-class MediaEncoder:
-    """Fills ``codes`` of Image/Video/Audio segments with the given tokenizers (images in batches)."""
-
-    def __init__(self, image_tokenizer: Any, speech_tokenizer: Any | None) -> None:
-        self.image = image_tokenizer
-        self.speech = speech_tokenizer
-
-    def __call__(self, samples: list[list[Segment]]) -> None:
-        pending: list[tuple[Any, int | None, np.ndarray]] = []  # (segment, frame index, pixels)
-        for sample in samples:
-            for seg in sample:
-                if isinstance(seg, Image) and seg.codes is None:
-                    pending.append((seg, None, seg.pixels))
-                elif isinstance(seg, Video) and not seg.frames:
-                    seg.frames = [np.empty(0)] * len(seg.pixels or [])
-                    pending += [(seg, i, px) for i, px in enumerate(seg.pixels or [])]
-                elif isinstance(seg, Audio) and seg.codes is None:
-                    if self.speech is None:
-                        raise OmnitokError("a sample has speech but no speech tokenizer was given")
-                    seg.codes = np.asarray(self.speech.encode(seg.samples, seg.sample_rate))
-        if pending:
-            codes = np.asarray(self.image.encode(np.stack([p for _, _, p in pending])))
-            for (seg, i, _), c in zip(pending, codes, strict=True):
-                if i is None:
-                    seg.codes = c
-                else:
-                    seg.frames[i] = c
 
 
 def _encode_task(

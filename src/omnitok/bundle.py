@@ -1,0 +1,141 @@
+"""A bundle: everything needed to talk to a trained model, in one directory.
+
+    omnitok.json          format version, the vocabulary, which tokenizers are present
+    lm/                   the causal LM (transformers ``save_pretrained``, safetensors)
+    tokenizers/text/      tokenizer.json
+    tokenizers/image/     config.json + model.safetensors (optional)
+    tokenizers/speech/    config.json + model.safetensors (optional)
+
+The vocabulary travels inside ``omnitok.json`` so the id layout the LM was trained with can never be
+separated from its weights. Loading checks that the pieces agree (embedding rows vs vocabulary size,
+tokenizer codebooks vs vocabulary ranges) and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omnitok.errors import OmnitokError
+from omnitok.io import atomic_write_json, read_json
+from omnitok.tokenizers.text import TextTokenizer
+from omnitok.vocab import Vocabulary
+
+FORMAT = "omnitok-bundle"
+VERSION = 1
+MANIFEST = "omnitok.json"
+
+
+def save_bundle(
+    out: str | os.PathLike[str],
+    lm: Any,
+    vocab: Vocabulary,
+    text_tokenizer: str | os.PathLike[str],
+    image_tokenizer: str | os.PathLike[str] | None = None,
+    speech_tokenizer: str | os.PathLike[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Assemble a bundle in a temporary directory, then move it into place (never half-written).
+
+    ``lm`` is a transformers model or the directory it was saved to; tokenizers are directories.
+    """
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        if isinstance(lm, str | os.PathLike):
+            if not (Path(lm) / "config.json").is_file():
+                raise OmnitokError(f"LM directory {lm} has no config.json (expected a transformers save_pretrained)")
+            shutil.copytree(lm, tmp / "lm")
+        else:
+            lm.save_pretrained(tmp / "lm", safe_serialization=True)
+        tokenizers: dict[str, str] = {}
+        for name, src in (("text", text_tokenizer), ("image", image_tokenizer), ("speech", speech_tokenizer)):
+            if src is None:
+                continue
+            src = Path(src)
+            if not src.exists():
+                raise OmnitokError(f"{name} tokenizer directory {src} does not exist")
+            dest = tmp / "tokenizers" / name
+            if src.is_file():  # a bare tokenizer.json
+                dest.mkdir(parents=True)
+                shutil.copy2(src, dest / src.name)
+            else:
+                shutil.copytree(src, dest, ignore=shutil.ignore_patterns("checkpoint*", "*.tmp", "log*"))
+            tokenizers[name] = f"tokenizers/{name}"
+        atomic_write_json(
+            tmp / MANIFEST,
+            {"format": FORMAT, "version": VERSION, "vocab": vocab.to_json(), "tokenizers": tokenizers, **(extra or {})},
+        )
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@dataclass
+class Bundle:
+    """The loaded pieces; ``omnitok.generate.OmniModel`` adds the any-to-any API on top."""
+
+    path: Path
+    lm: Any
+    vocab: Vocabulary
+    text: TextTokenizer
+    image: Any | None
+    speech: Any | None
+    manifest: dict[str, Any]
+
+
+def _expect_size(what: str, got: int, vocab: Vocabulary, modality: str) -> None:
+    want = sum(vocab.code_range(modality, q).size for q in range(vocab.levels(modality)))
+    if got != want:
+        raise OmnitokError(f"bundle: the {what} has {got} codes but the vocabulary reserves {want} {modality} ids")
+
+
+def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> Bundle:
+    p = Path(path)
+    manifest = read_json(p / MANIFEST, "bundle manifest")
+    if manifest.get("format") != FORMAT:
+        raise OmnitokError(f"{p / MANIFEST}: field 'format' should be {FORMAT!r}, got {manifest.get('format')!r}")
+    if int(manifest.get("version", 0)) > VERSION:
+        raise OmnitokError(f"{p / MANIFEST}: version {manifest.get('version')} is newer than this omnitok ({VERSION})")
+    vocab = Vocabulary.from_json(manifest["vocab"], f"{p / MANIFEST} (field 'vocab')")
+    tok = manifest.get("tokenizers", {})
+    if "text" not in tok:
+        raise OmnitokError(f"{p / MANIFEST}: field 'tokenizers' has no 'text' entry")
+    text = TextTokenizer.load(p / tok["text"])
+    if text.vocab_size != vocab.text_size:
+        raise OmnitokError(f"bundle: text tokenizer has {text.vocab_size} ids, vocabulary expects {vocab.text_size}")
+    image = speech = None
+    if "image" in tok:
+        from omnitok.tokenizers.base import load_image_tokenizer
+
+        image = load_image_tokenizer(p / tok["image"])
+        _expect_size("image tokenizer", int(image.codebook_size), vocab, "image")
+    if "speech" in tok:
+        from omnitok.tokenizers.speech import load_speech_tokenizer
+
+        speech = load_speech_tokenizer(p / tok["speech"])
+        _expect_size("speech tokenizer", int(sum(speech.codebook_sizes)), vocab, "speech")
+
+    from transformers import AutoModelForCausalLM
+
+    lm_dir = p / "lm"
+    if not (lm_dir / "config.json").is_file():
+        raise OmnitokError(f"bundle: {lm_dir} has no config.json")
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir, local_files_only=True).to(device).eval()
+    rows = lm.get_input_embeddings().weight.shape[0]
+    if rows < vocab.size:
+        raise OmnitokError(f"bundle: the LM has {rows} embedding rows but the vocabulary has {vocab.size} ids")
+    return Bundle(p, lm, vocab, text, image, speech, manifest)

@@ -1,0 +1,250 @@
+"""Any-to-any generation on a bundle: segments in, segments out (text, pixels, waveforms).
+
+``OmniModel.generate`` turns the input segments into a prompt exactly as training data were encoded,
+opens the requested output span itself (``<image>``, or ``<speech>`` plus style tokens) so the model
+cannot answer in the wrong modality, decodes under the modality automaton, and decodes codes back into
+images and audio. ``stream`` yields text deltas and audio chunks while tokens are still being sampled.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from omnitok.bundle import Bundle, load_bundle
+from omnitok.constraints import DONE, SPEECH_CODE0, ModalityConstraint
+from omnitok.decoding import DecodeConfig, Sampling, iter_decode
+from omnitok.errors import OmnitokError
+from omnitok.sequence import Audio, Image, MediaEncoder, Segment, Text, Video, decode, prompt
+from omnitok.vocab import SPAN_TOKENS, style_token
+
+OUTPUTS = ("auto", "text", "image", "speech", "text+speech")
+DEFAULT_MAX_TOKENS = {"text": 128, "speech": 400}
+
+
+@dataclass
+class TextDelta:
+    text: str
+
+
+@dataclass
+class AudioChunk:
+    samples: np.ndarray
+    sample_rate: int
+    seconds_since_start: float = 0.0
+
+
+@dataclass
+class ImageOut:
+    pixels: np.ndarray
+
+
+@dataclass
+class GenerateOptions:
+    output: str = "auto"
+    style: dict[str, str] | None = None
+    max_new_tokens: int | None = None
+    cfg_scale: float = 3.0
+    text: Sampling = field(default_factory=lambda: Sampling(temperature=0.0))
+    image: Sampling = field(default_factory=lambda: Sampling(temperature=1.0, top_k=64))
+    speech: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_k=32))
+    seed: int | None = None
+    speech_chunk_frames: int = 10
+
+
+class OmniModel:
+    """A loaded bundle with the any-to-any API."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        self.vocab = bundle.vocab
+        self.media = MediaEncoder(bundle.image, bundle.speech)
+        self.image_tokens = int(bundle.image.tokens_per_item) if bundle.image is not None else None
+
+    @property
+    def lm(self) -> Any:
+        return self.bundle.lm
+
+    # --- request building -------------------------------------------------------------------------
+    def _check_output(self, output: str) -> None:
+        if output not in OUTPUTS:
+            raise OmnitokError(f"output must be one of {list(OUTPUTS)}, got {output!r}")
+        if output == "image" and self.bundle.image is None:
+            raise OmnitokError("this bundle has no image tokenizer, so it cannot produce images")
+        if "speech" in output and self.bundle.speech is None:
+            raise OmnitokError("this bundle has no speech tokenizer, so it cannot produce speech")
+
+    def _style_ids(self, style: dict[str, str] | None) -> list[int]:
+        ids = []
+        for field_name, value in (style or {}).items():
+            name = style_token(field_name, value)
+            if name not in self.vocab.specials:
+                known = sorted(n for n in self.vocab.specials if n.startswith(f"<|{field_name}:"))
+                raise OmnitokError(f"style {field_name}={value!r} is not in this bundle; known: {known}")
+            ids.append(self.vocab.specials[name])
+        return ids
+
+    def _request(self, sample: Sequence[Segment], opts: GenerateOptions) -> tuple[torch.Tensor, ModalityConstraint]:
+        if not sample:
+            raise OmnitokError("empty prompt: give at least one text, image or audio segment")
+        if all(isinstance(s, Text) and not s.text.strip() for s in sample):
+            raise OmnitokError("empty prompt: the text is empty")
+        self._check_output(opts.output)
+        segs = [replace(s, role=s.role or "user") for s in sample]
+        self.media([segs])
+        for s in segs:
+            frames = [s.codes] if isinstance(s, Image) else s.frames if isinstance(s, Video) else []
+            for codes in frames:
+                if len(codes) != self.image_tokens:
+                    shape = "x".join(str(d) for d in np.shape(s.pixels)) if isinstance(s, Image) else "video frame"
+                    raise OmnitokError(
+                        f"input image {shape} gives {len(codes)} tokens; this model reads images of "
+                        f"{self.image_tokens} tokens (the size its image tokenizer was trained on)"
+                    )
+        ids = list(prompt(segs, self.vocab, self.bundle.text))
+        outputs: set[str] = {"text", "image", "speech"} if opts.output == "auto" else set(opts.output.split("+"))
+        outputs &= {"text"} | {m for m in ("image", "speech") if m in self.vocab.modalities}
+        if opts.output == "image":
+            ids.append(self.vocab.special(SPAN_TOKENS["image"][0]))
+        elif opts.output == "speech":
+            ids += [self.vocab.special(SPAN_TOKENS["speech"][0]), *self._style_ids(opts.style)]
+        constraint = ModalityConstraint(
+            self.vocab, image_tokens=self.image_tokens if "image" in outputs else None, outputs=outputs
+        )
+        return torch.tensor(ids, dtype=torch.long), constraint
+
+    def _uncond(self, sample: Sequence[Segment], opts: GenerateOptions) -> torch.Tensor:
+        """The training-time prompt drop: the same request with the user's text removed."""
+        kept = [s for s in sample if not isinstance(s, Text)] or [Text("", role="user")]
+        ids = list(prompt([replace(s, role=s.role or "user") for s in kept], self.vocab, self.bundle.text))
+        return torch.tensor([*ids, self.vocab.special(SPAN_TOKENS["image"][0])], dtype=torch.long)
+
+    def _config(self, opts: GenerateOptions) -> DecodeConfig:
+        if opts.max_new_tokens is not None:
+            limit = opts.max_new_tokens
+        elif opts.output == "image":
+            limit = (self.image_tokens or 0) + 3
+        elif "speech" in opts.output or opts.output == "auto":
+            limit = DEFAULT_MAX_TOKENS["speech"] + DEFAULT_MAX_TOKENS["text"]
+        else:
+            limit = DEFAULT_MAX_TOKENS["text"]
+        if limit < 1:
+            raise OmnitokError(f"max_new_tokens must be >= 1, got {limit}")
+        return DecodeConfig(
+            max_new_tokens=limit, text=opts.text, image=opts.image, speech=opts.speech, cfg_scale=opts.cfg_scale
+        )
+
+    # --- outputs ----------------------------------------------------------------------------------
+    def _render(self, ids: list[int], opts: GenerateOptions, forced_prefix: list[int]) -> list[Segment]:
+        segs = decode([*forced_prefix, *ids], self.vocab, self.bundle.text)
+        for s in segs:
+            s.role = "assistant"
+            if isinstance(s, Image) and self.bundle.image is not None and len(s.codes) == self.image_tokens:
+                s.pixels = np.asarray(self.bundle.image.decode(torch.as_tensor(s.codes)))
+            elif isinstance(s, Video) and self.bundle.image is not None and s.frames:
+                s.pixels = [np.asarray(self.bundle.image.decode(torch.as_tensor(f))) for f in s.frames]
+            elif isinstance(s, Audio) and self.bundle.speech is not None and len(s.codes):
+                style = s.style or opts.style
+                s.samples = np.asarray(self.bundle.speech.decode(s.codes, style=style), dtype=np.float32)
+                s.sample_rate = int(self.bundle.speech.sample_rate)
+        return segs
+
+    def generate(self, sample: Sequence[Segment], **options: Any) -> list[Segment]:
+        """One request; see :class:`GenerateOptions` for ``output``, ``style``, sampling and CFG."""
+        return self.generate_batch([sample], **options)[0]
+
+    def generate_batch(self, samples: Sequence[Sequence[Segment]], **options: Any) -> list[list[Segment]]:
+        """Several requests with the same options, decoded together in one batch."""
+        opts = GenerateOptions(**options)
+        requests = [self._request(s, opts) for s in samples]
+        constraint = requests[0][1]
+        prompts = [r[0] for r in requests]
+        cfg = self._config(opts)
+        uncond = [self._uncond(s, opts) for s in samples] if opts.output == "image" and opts.cfg_scale != 1 else None
+        gen = torch.Generator().manual_seed(opts.seed) if opts.seed is not None else None
+        new: list[list[int]] = [[] for _ in samples]
+        finished = [False] * len(samples)
+        for tokens, st in iter_decode(self.lm, prompts, constraint, cfg, uncond, gen):
+            for i, t in enumerate(tokens.tolist()):
+                if not finished[i]:
+                    new[i].append(t)
+            finished = [bool(s == DONE) for s in st["state"]]
+        out = []
+        for p, ids in zip(prompts, new, strict=True):
+            prefix = p.tolist()[p.tolist().index(self.vocab.special("<|assistant|>")) + 1 :]
+            out.append(self._render(ids, opts, prefix))
+        return out
+
+    def stream(self, sample: Sequence[Segment], **options: Any) -> Iterator[TextDelta | AudioChunk | ImageOut]:
+        """Yield text as it is written and speech as audio chunks every ``speech_chunk_frames`` frames."""
+        opts = GenerateOptions(**options)
+        ids, constraint = self._request(sample, opts)
+        gen = torch.Generator().manual_seed(opts.seed) if opts.seed is not None else None
+        speech_tok = self.bundle.speech
+        levels = self.vocab.levels("speech") if "speech" in self.vocab.modalities else 1
+        text_ids: list[int] = []
+        emitted_text = ""
+        frames: list[int] = []
+        emitted_samples = 0
+        style = opts.style
+        image_ids: list[int] = []
+        t0 = time.perf_counter()
+        prefix = ids.tolist()[ids.tolist().index(self.vocab.special("<|assistant|>")) + 1 :]
+        in_speech = bool(prefix) and prefix[0] == self.vocab.special(SPAN_TOKENS["speech"][0])
+
+        def speech_audio(final: bool) -> Iterator[AudioChunk]:
+            nonlocal emitted_samples
+            n_frames = len(frames) // levels
+            if speech_tok is None or n_frames == 0:
+                return
+            if not final and n_frames % opts.speech_chunk_frames:
+                return
+            codes = self.vocab.ids_to_codes("speech", frames[: n_frames * levels])
+            audio = np.asarray(speech_tok.decode(codes, style=style), dtype=np.float32)
+            # each chunk re-decodes with full left context and emits only the new part (no seams)
+            keep = len(audio) if final else max(emitted_samples, len(audio) - int(0.05 * speech_tok.sample_rate))
+            if keep > emitted_samples:
+                yield AudioChunk(audio[emitted_samples:keep], int(speech_tok.sample_rate), time.perf_counter() - t0)
+                emitted_samples = keep
+
+        for tokens, st in iter_decode(self.lm, [ids], constraint, self._config(opts), None, gen):
+            tok = int(tokens[0])
+            state = int(st["state"][0])
+            kind = self.vocab.kind(tok)
+            if kind == "text":
+                text_ids.append(tok)
+                text = self.bundle.text.decode(text_ids)
+                if len(text) > len(emitted_text) and not text.endswith("\ufffd"):
+                    yield TextDelta(text[len(emitted_text) :])
+                    emitted_text = text
+            elif tok == self.vocab.special(SPAN_TOKENS["speech"][0]):
+                in_speech, frames, emitted_samples = True, [], 0
+            elif in_speech and kind == "speech":
+                frames.append(tok)
+                if state == SPEECH_CODE0:  # a frame just completed
+                    yield from speech_audio(final=False)
+            elif in_speech and kind == "special" and self.vocab.special_name(tok).startswith("<|"):
+                field_name, value = self.vocab.special_name(tok)[2:-2].split(":", 1)
+                style = {**(style or {}), field_name: value}
+            elif tok == self.vocab.special(SPAN_TOKENS["speech"][1]):
+                yield from speech_audio(final=True)
+                in_speech = False
+            elif kind == "image":
+                image_ids.append(tok)
+            elif tok == self.vocab.special(SPAN_TOKENS["image"][1]) and self.bundle.image is not None:
+                codes = self.vocab.ids_to_codes("image", image_ids)
+                yield ImageOut(np.asarray(self.bundle.image.decode(torch.as_tensor(codes))))
+                image_ids = []
+        if in_speech:
+            yield from speech_audio(final=True)
+
+
+def load(path: str | os.PathLike[str], device: str = "cpu") -> OmniModel:
+    """``omnitok.load(path)``: a bundle directory -> a model that reads and writes every modality."""
+    return OmniModel(load_bundle(path, device))

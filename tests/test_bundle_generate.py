@@ -1,0 +1,111 @@
+"""Bundles save and load whole; generation returns well-formed segments in the requested modality."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import omnitok
+from omnitok.bundle import save_bundle
+from omnitok.errors import OmnitokError
+from omnitok.generate import AudioChunk, ImageOut, TextDelta
+from omnitok.sequence import Image, Text
+from omnitok.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+from omnitok.tokenizers.text import TextTokenizer
+from omnitok.vocab import Vocabulary
+
+
+def _lm(vocab: Vocabulary) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab.size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle")
+    text = TextTokenizer.train(["a large red circle in the top left", "draw a small star"] * 20, vocab_size=280)
+    text.save(root / "text")
+    img = ImageTokenizer(ImageTokenizerConfig(widths=(8, 8, 8, 8), depths=(1, 1, 1, 1), levels=(4, 4, 4)))
+    img.save(root / "image")
+    vocab = Vocabulary.build(text.vocab_size, {"image": img.codebook_size})
+    save_bundle(root / "bundle", _lm(vocab), vocab, root / "text", root / "image")
+    tv = Vocabulary.build(text.vocab_size, {})
+    save_bundle(root / "textonly", _lm(tv), tv, root / "text")
+    return root
+
+
+def test_bundle_layout_and_round_trip(bundle_dir):
+    b = bundle_dir / "bundle"
+    manifest = json.loads((b / "omnitok.json").read_text())
+    assert manifest["format"] == "omnitok-bundle" and set(manifest["tokenizers"]) == {"text", "image"}
+    assert (b / "lm" / "model.safetensors").exists() and (b / "tokenizers" / "image" / "model.safetensors").exists()
+    assert not list(bundle_dir.glob(".*tmp*"))
+    model = omnitok.load(str(b))
+    assert model.vocab.size == model.lm.get_input_embeddings().weight.shape[0]
+
+
+def test_text_and_image_outputs(bundle_dir):
+    model = omnitok.load(str(bundle_dir / "bundle"))
+    picture = np.zeros((64, 64, 3), np.uint8)
+    out = model.generate([Image(pixels=picture), Text("what is this?")], output="text", max_new_tokens=6, seed=0)
+    assert out and all(isinstance(s, Text) and s.role == "assistant" for s in out)
+    out = model.generate([Text("a large red circle in the top left")], output="image", seed=0, cfg_scale=2.0)
+    images = [s for s in out if isinstance(s, Image)]
+    assert len(images) == 1 and images[0].pixels.shape == (64, 64, 3) and images[0].pixels.dtype == np.uint8
+    batch = model.generate_batch([[Text("draw a small star")], [Text("a large red circle")]], output="image", seed=1)
+    assert all(isinstance(r[0], Image) and r[0].pixels.shape == (64, 64, 3) for r in batch)
+
+
+def test_stream_yields_events(bundle_dir):
+    model = omnitok.load(str(bundle_dir / "bundle"))
+    events = list(model.stream([Text("draw a small star")], output="image", seed=0))
+    assert any(isinstance(e, ImageOut) for e in events)
+    assert all(isinstance(e, TextDelta | AudioChunk | ImageOut) for e in events)
+
+
+def test_bad_requests_fail_clearly(bundle_dir):
+    model = omnitok.load(str(bundle_dir / "bundle"))
+    with pytest.raises(OmnitokError, match="empty prompt"):
+        model.generate([Text("   ")])
+    with pytest.raises(OmnitokError, match="empty prompt"):
+        model.generate([])
+    with pytest.raises(OmnitokError, match="output must be one of"):
+        model.generate([Text("hi")], output="smell")
+    with pytest.raises(OmnitokError, match="no speech tokenizer"):
+        model.generate([Text("hi")], output="speech")
+    with pytest.raises(OmnitokError, match="multiples of 8"):
+        model.generate([Image(pixels=np.zeros((10, 10, 3), np.uint8))], output="text")
+    with pytest.raises(OmnitokError, match="input image 32x32x3 gives 16 tokens"):
+        model.generate([Image(pixels=np.zeros((32, 32, 3), np.uint8))], output="text")
+    text_only = omnitok.load(str(bundle_dir / "textonly"))
+    with pytest.raises(OmnitokError, match="cannot produce images"):
+        text_only.generate([Text("draw")], output="image")
+    with pytest.raises(OmnitokError, match="no image tokenizer"):
+        text_only.generate([Image(pixels=np.zeros((64, 64, 3), np.uint8))], output="text")
+
+
+def test_broken_bundles_are_refused(bundle_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "b"
+    shutil.copytree(bundle_dir / "bundle", broken)
+    manifest = json.loads((broken / "omnitok.json").read_text())
+    manifest["vocab"]["codebooks"][0]["size"] += 1
+    manifest["vocab"]["size"] += 1
+    (broken / "omnitok.json").write_text(json.dumps(manifest))
+    with pytest.raises(OmnitokError, match="image tokenizer has"):
+        omnitok.load(str(broken))
+    with pytest.raises(OmnitokError, match="not found"):
+        omnitok.load(str(tmp_path / "nothing"))
