@@ -53,9 +53,15 @@ def caption(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
     ]
 
 
+T2I_PROMPT_DROP = 0.1  # share of text-to-image samples with the caption removed: teaches the unconditional
+# distribution that classifier-free guidance subtracts at generation time
+
+
 def t2i(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
-    text = _pick(rng, tuple(s["meta"]["captions"]))
-    return [[Text(_pick(rng, _DRAW_ASKS) + text, role="user"), Image(pixels=s["png"], role="assistant")]]
+    text = _pick(rng, _DRAW_ASKS) + _pick(rng, tuple(s["meta"]["captions"]))
+    if rng.random() < T2I_PROMPT_DROP:
+        text = ""
+    return [[Text(text, role="user"), Image(pixels=s["png"], role="assistant")]]
 
 
 def asr(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
