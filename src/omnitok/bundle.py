@@ -130,6 +130,9 @@ def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> Bundle:
         _expect_size("speech tokenizer", int(sum(speech.codebook_sizes)), vocab, "speech")
 
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # loading a small bundle should not draw bars into the user's output
 
     lm_dir = p / "lm"
     if not (lm_dir / "config.json").is_file():

@@ -21,7 +21,7 @@ from omnitok.bundle import Bundle, load_bundle
 from omnitok.constraints import DONE, SPEECH_CODE0, ModalityConstraint
 from omnitok.decoding import DecodeConfig, Sampling, iter_decode
 from omnitok.errors import OmnitokError
-from omnitok.sequence import Audio, Image, MediaEncoder, Segment, Text, Video, decode, prompt
+from omnitok.sequence import Audio, Image, LossPolicy, MediaEncoder, Segment, Text, Video, decode, encode, prompt
 from omnitok.vocab import SPAN_TOKENS, style_token
 
 OUTPUTS = ("auto", "text", "image", "speech", "text+speech")
@@ -56,6 +56,7 @@ class GenerateOptions:
     speech: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_k=32))
     seed: int | None = None
     speech_chunk_frames: int = 10
+    continuation: bool = False  # continue a role-less document (interleaved pre-training format) instead of chatting
 
 
 class OmniModel:
@@ -96,7 +97,7 @@ class OmniModel:
         if all(isinstance(s, Text) and not s.text.strip() for s in sample):
             raise OmnitokError("empty prompt: the text is empty")
         self._check_output(opts.output)
-        segs = [replace(s, role=s.role or "user") for s in sample]
+        segs = [replace(s, role=None if opts.continuation else s.role or "user") for s in sample]
         self.media([segs])
         for s in segs:
             frames = [s.codes] if isinstance(s, Image) else s.frames if isinstance(s, Video) else []
@@ -107,7 +108,10 @@ class OmniModel:
                         f"input image {shape} gives {len(codes)} tokens; this model reads images of "
                         f"{self.image_tokens} tokens (the size its image tokenizer was trained on)"
                     )
-        ids = list(prompt(segs, self.vocab, self.bundle.text))
+        if opts.continuation:
+            ids = list(encode(segs, self.vocab, self.bundle.text, LossPolicy(roles=frozenset()), add_eos=False).ids)
+        else:
+            ids = list(prompt(segs, self.vocab, self.bundle.text))
         outputs: set[str] = {"text", "image", "speech"} if opts.output == "auto" else set(opts.output.split("+"))
         outputs &= {"text"} | {m for m in ("image", "speech") if m in self.vocab.modalities}
         if opts.output == "image":
@@ -139,6 +143,18 @@ class OmniModel:
         return DecodeConfig(
             max_new_tokens=limit, text=opts.text, image=opts.image, speech=opts.speech, cfg_scale=opts.cfg_scale
         )
+
+    def _forced_prefix(self, prompt_ids: torch.Tensor) -> list[int]:
+        """The span opener (and style tokens) the request appended after the prompt proper."""
+        ids = prompt_ids.tolist()
+        openers = {self.vocab.special(SPAN_TOKENS[m][0]) for m in ("image", "speech")}
+        for k in range(len(ids) - 1, -1, -1):
+            if ids[k] in openers:
+                tail = ids[k:]
+                if all(t in openers or self.vocab.kind(t) == "special" for t in tail):
+                    return tail
+                break
+        return []
 
     # --- outputs ----------------------------------------------------------------------------------
     def _render(self, ids: list[int], opts: GenerateOptions, forced_prefix: list[int]) -> list[Segment]:
@@ -177,8 +193,7 @@ class OmniModel:
             finished = [bool(s == DONE) for s in st["state"]]
         out = []
         for p, ids in zip(prompts, new, strict=True):
-            prefix = p.tolist()[p.tolist().index(self.vocab.special("<|assistant|>")) + 1 :]
-            out.append(self._render(ids, opts, prefix))
+            out.append(self._render(ids, opts, self._forced_prefix(p)))
         return out
 
     def stream(self, sample: Sequence[Segment], **options: Any) -> Iterator[TextDelta | AudioChunk | ImageOut]:
@@ -195,7 +210,7 @@ class OmniModel:
         style = opts.style
         image_ids: list[int] = []
         t0 = time.perf_counter()
-        prefix = ids.tolist()[ids.tolist().index(self.vocab.special("<|assistant|>")) + 1 :]
+        prefix = self._forced_prefix(ids)
         in_speech = bool(prefix) and prefix[0] == self.vocab.special(SPAN_TOKENS["speech"][0])
 
         def speech_audio(final: bool) -> Iterator[AudioChunk]:

@@ -1,0 +1,44 @@
+"""``omnitok eval BUNDLE --data WORLD --out DIR``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def metrics_table(metrics: dict) -> Table:
+    table = Table(title="omnitok eval (test split)")
+    for col in ("metric", "all", "seen", "held-out", "n"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for name, m in metrics.items():
+        if name.startswith("_"):
+            continue
+        cells = ["–" if m[g] is None else f"{m[g]:.3f}" for g in ("all", "seen", "heldout")]
+        table.add_row(name, *cells, str(m["n"]["all"]))
+    return table
+
+
+def eval_command(
+    bundle: Path = typer.Argument(..., help="A bundle directory (omnitok train writes one)."),
+    data: Path = typer.Option(..., "--data", help="The world to evaluate on (its test split)."),
+    out: Path = typer.Option(..., "--out", help="Where metrics.json and report.html go."),
+    limit: int = typer.Option(50, "--limit", help="Examples per task."),
+    tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated subset of tasks."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Run every task on the held-out test split; write metrics.json and an HTML report."""
+    import omnitok
+    from omnitok.data.cli import _csv
+    from omnitok.eval.suite import TASKS, EvalConfig, evaluate
+
+    cfg = EvalConfig(limit=limit, tasks=_csv(tasks, "--tasks") or list(TASKS), seed=seed)
+    model = omnitok.load(str(bundle))
+    with console.status("evaluating") as status:
+        metrics = evaluate(model, data, out, cfg, progress=lambda t: status.update(f"evaluating {t}"))
+    console.print(metrics_table(metrics))
+    console.print(f"report: {out / 'report.html'}")

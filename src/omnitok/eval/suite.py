@@ -1,0 +1,336 @@
+"""``omnitok eval``: every task on the world's held-out test split, scored by independent instruments.
+
+Each task generates with the bundle exactly as a user would (``OmniModel.generate_batch``), then scores the
+output with the world's parsers or pocketsphinx, split by whether the example uses a composition or voice
+that training never saw. Results go to ``metrics.json`` and a self-contained ``report.html``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from omnitok.errors import OmnitokError
+from omnitok.eval import metrics as M
+from omnitok.io import atomic_write_json, ensure_writable_dir, write_run_config
+from omnitok.sequence import Audio, Image, Segment, Text, Video
+from omnitok.world.read import iter_samples, load_manifest
+from omnitok.world.scene import scene_from_json
+
+TASKS = (
+    "caption",
+    "t2i",
+    "asr",
+    "tts",
+    "video_caption",
+    "edit",
+    "interleaved",
+    "spoken_qa",
+)
+SPEECH_TASKS = frozenset({"asr", "tts", "spoken_qa"})
+
+
+@dataclass
+class EvalConfig:
+    limit: int = 50  # examples per task (test split); evaluation is generation, so keep it modest on CPU
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    batch_size: int = 16
+    seed: int = 0
+    cfg_scale: float = 3.0
+    examples_in_report: int = 6
+
+
+@dataclass
+class Record:
+    """One scored example; ``score`` is a bool (accuracy) or (reference, hypothesis) for WER."""
+
+    group: str  # "seen" or "heldout"
+    score: Any
+    shown: dict[str, Any] = field(default_factory=dict)
+
+
+def _group(flag: bool) -> str:
+    return "heldout" if flag else "seen"
+
+
+def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _take(world: Path, kind: str, limit: int) -> list[dict[str, Any]]:
+    out = []
+    for s in iter_samples(world, "test", kind):
+        out.append(s)
+        if len(out) >= limit:
+            break
+    return out
+
+
+def _first(segs: list[Segment], kind: type) -> Any:
+    return next((s for s in segs if isinstance(s, kind)), None)
+
+
+def _text_of(segs: list[Segment]) -> str:
+    return " ".join(s.text for s in segs if isinstance(s, Text)).strip()
+
+
+class Suite:
+    def __init__(self, model: Any, world: Path, cfg: EvalConfig, transcriber: Any | None = None) -> None:
+        self.model = model
+        self.world = world
+        self.cfg = cfg
+        self._transcriber = transcriber
+
+    # --- instruments ----------------------------------------------------------------------------
+    @property
+    def transcriber(self) -> Any:
+        """pocketsphinx with a domain LM from the *train* split's texts (never the evaluated ones)."""
+        if self._transcriber is None:
+            from omnitok.eval.asr import Transcriber
+
+            corpus: list[str] = []
+            for s in iter_samples(self.world, "train", "scene", decode=False):
+                import json
+
+                meta = json.loads(s["json"])
+                corpus += meta["captions"]
+                if len(corpus) > 4000:
+                    break
+            for s in iter_samples(self.world, "train", "spoken_qa", decode=False):
+                import json
+
+                meta = json.loads(s["json"])
+                corpus += [meta["question"], meta["answer"]]
+                if len(corpus) > 6000:
+                    break
+            self._transcriber = Transcriber(corpus=corpus)
+        return self._transcriber
+
+    def _gen(self, prompts: list[list[Segment]], **opts: Any) -> list[list[Segment]]:
+        out: list[list[Segment]] = []
+        for chunk in _batches(prompts, self.cfg.batch_size):
+            out += self.model.generate_batch(chunk, seed=self.cfg.seed, **opts)
+        return out
+
+    # --- tasks ------------------------------------------------------------------------------------
+    def caption(self) -> dict[str, list[Record]]:
+        samples = _take(self.world, "scene", self.cfg.limit)
+        outs = self._gen([[Image(pixels=s["png"]), Text("Describe the picture.")] for s in samples], output="text")
+        recs = []
+        for s, o in zip(samples, outs, strict=True):
+            text = _text_of(o)
+            ok = M.caption_correct(text, scene_from_json(s["meta"]["scene"]))
+            recs.append(Record(_group(s["meta"]["heldout_combo"]), ok, {"image": s["png"], "output": text}))
+        return {"caption_acc": recs}
+
+    def t2i(self) -> dict[str, list[Record]]:
+        samples = _take(self.world, "scene", self.cfg.limit)
+        captions = [s["meta"]["captions"][0] for s in samples]
+        outs = self._gen([[Text(c)] for c in captions], output="image", cfg_scale=self.cfg.cfg_scale)
+        recs = []
+        for s, c, o in zip(samples, captions, outs, strict=True):
+            img = _first(o, Image)
+            ok = (
+                img is not None
+                and img.pixels is not None
+                and M.image_correct(img.pixels, scene_from_json(s["meta"]["scene"]))
+            )
+            shown = {"input": c, "image": None if img is None else img.pixels}
+            recs.append(Record(_group(s["meta"]["heldout_combo"]), ok, shown))
+        return {"t2i_acc": recs}
+
+    def asr(self) -> dict[str, list[Record]]:
+        samples = [s for s in _take(self.world, "scene", self.cfg.limit) if "wav" in s]
+        prompts = [[Audio(samples=s["wav"], sample_rate=16000), Text("Transcribe the speech.")] for s in samples]
+        outs = self._gen(prompts, output="text")
+        recs = []
+        for s, o in zip(samples, outs, strict=True):
+            sp = s["meta"]["speech"]
+            recs.append(
+                Record(
+                    _group(sp["heldout_voice"]), (sp["text"], _text_of(o)), {"audio": s["wav"], "output": _text_of(o)}
+                )
+            )
+        return {"asr_wer": recs}
+
+    def tts(self) -> dict[str, list[Record]]:
+        from omnitok.eval import style as style_eval
+
+        samples = [s for s in _take(self.world, "scene", self.cfg.limit) if "wav" in s]
+        wer_recs, ref_recs, style_recs = [], [], []
+        groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        for s in samples:
+            sp = s["meta"]["speech"]
+            groups.setdefault((sp["voice"], sp["pitch"], sp["rate"]), []).append(s)
+        classifier = style_eval.default_classifier()
+        for (voice, pitch, rate), group in groups.items():
+            style = {"voice": voice, "pitch": pitch, "rate": rate}
+            outs = self._gen(
+                [[Text("Say this: " + s["meta"]["speech"]["text"])] for s in group], output="speech", style=style
+            )
+            for s, o in zip(group, outs, strict=True):
+                sp = s["meta"]["speech"]
+                audio = _first(o, Audio)
+                wav = audio.samples if audio is not None and audio.samples is not None else np.zeros(1600, np.float32)
+                heard = self.transcriber.transcribe(wav, 16000) if len(wav) > 160 else ""
+                ref_heard = self.transcriber.transcribe(s["wav"], 16000)
+                g = _group(sp["heldout_voice"])
+                wer_recs.append(Record(g, (sp["text"], heard), {"input": sp["text"], "audio": wav, "output": heard}))
+                ref_recs.append(Record(g, (sp["text"], ref_heard)))
+                got = classifier.classify(wav, 16000, voice, sp["text"]) if len(wav) > 1600 else {}
+                style_recs.append(
+                    Record(g, got.get("pitch") == pitch and got.get("rate") == rate, {"style": style, "measured": got})
+                )
+        return {"tts_wer": wer_recs, "tts_wer_ref": ref_recs, "tts_style_acc": style_recs}
+
+    def video_caption(self) -> dict[str, list[Record]]:
+        samples = _take(self.world, "video", self.cfg.limit)
+        prompts = []
+        for s in samples:
+            n = int(s["meta"]["n_frames"])
+            w = s["video.png"].shape[1] // n
+            frames = [s["video.png"][:, i * w : (i + 1) * w] for i in range(n)]
+            prompts.append([Video(pixels=frames), Text("What happens in the video?")])
+        outs = self._gen(prompts, output="text")
+        recs = []
+        for s, o in zip(samples, outs, strict=True):
+            text = _text_of(o)
+            recs.append(
+                Record(
+                    _group(s["meta"]["heldout_combo"]),
+                    M.event_correct(text, s["meta"]["event"]),
+                    {"image": s["video.png"], "output": text},
+                )
+            )
+        return {"video_caption_acc": recs}
+
+    def edit(self) -> dict[str, list[Record]]:
+        samples = _take(self.world, "edit", self.cfg.limit)
+        prompts = [[Image(pixels=s["png"]), Text(s["meta"]["instruction"])] for s in samples]
+        outs = self._gen(prompts, output="image", cfg_scale=1.0)
+        recs = []
+        for s, o in zip(samples, outs, strict=True):
+            img = _first(o, Image)
+            ok = img is not None and M.image_correct(img.pixels, scene_from_json(s["meta"]["edited_scene"]))
+            recs.append(
+                Record(
+                    _group(s["meta"]["heldout_combo"]),
+                    ok,
+                    {
+                        "image": s["png"],
+                        "input": s["meta"]["instruction"],
+                        "output_image": None if img is None else img.pixels,
+                    },
+                )
+            )
+        return {"edit_acc": recs}
+
+    def interleaved(self) -> dict[str, list[Record]]:
+        """Continue a construction document: after each step's text, the drawn canvas must match."""
+        samples = _take(self.world, "construction", self.cfg.limit)
+        prompts, truths, flags = [], [], []
+        for s in samples:
+            segs = s["meta"]["segments"]
+            scene = scene_from_json(s["meta"]["scene"])
+            k = len(segs) // 2 - 1  # the last step: its text, then the image to draw
+            doc: list[Segment] = []
+            for seg in segs[: 2 * k + 1]:
+                doc.append(Text(seg["text"]) if seg["type"] == "text" else Image(pixels=s[seg["file"]]))
+            prompts.append(doc)
+            truths.append(scene[:k])
+            flags.append(s["meta"]["heldout_combo"])
+        outs = self._gen(prompts, output="image", continuation=True, cfg_scale=1.0)
+        recs = []
+        for doc, truth, flag, o in zip(prompts, truths, flags, outs, strict=True):
+            img = _first(o, Image)
+            ok = img is not None and M.image_correct(img.pixels, truth)
+            recs.append(Record(_group(flag), ok, {"input": doc[-1].text, "image": None if img is None else img.pixels}))
+        return {"interleaved_acc": recs}
+
+    def spoken_qa(self) -> dict[str, list[Record]]:
+        samples = [s for s in _take(self.world, "spoken_qa", self.cfg.limit) if "question.wav" in s]
+        prompts = [[Image(pixels=s["png"]), Audio(samples=s["question.wav"], sample_rate=16000)] for s in samples]
+        outs = self._gen(prompts, output="text+speech", style=None)
+        recs = []
+        for s, o in zip(samples, outs, strict=True):
+            audio = _first(o, Audio)
+            heard = (
+                self.transcriber.transcribe(audio.samples, 16000)
+                if audio is not None and audio.samples is not None and len(audio.samples) > 160
+                else ""
+            )
+            ok = M.answer_correct(heard, s["meta"]["answer"])
+            flag = s["meta"]["heldout_combo"] or s["meta"]["question_speech"]["heldout_voice"]
+            recs.append(
+                Record(
+                    _group(flag),
+                    ok,
+                    {
+                        "image": s["png"],
+                        "input": s["meta"]["question"],
+                        "output": _text_of(o),
+                        "heard": heard,
+                        "audio": None if audio is None else audio.samples,
+                    },
+                )
+            )
+        return {"spoken_qa_acc": recs}
+
+
+def _summarise(name: str, recs: list[Record]) -> dict[str, Any]:
+    out: dict[str, Any] = {"n": {}}
+    for group in ("all", "seen", "heldout"):
+        sel = [r for r in recs if group == "all" or r.group == group]
+        out["n"][group] = len(sel)
+        if not sel:
+            out[group] = None
+        elif name.endswith("_wer") or name == "tts_wer_ref":
+            from omnitok.eval.asr import wer
+
+            out[group] = wer([r.score[0] for r in sel], [r.score[1] for r in sel])
+        else:
+            out[group] = M.rate([bool(r.score) for r in sel])
+    return out
+
+
+def evaluate(
+    model: Any,
+    world: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    cfg: EvalConfig | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    cfg = cfg or EvalConfig()
+    world = Path(world)
+    wm = load_manifest(world)
+    out_dir = ensure_writable_dir(out, "eval output directory")
+    unknown = [t for t in cfg.tasks if t not in TASKS]
+    if unknown:
+        raise OmnitokError(f"--tasks: unknown task(s) {unknown}; known: {list(TASKS)}")
+    tasks = [t for t in cfg.tasks if t not in SPEECH_TASKS or model.bundle.speech is not None]
+    tasks = [t for t in tasks if t not in SPEECH_TASKS or wm["config"].get("speech", True)]
+    write_run_config(out_dir, "omnitok eval", {**asdict(cfg), "world": str(world), "tasks_run": tasks})
+    suite = Suite(model, world, cfg)
+    records: dict[str, list[Record]] = {}
+    for task in tasks:
+        if progress:
+            progress(task)
+        records.update(getattr(suite, task)())
+    metrics = {name: _summarise(name, recs) for name, recs in records.items()}
+    metrics["_meta"] = {
+        "world": str(world),
+        "split": "test",
+        "limit": cfg.limit,
+        "skipped": sorted(set(cfg.tasks) - set(tasks)),
+    }
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    from omnitok.eval.report import write_report
+
+    write_report(out_dir / "report.html", metrics, records, cfg.examples_in_report)
+    return metrics

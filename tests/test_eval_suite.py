@@ -1,0 +1,83 @@
+"""The evaluation suite runs every (non-speech) task end to end on a tiny bundle and writes its report."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import omnitok
+from omnitok.bundle import save_bundle
+from omnitok.errors import OmnitokError
+from omnitok.eval import metrics as M
+from omnitok.eval.suite import EvalConfig, evaluate
+from omnitok.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+from omnitok.tokenizers.text import TextTokenizer
+from omnitok.vocab import Vocabulary
+from omnitok.world.build import WorldConfig, build_world
+from omnitok.world.language import canonical_caption
+from omnitok.world.read import iter_samples
+from omnitok.world.scene import render_image, scene_from_json
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    build_world(root / "world", WorldConfig(n=80, seed=0, speech=False, samples_per_shard=100), workers=1)
+    text = TextTokenizer.train(["a large red circle in the top left"] * 20, vocab_size=280)
+    text.save(root / "text")
+    img = ImageTokenizer(ImageTokenizerConfig(widths=(8, 8, 8, 8), depths=(1, 1, 1, 1), levels=(4, 4, 4)))
+    img.save(root / "image")
+    vocab = Vocabulary.build(text.vocab_size, {"image": img.codebook_size})
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab.size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=1024,
+        )
+    )
+    save_bundle(root / "bundle", lm, vocab, root / "text", root / "image")
+    return root
+
+
+def test_suite_writes_metrics_and_report(setup):
+    model = omnitok.load(str(setup / "bundle"))
+    cfg = EvalConfig(limit=3, batch_size=3)
+    metrics = evaluate(model, setup / "world", setup / "out", cfg)
+    for name in ("caption_acc", "t2i_acc", "video_caption_acc", "edit_acc", "interleaved_acc"):
+        assert name in metrics and set(metrics[name]) >= {"all", "seen", "heldout", "n"}
+        assert 1 <= metrics[name]["n"]["all"] <= 3
+        assert 0.0 <= metrics[name]["all"] <= 1.0
+    assert set(metrics["_meta"]["skipped"]) == {"asr", "tts", "spoken_qa"}
+    saved = json.loads((setup / "out" / "metrics.json").read_text())
+    assert saved["caption_acc"] == metrics["caption_acc"]
+    page = (setup / "out" / "report.html").read_text()
+    assert "<table>" in page and "data:image/png;base64," in page and "caption_acc" in page
+    assert json.loads((setup / "out" / "config.json").read_text())["config"]["limit"] == 3
+
+
+def test_metrics_accept_right_answers_and_reject_wrong_ones(setup):
+    s = next(iter_samples(setup / "world", "test", "scene"))
+    scene = scene_from_json(s["meta"]["scene"])
+    assert M.caption_correct(canonical_caption(scene), scene)
+    assert all(M.caption_correct(c, scene) for c in s["meta"]["captions"])
+    assert not M.caption_correct("An empty picture.", scene)
+    assert M.image_correct(render_image(scene), scene)
+    assert not M.image_correct(np.full((64, 64, 3), 230, np.uint8), scene)
+    assert M.answer_correct("there are two objects", "There are two objects.")
+    assert M.answer_correct("um two objects", "There are two objects.")
+    assert not M.answer_correct("there are three objects", "There are two objects.")
+    assert M.answer_correct("yes there is", "Yes, there is.") and not M.answer_correct("no", "Yes, there is.")
+    assert M.rate([]) is None
+
+
+def test_unknown_task_is_named(setup):
+    model = omnitok.load(str(setup / "bundle"))
+    with pytest.raises(OmnitokError, match="unknown task"):
+        evaluate(model, setup / "world", setup / "o2", EvalConfig(tasks=["karaoke"]))
