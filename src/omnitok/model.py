@@ -1,0 +1,102 @@
+"""The backbone: a Hugging Face causal LM built from a config or loaded from a local directory.
+
+Any ``AutoModelForCausalLM`` architecture works, because the trainer only needs ``input_ids``, ``position_ids``
+and an attention mask in, logits out. A pretrained text LLM is the usual start (as in MIO and AnyGPT): its
+vocabulary grows by the modality tokens, and the new rows start at the mean of the old ones (``mean_resizing``),
+which keeps the initial next-token distribution close to the pretrained one instead of spiking on random rows.
+
+Weights are kept in float32 (the trainer autocasts to bf16 where it can); nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from omnitok.errors import OmnitokError
+
+DEFAULT_ARCH = "llama"
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+_PRETRAINED_KEYS = {"pretrained", "attn_implementation"}
+
+
+def _config_class(arch: str, field: str) -> type:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if arch not in CONFIG_MAPPING or arch not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise OmnitokError(
+            f"{field}.arch: {arch!r} is not a transformers causal-LM model type (e.g. llama, qwen2, mistral, gpt2)"
+        )
+    return CONFIG_MAPPING[arch]
+
+
+def check_model_spec(spec: Mapping[str, Any], field: str = "model") -> None:
+    """Reject a spec that could not build, without building anything (recipes are checked before training)."""
+    if not isinstance(spec, Mapping):
+        raise OmnitokError(f"{field}: expected a mapping, got {type(spec).__name__}")
+    attn = spec.get("attn_implementation", "sdpa")
+    if attn not in ATTN_IMPLEMENTATIONS:
+        raise OmnitokError(f"{field}.attn_implementation: expected one of {list(ATTN_IMPLEMENTATIONS)}, got {attn!r}")
+    if "vocab_size" in spec:
+        raise OmnitokError(f"{field}.vocab_size: set by the token directory's vocab.json; remove it from the recipe")
+    if "pretrained" in spec:
+        extra = sorted(set(spec) - _PRETRAINED_KEYS)
+        if extra:
+            raise OmnitokError(f"{field}.{extra[0]}: not allowed with {field}.pretrained (the config comes from it)")
+        path = Path(str(spec["pretrained"]))
+        if not (path / "config.json").is_file():
+            raise OmnitokError(f"{field}.pretrained: {path} is not a saved transformers model (no config.json)")
+        return
+    arch = spec.get("arch", DEFAULT_ARCH)
+    if not isinstance(arch, str):
+        raise OmnitokError(f"{field}.arch: expected a string, got {arch!r}")
+    cls = _config_class(arch, field)
+    known = set(inspect.signature(cls.__init__).parameters) | set(vars(cls()))
+    for key in spec:
+        if key not in known and key not in ("arch", "attn_implementation"):
+            raise OmnitokError(f"{field}.{key}: not a field of {cls.__name__}")
+
+
+def build_model(spec: Mapping[str, Any], vocab_size: int) -> PreTrainedModel:
+    """A float32 causal LM whose vocabulary is exactly ``vocab_size``.
+
+    ``model.config.omnitok_base_vocab_size`` records how many embedding rows came from a pretrained model
+    (0 for a model built from scratch): rows at or above it are the *new* embeddings a first stage may train
+    alone.
+    """
+    check_model_spec(spec)
+    attn = spec.get("attn_implementation", "sdpa")
+    if "pretrained" in spec:
+        path = Path(str(spec["pretrained"]))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, dtype=torch.float32, attn_implementation=attn
+            )
+        except (OSError, ValueError) as e:
+            raise OmnitokError(f"model.pretrained: could not load {path}: {e}") from e
+        base = model.get_input_embeddings().num_embeddings
+        if vocab_size < base:
+            raise OmnitokError(
+                f"model.pretrained: {path} has {base} embedding rows but the token vocabulary has only "
+                f"{vocab_size}; the vocabulary must extend the model's, not shrink it"
+            )
+        if vocab_size > base:
+            model.resize_token_embeddings(vocab_size, mean_resizing=True)
+    else:
+        kwargs = {k: v for k, v in spec.items() if k not in ("arch", "attn_implementation")}
+        config = AutoConfig.for_model(spec.get("arch", DEFAULT_ARCH), vocab_size=vocab_size, **kwargs)
+        config._attn_implementation = attn
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+        base = 0
+    model.config.omnitok_base_vocab_size = base
+    return model
+
+
+def base_vocab_size(model: PreTrainedModel) -> int:
+    return int(getattr(model.config, "omnitok_base_vocab_size", 0))

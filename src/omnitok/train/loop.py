@@ -1,0 +1,535 @@
+"""The training loop. Everything that happens to the weights during ``omnitok train`` is in this file.
+
+Read it top to bottom: :func:`train` checks the recipe against the data, builds the model, then runs the stages
+in order. Each optimizer step:
+
+1. plans one *global* batch (every rank, every micro-step) with the stage's :class:`MixtureSampler`;
+2. packs this rank's rows, several whole documents per row, with a block-diagonal causal mask so documents
+   never attend to each other (position ids restart at 0 for each document);
+3. runs ``grad_accum`` forward/backward passes, each loss a *sum* over target tokens divided by the number of
+   target tokens in the whole global batch, so the gradient is the same mean over tokens whether the batch
+   is split over micro-steps, ranks, or neither;
+4. clips the global gradient norm, sets the learning rate for this step and steps AdamW.
+
+Choices a reader should know:
+
+- The learning-rate schedule is per stage: linear warmup, then cosine (or linear, or constant) decay to
+  ``min_lr_ratio * lr`` at the stage's last step. The lr is a pure function of the step, so there is no
+  scheduler state to save.
+- Every stage starts a fresh AdamW (moments at zero). Stages change what trains, and a stage that trains only
+  the new embedding rows then really leaves the old rows bit-identical: their gradient is masked to zero, and
+  the vocabulary matrices (like norms and biases) get no weight decay.
+- Weights stay float32; the forward/backward runs under bf16 autocast when ``precision`` says so (``auto``: on
+  GPUs that support it).
+- Under ``torchrun`` the model is wrapped in DDP (gloo on CPU, NCCL on GPU), or sharded with FSDP2 when the
+  recipe says ``distributed.strategy: fsdp`` (GPU only).
+- A checkpoint holds everything the next step depends on (weights, AdamW moments, sampler position, RNG), so a
+  resumed run reproduces the uninterrupted run's losses exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.nn.parallel import DistributedDataParallel
+
+from omnitok.data.packing import IGNORE, Batch, MixtureSampler, block_causal_mask, pack_rows
+from omnitok.data.shards import TokenDataset
+from omnitok.errors import OmnitokError
+from omnitok.io import atomic_write_bytes, ensure_writable_dir, write_run_config
+from omnitok.model import base_vocab_size, build_model
+from omnitok.train import checkpoint as ckpt
+from omnitok.train.recipe import OptimConfig, Recipe, check_data
+
+FLASH = ("flash_attention_2", "flash_attention_3")
+
+
+# --- processes and devices -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world: int
+    device: torch.device
+    bf16: bool
+    owns_group: bool  # this run started the process group, so it ends it
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _runtime(recipe: Recipe) -> Runtime:
+    """Join the process group when launched by torchrun; choose device and precision."""
+    cuda = recipe.device == "cuda" or (recipe.device == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        raise OmnitokError("device: 'cuda' asked for, but torch sees no CUDA GPU")
+    if recipe.distributed.strategy == "fsdp" and not cuda:
+        raise OmnitokError("distributed.strategy: 'fsdp' needs CUDA GPUs; use 'ddp' on CPU")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+    return Runtime(rank=rank, world=world, device=device, bf16=bf16, owns_group=owns_group)
+
+
+def _all_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    if rt.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _barrier(rt: Runtime) -> None:
+    if rt.world > 1:
+        dist.barrier()
+
+
+# --- what trains, and how fast -------------------------------------------------------------------------------
+
+
+def _vocab_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    mats = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not mats[0]:
+        mats.append(head.weight)
+    return mats
+
+
+def _select_trainable(model: torch.nn.Module, mode: str, base_vocab: int) -> list[Any]:
+    """Set ``requires_grad`` for the stage; returns hook handles to remove when it ends."""
+    if mode == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return []
+    # new_embeddings: only rows >= base_vocab of the embedding and output matrices learn.
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def keep_old_rows(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[:base_vocab] = 0
+        return grad
+
+    handles = []
+    for w in _vocab_matrices(model):
+        w.requires_grad_(True)
+        handles.append(w.register_hook(keep_old_rows))
+    return handles
+
+
+def _optimizer(model: torch.nn.Module, o: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    no_decay = {id(w) for w in _vocab_matrices(model)}
+    decay, rest = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (rest if p.ndim < 2 or id(p) in no_decay else decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    fused = True if device.type == "cuda" else None  # one kernel for all parameters on GPU
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=o.betas, eps=o.eps, fused=fused)
+
+
+def lr_at(step: int, total: int, o: OptimConfig) -> float:
+    """Learning rate for the ``step``-th update (0-based) of a stage of ``total`` updates."""
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    progress = (step - o.warmup_steps) / max(1, total - 1 - o.warmup_steps)
+    floor = o.lr * o.min_lr_ratio
+    if o.schedule == "linear":
+        return o.lr - (o.lr - floor) * progress
+    return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# --- wrapping for several processes --------------------------------------------------------------------------
+
+
+def _wrap(model: torch.nn.Module, recipe: Recipe, rt: Runtime) -> torch.nn.Module:
+    """DDP is re-wrapped per stage (it tracks which parameters train); FSDP2 shards once, in place."""
+    if rt.world == 1:
+        return model
+    if recipe.distributed.strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if not getattr(model, "_omnitok_sharded", False):
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if rt.bf16 else None, reduce_dtype=torch.float32)
+            for module in model.modules():
+                if type(module).__name__.endswith("DecoderLayer"):
+                    fully_shard(module, mp_policy=mp)
+            fully_shard(model, mp_policy=mp)
+            model._omnitok_sharded = True
+        return model
+    return DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def _grad_sync(model: torch.nn.Module, sync: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on all but the last micro-step."""
+    if isinstance(model, DistributedDataParallel) and not sync:
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+        yield
+    else:
+        yield
+
+
+# --- one step ------------------------------------------------------------------------------------------------
+
+
+def _forward_loss(model: torch.nn.Module, batch: Batch, rt: Runtime, flash: bool) -> torch.Tensor:
+    """Summed next-token cross-entropy over the batch's target tokens."""
+    input_ids = batch.input_ids.to(rt.device, non_blocking=True)
+    labels = batch.labels.to(rt.device, non_blocking=True)
+    position_ids = batch.position_ids.to(rt.device, non_blocking=True)
+    # Flash attention finds document boundaries from position ids resetting to 0; other kernels need the mask.
+    mask = None if flash else block_causal_mask(batch.doc_ids.to(rt.device, non_blocking=True))
+    with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.bf16):
+        logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False).logits
+    # Position i predicts token i+1: shift the labels (cheap) rather than the logits (a copy of [B, L, vocab]).
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def _optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    micro: list[Batch],
+    lr: float,
+    o: OptimConfig,
+    rt: Runtime,
+    flash: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One update from this rank's micro-batches; returns (this rank's loss sum, global targets, grad norm)."""
+    targets = _all_sum(torch.tensor(float(sum(b.targets for b in micro)), device=rt.device), rt)
+    scale = rt.world / targets.clamp(min=1)  # DDP averages gradients over ranks: undo that, divide by tokens
+    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    for m, batch in enumerate(micro):
+        with _grad_sync(model, sync=m == len(micro) - 1):
+            loss = _forward_loss(model, batch, rt, flash)
+            (loss * scale).backward()
+        loss_sum += loss.detach()
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, targets, grad_norm
+
+
+# --- bookkeeping ---------------------------------------------------------------------------------------------
+
+
+def _stage_position(recipe: Recipe, step: int) -> tuple[int, int]:
+    """(stage index, updates done in it) after ``step`` updates overall."""
+    done = 0
+    for i, s in enumerate(recipe.stages):
+        if step < done + s.steps:
+            return i, step - done
+        done += s.steps
+    return len(recipe.stages), 0
+
+
+def _find_resume(recipe: Recipe, resume: bool | None, vocab_size: int) -> Path | None:
+    found = ckpt.latest_checkpoint(recipe.out)
+    if resume is False:
+        if found is not None:
+            raise OmnitokError(
+                f"out: {recipe.out} already holds checkpoints (latest {found.name}); resume, or choose another out"
+            )
+        return None
+    if found is None:
+        if resume:
+            raise OmnitokError(f"--resume: no checkpoint under {ckpt.checkpoint_dir(recipe.out)}")
+        return None
+    state = ckpt.load_trainer_state(found)
+    if state.get("vocab_size") != vocab_size:
+        raise OmnitokError(
+            f"data: {recipe.data}/vocab.json has size {vocab_size} but checkpoint {found} was trained with "
+            f"vocab_size {state.get('vocab_size')}"
+        )
+    return found
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Forget log lines of steps past the checkpoint we start from (all of them when starting afresh)."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        atomic_write_bytes(path, "".join(ln + "\n" for ln in lines).encode())
+
+
+class _Logger:
+    """JSONL always, TensorBoard when installed and asked for; only the main process writes."""
+
+    def __init__(self, recipe: Recipe, rt: Runtime) -> None:
+        self.path = recipe.out / "log.jsonl" if rt.main else None
+        self.tb = None
+        if rt.main and recipe.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(recipe.out / "tensorboard"))
+            except ImportError:
+                print("note: tensorboard is not installed; logging to log.jsonl only")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:  # one line per log step: cheap, and never half-open after a crash
+                f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, int | float) and k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _progress(enabled: bool):  # -> rich Progress (imported lazily: the CLI's startup stays light)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[speed]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+def _save(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    recipe: Recipe,
+    rt: Runtime,
+    trainer_state: dict[str, Any],
+) -> None:
+    # Collective under FSDP (every rank gathers), so every rank calls this; only rank 0 writes.
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=opts)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
+    rngs = [ckpt.rng_state()]
+    if rt.world > 1:
+        rngs = [None] * rt.world
+        dist.all_gather_object(rngs, ckpt.rng_state())
+    if rt.main:
+        state = {**trainer_state, "rng": rngs}
+        ckpt.save_checkpoint(recipe.out, trainer_state["step"], model_state, optim_state, state, recipe.checkpoint.keep)
+    _barrier(rt)
+
+
+def _save_final(model: torch.nn.Module, recipe: Recipe, rt: Runtime) -> Path:
+    """``out/final``: a plain transformers directory plus the vocabulary, what a bundle is built from."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    final = recipe.out / "final"
+    if rt.main:
+        tmp = recipe.out / f".final.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        plain = model.module if isinstance(model, DistributedDataParallel) else model
+        plain.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        shutil.copyfile(recipe.data / "vocab.json", tmp / "vocab.json")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    _barrier(rt)
+    return final
+
+
+# --- the loop ------------------------------------------------------------------------------------------------
+
+
+def train(recipe: Recipe, *, resume: bool | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run every stage of ``recipe``. ``resume``: None continues from the newest checkpoint if there is one.
+
+    Returns ``{"step", "final", "log"}`` where ``log`` lists the records this process logged.
+    """
+    # Everything that can be wrong with the recipe or the data fails here, before the model is built.
+    vocab_size = check_data(recipe)
+    resume_from = _find_resume(recipe, resume, vocab_size)
+    rt = _runtime(recipe)
+    if rt.main:
+        ensure_writable_dir(recipe.out, "out")
+        write_run_config(recipe.out, "omnitok train", {**recipe.to_dict(), "vocab_size": vocab_size})
+    _barrier(rt)
+
+    torch.manual_seed(recipe.seed)
+    model = build_model(recipe.model, vocab_size)
+    base_vocab = base_vocab_size(model)
+    flash = model.config._attn_implementation in FLASH
+    if recipe.distributed.strategy == "fsdp" and any(s.trainable != "all" for s in recipe.stages) and rt.world > 1:
+        raise OmnitokError("stages[].trainable: new_embeddings is not supported with distributed.strategy fsdp")
+    datasets = {t: TokenDataset(recipe.data, recipe.split, t) for t in recipe.tasks}
+    lengths = {t: d.lengths for t, d in datasets.items()}
+
+    step, saved = 0, None
+    drawn: dict[str, int] = {}
+    if resume_from is not None:
+        saved = ckpt.load_trainer_state(resume_from)
+        if saved.get("recipe_hash") != recipe.hash() and rt.main:
+            print(f"note: the recipe changed since {resume_from} was written; continuing with the new one")
+        model.load_state_dict(ckpt.load_model_state(resume_from))
+        step = int(saved["step"])
+        drawn = dict(saved["sampler"]["drawn"])
+        if len(saved["rng"]) == rt.world:  # same RNG stream as the uninterrupted run (dropout, if any)
+            ckpt.set_rng_state(saved["rng"][rt.rank])
+    if rt.main:
+        _trim_log(recipe.out / "log.jsonl", step)
+    model.to(rt.device)
+    start_stage, start_in_stage = _stage_position(recipe, step)
+
+    logger = _Logger(recipe, rt)
+    history: list[dict[str, Any]] = []
+    bar = _progress(progress and rt.main)
+    bar.start()
+    t_start = time.perf_counter()
+    tokens_seen = int(saved.get("tokens", 0)) if saved else 0
+    try:
+        for si, stage in enumerate(recipe.stages):
+            if si < start_stage:
+                continue
+            first = start_in_stage if si == start_stage else 0
+            b, o = stage.batch(recipe.batch), stage.optim(recipe.optim)
+            hooks = _select_trainable(model, stage.trainable, base_vocab)
+            wrapped = _wrap(model, recipe, rt)
+            optimizer = _optimizer(model, o, rt.device)
+            sampler = MixtureSampler(lengths, stage.mixture, b.seq_len, recipe.seed)
+            sampler.load_state_dict({"drawn": drawn, "pending": []})
+            if saved is not None and first > 0:  # resuming inside this stage: its optimizer and sampler too
+                sampler.load_state_dict(saved["sampler"])
+                set_optimizer_state_dict(wrapped, optimizer, ckpt.load_optimizer_state(resume_from))
+            rows = b.micro_batch * b.grad_accum * rt.world
+            params = [p for p in model.parameters() if p.requires_grad]
+            task = bar.add_task(stage.name, total=stage.steps, completed=first, loss="-", speed="")
+            window_loss = torch.zeros((), dtype=torch.float64, device=rt.device)  # this rank's summed loss
+            window_targets = torch.zeros((), dtype=torch.float64, device=rt.device)  # global, same on all ranks
+            window_real = window_positions = 0  # global, from the plan
+            t_window = time.perf_counter()
+
+            for k in range(first, stage.steps):
+                plan = sampler.plan(step, rows)
+                micro = []
+                for m in range(b.grad_accum):
+                    lo = (m * rt.world + rt.rank) * b.micro_batch  # rank r's rows of micro-step m
+                    micro.append(pack_rows(plan[lo : lo + b.micro_batch], datasets, b.seq_len))
+                lr = lr_at(k, stage.steps, o)
+                loss_sum, targets, grad_norm = _optimizer_step(wrapped, optimizer, params, micro, lr, o, rt, flash)
+                step += 1
+
+                real = sum(int(sampler.lengths[t][i]) for row in plan for t, i in row)
+                tokens_seen += real
+                window_real += real
+                window_positions += rows * b.seq_len
+                window_loss += loss_sum
+                window_targets += targets
+                last = k == stage.steps - 1
+                save = bool(recipe.checkpoint.every and step % recipe.checkpoint.every == 0) or last
+                # Logging at every checkpoint too keeps a resumed run's log windows identical to the original's.
+                if (k + 1) % recipe.log.every == 0 or save:
+                    now = time.perf_counter()
+                    record = {
+                        "step": step,
+                        "stage": stage.name,
+                        "stage_step": k + 1,
+                        "loss": float(_all_sum(window_loss, rt) / window_targets.clamp(min=1)),
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "tokens_per_s": window_real / (now - t_window),
+                        "real_fraction": window_real / window_positions,
+                        "tokens": tokens_seen,
+                        "elapsed_s": now - t_start,
+                    }
+                    logger.write(record)
+                    history.append(record)
+                    bar.update(task, loss=f"{record['loss']:.4f}", speed=f"{record['tokens_per_s']:,.0f} tok/s")
+                    window_loss.zero_()
+                    window_targets.zero_()
+                    window_real = window_positions = 0
+                    t_window = time.perf_counter()
+                bar.update(task, completed=k + 1)
+
+                if save:
+                    state = {
+                        "step": step,
+                        "stage": si,
+                        "stage_name": stage.name,
+                        "stage_step": k + 1,
+                        "sampler": {**sampler.state_dict(), "drawn": {**drawn, **sampler.drawn}},
+                        "tokens": tokens_seen,
+                        "vocab_size": vocab_size,
+                        "base_vocab_size": base_vocab,
+                        "world_size": rt.world,
+                        "recipe_hash": recipe.hash(),
+                    }
+                    _save(wrapped, optimizer, recipe, rt, state)
+
+            drawn.update(sampler.drawn)
+            for h in hooks:
+                h.remove()
+            del wrapped, optimizer
+
+        final = _save_final(model, recipe, rt)
+    finally:
+        bar.stop()
+        logger.close()
+        if rt.owns_group:
+            dist.destroy_process_group()
+    return {"step": step, "final": str(final), "log": history}
+
+
+def stage_summary(recipe: Recipe) -> list[dict[str, Any]]:
+    """What each stage will do, resolved (for the CLI to print before starting)."""
+    rows = []
+    for s in recipe.stages:
+        b, o = s.batch(recipe.batch), s.optim(recipe.optim)
+        rows.append(
+            {
+                "stage": s.name,
+                "steps": s.steps,
+                "trainable": s.trainable,
+                "mixture": ", ".join(f"{t} {w:g}" for t, w in s.mixture.items()),
+                "seq_len": b.seq_len,
+                "rows/step": f"{b.micro_batch}x{b.grad_accum}",
+                "lr": f"{o.lr:g} ({o.schedule})",
+            }
+        )
+    return rows
+
+
+__all__ = ["lr_at", "stage_summary", "train"]

@@ -1,0 +1,335 @@
+"""Training recipes: YAML in, checked dataclasses out, every mistake named by its field before any work starts.
+
+A recipe is data. Everything a run depends on is in it (plus the token directory it names), so the resolved
+recipe written to ``out/config.json`` and its hash in every checkpoint say exactly what produced a model.
+
+Checking happens in two steps, both before the model is built: :func:`load_recipe` checks the YAML's shape
+(unknown keys, types, ranges, mixture weights); :func:`check_data` checks it against the token directory
+(the data exist, every mixture task is in the train split, vocabulary sizes agree).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from omnitok.data.shards import load_manifest, read_vocab_size
+from omnitok.errors import OmnitokError
+from omnitok.model import check_model_spec
+
+SCHEDULES = ("cosine", "linear", "constant")
+TRAINABLE = ("all", "new_embeddings")
+PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    seq_len: int
+    micro_batch: int  # rows per rank per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup then decay, restarted for every stage (see the loop's docstring)."""
+
+    lr: float
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1  # final lr as a fraction of lr (cosine and linear)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0  # optimizer steps between checkpoints; 0: only at the end of each stage
+    keep: int = 2  # newest checkpoints kept
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every: int = 10
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    strategy: str = "ddp"  # "fsdp": FSDP2 (fully_shard) per decoder layer; GPU only
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One curriculum stage; any ``None`` field falls back to the recipe-wide ``batch``/``optim`` value."""
+
+    name: str
+    steps: int
+    mixture: dict[str, float]
+    trainable: str = "all"
+    seq_len: int | None = None
+    micro_batch: int | None = None
+    grad_accum: int | None = None
+    lr: float | None = None
+    warmup_steps: int | None = None
+    schedule: str | None = None
+    min_lr_ratio: float | None = None
+    weight_decay: float | None = None
+
+    def batch(self, base: BatchConfig) -> BatchConfig:
+        return BatchConfig(
+            seq_len=self.seq_len or base.seq_len,
+            micro_batch=self.micro_batch or base.micro_batch,
+            grad_accum=self.grad_accum or base.grad_accum,
+        )
+
+    def optim(self, base: OptimConfig) -> OptimConfig:
+        overrides = {
+            k: getattr(self, k)
+            for k in ("lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay")
+            if getattr(self, k) is not None
+        }
+        return dataclasses.replace(base, **overrides)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    data: Path  # token directory (relative paths: to the current directory)
+    out: Path
+    model: dict[str, Any]
+    batch: BatchConfig
+    optim: OptimConfig
+    stages: list[StageConfig]
+    seed: int = 0
+    split: str = "train"
+    precision: str = "auto"  # auto: bf16 autocast on a GPU that supports it, else fp32
+    device: str = "auto"
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted({t for s in self.stages for t in s.mixture})
+
+    def to_dict(self) -> dict[str, Any]:
+        def plain(v: Any) -> Any:
+            if isinstance(v, Path):
+                return str(v)
+            if isinstance(v, tuple):
+                return list(v)
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [plain(x) for x in v]
+            return v
+
+        return plain(dataclasses.asdict(self))
+
+    def hash(self) -> str:
+        """Identity of what is trained: everything but where it is written and how it is logged."""
+        d = self.to_dict()
+        for k in ("out", "log", "checkpoint"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- parsing -------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; the only conversions are the unambiguous ones."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, where)
+    if dataclasses.is_dataclass(tp):
+        return _parse_dataclass(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        # YAML 1.1 reads "3e-3" as a string; accept any finite number written either way.
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str) and value:
+            return value
+    elif tp is Path:
+        if isinstance(value, str) and value:
+            return Path(value)
+    elif origin is tuple:
+        if isinstance(value, list | tuple) and len(value) == len(args):
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    elif origin is list:
+        if isinstance(value, list):
+            return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return {_coerce(k, args[0], f"{where} key"): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    else:  # pragma: no cover - a field type this parser does not know is a bug here, not in the recipe
+        raise TypeError(f"unsupported recipe field type {tp!r}")
+    raise OmnitokError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _parse_dataclass(cls: Any, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise OmnitokError(f"{where or 'recipe'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f"{where}." if where else ""
+    for key in raw:
+        if key not in fields:
+            raise OmnitokError(f"{prefix}{key}: unknown key; expected one of {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], f"{prefix}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise OmnitokError(f"{prefix}{name}: required")
+    return cls(**kwargs)
+
+
+def _choice(value: str | None, options: tuple[str, ...], where: str) -> None:
+    if value is not None and value not in options:
+        raise OmnitokError(f"{where}: expected one of {list(options)}, got {value!r}")
+
+
+def _positive(value: int | float | None, where: str, zero_ok: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not zero_ok)):
+        raise OmnitokError(f"{where}: must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+
+
+def _check(recipe: Recipe) -> None:
+    check_model_spec(recipe.model, "model")
+    b, o = recipe.batch, recipe.optim
+    for k in ("seq_len", "micro_batch", "grad_accum"):
+        _positive(getattr(b, k), f"batch.{k}")
+    _positive(o.lr, "optim.lr")
+    _positive(o.weight_decay, "optim.weight_decay", zero_ok=True)
+    _positive(o.grad_clip, "optim.grad_clip", zero_ok=True)
+    _positive(o.warmup_steps, "optim.warmup_steps", zero_ok=True)
+    _choice(o.schedule, SCHEDULES, "optim.schedule")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise OmnitokError(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
+    if not all(0 <= x < 1 for x in o.betas):
+        raise OmnitokError(f"optim.betas: each must be in [0, 1), got {list(o.betas)}")
+    _choice(recipe.precision, PRECISIONS, "precision")
+    _choice(recipe.device, DEVICES, "device")
+    _choice(recipe.distributed.strategy, STRATEGIES, "distributed.strategy")
+    _positive(recipe.checkpoint.every, "checkpoint.every", zero_ok=True)
+    _positive(recipe.checkpoint.keep, "checkpoint.keep")
+    _positive(recipe.log.every, "log.every")
+    if not recipe.stages:
+        raise OmnitokError("stages: at least one stage is required")
+    names = [s.name for s in recipe.stages]
+    for i, s in enumerate(recipe.stages):
+        at = f"stages[{i}]"
+        if names.index(s.name) != i:
+            raise OmnitokError(f"{at}.name: {s.name!r} is used by more than one stage")
+        _positive(s.steps, f"{at}.steps")
+        for k in ("seq_len", "micro_batch", "grad_accum", "lr"):
+            _positive(getattr(s, k), f"{at}.{k}")
+        _positive(s.warmup_steps, f"{at}.warmup_steps", zero_ok=True)
+        _positive(s.weight_decay, f"{at}.weight_decay", zero_ok=True)
+        _choice(s.schedule, SCHEDULES, f"{at}.schedule")
+        _choice(s.trainable, TRAINABLE, f"{at}.trainable")
+        if s.min_lr_ratio is not None and not 0 <= s.min_lr_ratio <= 1:
+            raise OmnitokError(f"{at}.min_lr_ratio: must be in [0, 1], got {s.min_lr_ratio}")
+        if s.trainable == "new_embeddings" and "pretrained" not in recipe.model:
+            raise OmnitokError(
+                f"{at}.trainable: new_embeddings needs model.pretrained (a model built from scratch has no old rows)"
+            )
+        if not s.mixture:
+            raise OmnitokError(f"{at}.mixture: at least one task is required")
+        for task, w in s.mixture.items():
+            if w < 0:
+                raise OmnitokError(f"{at}.mixture.{task}: weight must be >= 0, got {w}")
+        total = sum(s.mixture.values())
+        if abs(total - 1.0) > 1e-6:
+            raise OmnitokError(f"{at}.mixture: weights must sum to 1, got {total:g}")
+
+
+def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
+    """A recipe from an already-loaded mapping (what :func:`load_recipe` does after reading the YAML)."""
+    if not isinstance(raw, dict):
+        raise OmnitokError(f"{source}: expected a YAML mapping at the top level, got {type(raw).__name__}")
+    recipe = _parse_dataclass(Recipe, raw, "")
+    _check(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Recipe:
+    """Read and check a YAML recipe. ``overrides`` replace top-level keys (the CLI's ``--out``, ``--data``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise OmnitokError(f"recipe {p} not found")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise OmnitokError(f"recipe {p} is not valid YAML: {e}") from e
+    if isinstance(raw, dict) and overrides:
+        raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return parse_recipe(raw, str(p))
+    except OmnitokError as e:
+        raise OmnitokError(f"recipe {p}: {e}") from e
+
+
+def check_data(recipe: Recipe) -> int:
+    """Check the recipe against its token directory; returns the vocabulary size."""
+    if not recipe.data.is_dir():
+        raise OmnitokError(f"data: token directory {recipe.data} does not exist")
+    try:
+        manifest = load_manifest(recipe.data)
+        vocab_size = read_vocab_size(recipe.data)
+    except OmnitokError as e:
+        raise OmnitokError(f"data: {e}") from e
+    if manifest["vocab_size"] != vocab_size:
+        raise OmnitokError(
+            f"data: {recipe.data}/manifest.json says vocab_size {manifest['vocab_size']} but vocab.json says "
+            f"{vocab_size}; re-run pretokenize"
+        )
+    if recipe.split not in manifest["splits"]:
+        raise OmnitokError(f"split: {recipe.data} has no split {recipe.split!r}; has {sorted(manifest['splits'])}")
+    available = manifest["splits"][recipe.split]
+    for i, s in enumerate(recipe.stages):
+        for task in s.mixture:
+            if task not in available:
+                raise OmnitokError(
+                    f"stages[{i}].mixture.{task}: unknown task; {recipe.data} split {recipe.split!r} has "
+                    f"{sorted(available)}"
+                )
+            if available[task]["docs"] == 0 and s.mixture[task] > 0:
+                raise OmnitokError(f"stages[{i}].mixture.{task}: task has no documents in {recipe.data}")
+    return vocab_size

@@ -1,0 +1,159 @@
+import importlib.util
+import itertools
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from omnitok.model import build_model
+from omnitok.train.checkpoint import list_checkpoints, load_trainer_state
+from omnitok.train.loop import lr_at, train
+from omnitok.train.recipe import OptimConfig, parse_recipe
+from omnitok.train.synthetic import write_synthetic_tokens
+
+TINY = {
+    "arch": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokens")
+    write_synthetic_tokens(path, vocab_size=96, tasks={"caption": (4, 20), "t2i": (16, 30), "asr": (10, 50)}, docs=40)
+    return path
+
+
+def recipe(tokdir, out, **over):
+    raw = {
+        "name": "test",
+        "seed": 3,
+        "data": str(tokdir),
+        "out": str(out),
+        "model": TINY,
+        "batch": {"seq_len": 64, "micro_batch": 2, "grad_accum": 2},
+        "optim": {"lr": 1e-2, "weight_decay": 0.1, "warmup_steps": 1},
+        "checkpoint": {"every": 2, "keep": 10},
+        "log": {"every": 1, "tensorboard": False},
+        "stages": [
+            {"name": "one", "steps": 4, "mixture": {"caption": 0.5, "t2i": 0.5}},
+            {"name": "two", "steps": 3, "mixture": {"caption": 0.2, "t2i": 0.3, "asr": 0.5}, "lr": 5e-3},
+        ],
+    }
+    raw.update(over)
+    return parse_recipe(raw)
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.parametrize("log_every", [1, 3])
+def test_resume_continues_exactly(tokdir, tmp_path, log_every):
+    full = tmp_path / "full"
+    result = train(recipe(tokdir, full, log={"every": log_every, "tensorboard": False}), progress=False)
+    assert result["step"] == 7
+    reference = losses(full)
+    if log_every == 1:
+        assert sorted(reference) == list(range(1, 8))
+        assert reference[4] < reference[1]  # it learns
+    assert [p.name for p in list_checkpoints(full)] == [f"step-00000{i}" for i in (2, 4, 6, 7)]
+
+    # Interrupted after step 2 (inside stage one) and after step 6 (inside stage two, its own AdamW state).
+    for resume_at in (2, 6):
+        out = tmp_path / f"resumed-{resume_at}"
+        shutil.copytree(full, out)
+        shutil.rmtree(out / "final")
+        for ckpt in list_checkpoints(out):
+            if int(ckpt.name.split("-")[1]) > resume_at:
+                shutil.rmtree(ckpt)
+        train(recipe(tokdir, out, log={"every": log_every, "tensorboard": False}), progress=False)
+        got = losses(out)
+        assert sorted(got) == sorted(reference)  # the log is not duplicated, and has the same windows
+        for step in got:
+            assert got[step] == pytest.approx(reference[step], abs=1e-6, rel=0)
+        final_a = load_file(full / "final" / "model.safetensors")
+        final_b = load_file(out / "final" / "model.safetensors")
+        for k in final_a:
+            torch.testing.assert_close(final_b[k], final_a[k], atol=1e-6, rtol=0)
+
+
+def test_checkpoint_and_final_layout(tokdir, tmp_path):
+    out = tmp_path / "run"
+    r = recipe(tokdir, out, checkpoint={"every": 1, "keep": 2}, log={"every": 1, "tensorboard": True})
+    train(r, progress=False)
+    if importlib.util.find_spec("tensorboard"):  # optional: without it the loop logs JSONL only
+        assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    ckpts = list_checkpoints(out)
+    assert [p.name for p in ckpts] == ["step-000006", "step-000007"]
+    assert sorted(f.name for f in ckpts[-1].iterdir()) == [
+        "model.safetensors",
+        "optimizer.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ]
+    state = load_trainer_state(ckpts[-1])
+    assert state["step"] == 7 and state["stage_name"] == "two" and state["vocab_size"] == 96
+    assert state["recipe_hash"] == r.hash()
+    assert set(state["sampler"]["drawn"]) == {"caption", "t2i", "asr"}
+    assert isinstance(state["rng"][0]["cpu"][0], list)
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.pt")) and not list(out.rglob("*.bin"))
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["command"] == "omnitok train" and config["config"]["vocab_size"] == 96
+    assert (out / "final" / "vocab.json").read_text() == (tokdir / "vocab.json").read_text()
+    model = AutoModelForCausalLM.from_pretrained(out / "final", local_files_only=True)
+    assert model.get_input_embeddings().num_embeddings == 96
+
+    record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert {"step", "stage", "loss", "lr", "grad_norm", "tokens_per_s", "real_fraction", "tokens"} <= set(record)
+    assert 0.5 < record["real_fraction"] <= 1
+
+
+def test_new_embeddings_stage_leaves_old_rows_unchanged(tokdir, tmp_path):
+    torch.manual_seed(0)
+    base = build_model({**TINY, "tie_word_embeddings": False}, 80)  # 16 ids of the token data are new
+    base.save_pretrained(tmp_path / "base")
+    out = tmp_path / "run"
+    stages = [{"name": "embed", "steps": 3, "mixture": {"caption": 0.5, "asr": 0.5}, "trainable": "new_embeddings"}]
+    train(recipe(tokdir, out, model={"pretrained": str(tmp_path / "base")}, stages=stages), progress=False)
+    trained = AutoModelForCausalLM.from_pretrained(out / "final", local_files_only=True)
+    before, after = base.state_dict(), trained.state_dict()
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(after[name][:80], before[name][:80]), name
+        assert not torch.allclose(after[name][80:], before[name].mean(0).expand(16, -1), atol=1e-4), name
+    for name, value in before.items():
+        if name not in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(after[name], value), name
+
+
+def test_bf16_autocast_runs_on_cpu(tokdir, tmp_path):
+    stages = [{"name": "s", "steps": 2, "mixture": {"t2i": 1.0}}]
+    result = train(recipe(tokdir, tmp_path / "bf16", precision="bf16", stages=stages), progress=False)
+    assert result["step"] == 2 and all(r["loss"] == r["loss"] for r in result["log"])
+
+
+def test_lr_schedule():
+    o = OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1)
+    lrs = [lr_at(k, 10, o) for k in range(10)]
+    assert lrs[:3] == [0.5, 1.0, 1.0] and lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[1:]))
+    lin = OptimConfig(lr=1.0, schedule="linear", min_lr_ratio=0.0)
+    assert [lr_at(k, 5, lin) for k in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert lr_at(7, 10, OptimConfig(lr=2.0, schedule="constant")) == 2.0
