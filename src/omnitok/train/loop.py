@@ -372,6 +372,27 @@ def _save_final(model: torch.nn.Module, recipe: Recipe, rt: Runtime) -> Path:
     return final
 
 
+def _write_bundle(final: Path, recipe: Recipe) -> Path | None:
+    """End with a bundle when the token directory records which tokenizers produced it (omnitok pretokenize)."""
+    from omnitok.bundle import save_bundle
+    from omnitok.io import read_json
+    from omnitok.vocab import Vocabulary
+
+    record = recipe.data / "config.json"
+    made_by = read_json(record, "token directory record").get("config", {}) if record.exists() else {}
+    if not made_by.get("image_tokenizer"):
+        return None  # synthetic tokens: no tokenizers to bundle
+    return save_bundle(
+        recipe.out / "bundle",
+        final,
+        Vocabulary.load(recipe.data),
+        recipe.data / "text_tokenizer",
+        made_by["image_tokenizer"],
+        made_by.get("speech_tokenizer"),
+        extra={"trained_by": {"recipe": recipe.name, "out": str(recipe.out)}},
+    )
+
+
 # --- the loop ------------------------------------------------------------------------------------------------
 
 
@@ -505,6 +526,8 @@ def train(recipe: Recipe, *, resume: bool | None = None, progress: bool = True) 
             del wrapped, optimizer
 
         final = _save_final(model, recipe, rt)
+        if rt.main:
+            _write_bundle(final, recipe)
     finally:
         bar.stop()
         logger.close()

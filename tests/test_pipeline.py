@@ -1,0 +1,63 @@
+"""The whole spine on a tiny world: world -> tokenizers -> pretokenize -> train -> bundle -> generate -> eval."""
+
+import json
+
+import numpy as np
+import yaml
+
+import omnitok
+from omnitok.data.pretokenize import pretokenize
+from omnitok.eval.suite import EvalConfig, evaluate
+from omnitok.sequence import Image, Text
+from omnitok.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+from omnitok.train.loop import train
+from omnitok.train.recipe import load_recipe
+from omnitok.world.build import WorldConfig, build_world
+
+
+def test_world_to_bundle_to_eval(tmp_path):
+    build_world(tmp_path / "world", WorldConfig(n=40, seed=0, speech=False, samples_per_shard=50), workers=1)
+    ImageTokenizer(ImageTokenizerConfig(widths=(8, 8, 8, 8), depths=(1, 1, 1, 1), levels=(4, 4, 4))).save(
+        tmp_path / "imgtok"
+    )
+    tasks = ["caption", "t2i", "interleaved"]
+    pretokenize(tmp_path / "world", tmp_path / "tokens", tmp_path / "imgtok", tasks=tasks, text_vocab_size=300)
+    recipe = {
+        "name": "pipeline",
+        "seed": 0,
+        "data": str(tmp_path / "tokens"),
+        "out": str(tmp_path / "run"),
+        "model": {
+            "arch": "llama",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 512,
+        },
+        "batch": {"seq_len": 256, "micro_batch": 2, "grad_accum": 1},
+        "optim": {"lr": 3e-3, "warmup_steps": 1},
+        "checkpoint": {"every": 0, "keep": 1},
+        "log": {"every": 1, "tensorboard": False},
+        "stages": [
+            {"name": "align", "steps": 3, "mixture": {"caption": 0.5, "t2i": 0.5}},
+            {"name": "docs", "steps": 2, "mixture": {"interleaved": 1.0}},
+        ],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = train(load_recipe(tmp_path / "r.yaml"), progress=False)
+    assert result["step"] == 5
+    bundle = tmp_path / "run" / "bundle"
+    manifest = json.loads((bundle / "omnitok.json").read_text())
+    assert set(manifest["tokenizers"]) == {"text", "image"}
+
+    model = omnitok.load(str(bundle))
+    out = model.generate([Text("a large red circle in the top left")], output="image", seed=0)
+    assert out[0].pixels.shape == (64, 64, 3)
+    out = model.generate(
+        [Image(pixels=np.zeros((64, 64, 3), np.uint8)), Text("Describe the picture.")], output="text", max_new_tokens=5
+    )
+    assert all(isinstance(s, Text) for s in out)
+    metrics = evaluate(model, tmp_path / "world", tmp_path / "eval", EvalConfig(limit=2, tasks=["caption", "t2i"]))
+    assert metrics["caption_acc"]["n"]["all"] == 2 and (tmp_path / "eval" / "report.html").exists()
