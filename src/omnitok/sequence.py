@@ -185,6 +185,7 @@ class MediaEncoder:
 
     def __call__(self, samples: list[list[Segment]]) -> None:
         pending: list[tuple[Any, int | None, np.ndarray]] = []  # (segment, frame index, pixels)
+        audio: list[Audio] = []
         for sample in samples:
             for seg in sample:
                 if isinstance(seg, Image) and seg.codes is None:
@@ -201,7 +202,8 @@ class MediaEncoder:
                         raise OmnitokError("Audio segment has neither codes nor samples with a sample rate")
                     if self.speech is None:
                         raise OmnitokError("the input has speech but this model has no speech tokenizer")
-                    seg.codes = np.asarray(self.speech.encode(seg.samples, seg.sample_rate))
+                    audio.append(seg)
+        self._encode_audio(audio)
         if pending:
             if self.image is None:
                 raise OmnitokError("the input has an image but this model has no image tokenizer")
@@ -211,6 +213,20 @@ class MediaEncoder:
                     seg.codes = c
                 else:
                     seg.frames[i] = c
+
+    def _encode_audio(self, segs: list[Audio], chunk: int = 16) -> None:
+        """Clips of similar length are encoded together (batched tokenizers pad to the longest)."""
+        batched = getattr(self.speech, "encode_batch", None)
+        if batched is None:
+            for seg in segs:
+                seg.codes = np.asarray(self.speech.encode(seg.samples, seg.sample_rate))
+            return
+        for rate in sorted({int(s.sample_rate) for s in segs}):  # type: ignore[arg-type]
+            same = sorted((s for s in segs if s.sample_rate == rate), key=lambda s: len(s.samples))  # type: ignore[arg-type]
+            for i in range(0, len(same), chunk):
+                group = same[i : i + chunk]
+                for seg, codes in zip(group, batched([s.samples for s in group], rate), strict=True):
+                    seg.codes = np.asarray(codes)
 
 
 # --- inverse parse ------------------------------------------------------------------------------------

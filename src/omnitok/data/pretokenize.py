@@ -58,18 +58,27 @@ def resolve_tasks(requested: Sequence[str] | None, have_speech: bool) -> list[st
 
 def world_texts(world: Path, task_names: Sequence[str], seed: int) -> Iterable[str]:
     """Every text segment the tasks produce on the train split (the BPE's training corpus)."""
-    for task in task_names:
-        kind, fn, _ = task_defs.TASKS[task]
+    for kind, tasks in _by_kind(task_names).items():
         for s in iter_samples(world, "train", kind):
-            for sample in fn(s, task_defs.sample_rng(seed, s["key"], task)):
-                yield from (seg.text for seg in sample if isinstance(seg, Text))
+            for task in tasks:
+                for sample in task_defs.TASKS[task][1](s, task_defs.sample_rng(seed, s["key"], task)):
+                    yield from (seg.text for seg in sample if isinstance(seg, Text))
 
 
-def _encode_task(
+def _by_kind(task_names: Sequence[str]) -> dict[str, list[str]]:
+    """Tasks grouped by the world kind they read, so each sample is decoded once for all its tasks."""
+    out: dict[str, list[str]] = {}
+    for t in task_names:
+        out.setdefault(task_defs.TASKS[t][0], []).append(t)
+    return out
+
+
+def _encode_kind(
     world: Path,
     wm: dict[str, Any],
     split: str,
-    task: str,
+    kind: str,
+    tasks: list[str],
     rank: int,
     world_size: int,
     seed: int,
@@ -78,24 +87,30 @@ def _encode_task(
     vocab: Vocabulary,
     text_tok: TextTokenizer,
     report: Callable[[int, int], None] | None,
-) -> Iterable[Any]:
-    """Encoded documents of one task on this rank's share of a split, media tokenized in batches."""
-    kind, fn, policy = task_defs.TASKS[task]
+) -> Iterable[tuple[str, Any]]:
+    """(task, encoded document) for this rank's share of one world kind; media tokenized in batches."""
     total = wm["counts"][split][kind]
-    batch: list[list[Segment]] = []
+    batch: list[tuple[str, list[Segment]]] = []
+
+    def flush() -> Iterable[tuple[str, Any]]:
+        media([sample for _, sample in batch])
+        for task, sample in batch:
+            yield task, encode(sample, vocab, text_tok, task_defs.TASKS[task][2])
+        batch.clear()
+
     for i, raw in enumerate(iter_samples(world, split, kind, decode=False)):
         if i % world_size != rank:
             continue  # other ranks' share: skip before paying for PNG/WAV decoding
         s = decode_sample(raw)
-        batch += fn(s, task_defs.sample_rng(seed, s["key"], task))
+        for task in tasks:
+            batch += [
+                (task, sample) for sample in task_defs.TASKS[task][1](s, task_defs.sample_rng(seed, s["key"], task))
+            ]
         if len(batch) >= batch_size:
-            media(batch)
-            yield from (encode(sample, vocab, text_tok, policy) for sample in batch)
-            batch.clear()
+            yield from flush()
         if report and i % 64 == 0:
             report(i, total)
-    media(batch)
-    yield from (encode(sample, vocab, text_tok, policy) for sample in batch)
+    yield from flush()
     if report:
         report(total, total)
 
@@ -179,17 +194,19 @@ def pretokenize(
     media = MediaEncoder(image_tok, speech_tok)
 
     for split in splits:
-        for task in task_names:
-            prefix = out_dir / split / task / f"shard-{rank:05d}"
-            if Path(f"{prefix}.offsets.npy").exists():
+        for kind, tasks in _by_kind(task_names).items():
+            todo = [t for t in tasks if not (out_dir / split / t / f"shard-{rank:05d}.offsets.npy").exists()]
+            if not todo:
                 continue  # finished by an earlier run
-            writer = ShardWriter(out_dir, split, task, rank)
-            report = (lambda done, total, name=f"{split}/{task}": progress(name, done, total)) if progress else None
-            for enc in _encode_task(
-                world, wm, split, task, rank, world_size, seed, batch_size, media, vocab, text_tok, report
-            ):
-                writer.add(enc.ids, enc.mask)
-            writer.close()
+            writers = {t: ShardWriter(out_dir, split, t, rank) for t in todo}
+            report = (lambda done, total, name=f"{split}/{kind}": progress(name, done, total)) if progress else None
+            encoded = _encode_kind(
+                world, wm, split, kind, todo, rank, world_size, seed, batch_size, media, vocab, text_tok, report
+            )
+            for task, enc in encoded:
+                writers[task].add(enc.ids, enc.mask)
+            for w in writers.values():
+                w.close()
     _barrier(world_size)
     if rank == 0:
         return write_manifest(out_dir, vocab.size)

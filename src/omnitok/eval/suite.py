@@ -168,7 +168,7 @@ class Suite:
         for s in samples:
             sp = s["meta"]["speech"]
             groups.setdefault((sp["voice"], sp["pitch"], sp["rate"]), []).append(s)
-        classifier = style_eval.default_classifier()
+        reference = style_eval.StyleReference.fit([s["meta"]["speech"]["text"] for s in samples[:4]])
         for (voice, pitch, rate), group in groups.items():
             style = {"voice": voice, "pitch": pitch, "rate": rate}
             outs = self._gen(
@@ -183,10 +183,14 @@ class Suite:
                 g = _group(sp["heldout_voice"])
                 wer_recs.append(Record(g, (sp["text"], heard), {"input": sp["text"], "audio": wav, "output": heard}))
                 ref_recs.append(Record(g, (sp["text"], ref_heard)))
-                got = classifier.classify(wav, 16000, voice, sp["text"]) if len(wav) > 1600 else {}
-                style_recs.append(
-                    Record(g, got.get("pitch") == pitch and got.get("rate") == rate, {"style": style, "measured": got})
-                )
+                got: dict[str, str | None] = {}
+                if len(wav) > 1600:
+                    got = {
+                        "pitch": reference.classify_pitch(wav, 16000, voice, sp["text"]),
+                        "rate": reference.classify_rate(wav, 16000, voice, sp["text"]),
+                    }
+                ok = got.get("pitch") == pitch and got.get("rate") == rate
+                style_recs.append(Record(g, ok, {"style": style, "measured": got}))
         return {"tts_wer": wer_recs, "tts_wer_ref": ref_recs, "tts_style_acc": style_recs}
 
     def video_caption(self) -> dict[str, list[Record]]:

@@ -95,12 +95,3 @@ def build(
 def info(world: Path = typer.Argument(..., help="A built world directory.")) -> None:
     """Print what a built world holds."""
     console.print(summary_table(load_manifest(world)))
-
-
-def demo(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory for everything the demo writes."),
-    n: int = typer.Option(2000, "--n", help="Scene samples in the demo world."),
-    seed: int = typer.Option(0, "--seed"),
-) -> None:
-    """The main job, end to end on the toy world (for now: build the world and summarise it)."""
-    run_build(out / "world", WorldConfig(n=n, seed=seed), workers=None, overwrite=False)

@@ -1,0 +1,175 @@
+"""``omnitok demo``: the whole pipeline on the embedded toy world, within a time budget.
+
+    world -> image tokenizer -> speech tokenizer -> pretokenize -> LM through the four stages -> bundle -> eval
+
+Every step writes into ``OUT/<step>/`` and is skipped when its result is already there, so an interrupted demo
+continues where it stopped. The budget (``--minutes``) is split across the steps by fixed shares; the LM's step
+counts come from ``recipes/toyworld.yaml`` scaled to the time its stages get. The same code with a larger budget
+(or ``--gpu``) is the "longer run".
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from omnitok.errors import OmnitokError
+from omnitok.io import ensure_writable_dir, read_json, write_run_config
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "toyworld.yaml"
+
+# The LM predicts every image code through its softmax, so the demo's image codebook is 8^4 = 4096 codes
+# rather than the tokenizer's 64k default: a 16x smaller output layer for the same 64 tokens per image.
+IMAGE_LEVELS = (8, 8, 8, 8)
+
+# Shares of the budget; the world build and pretokenization are fixed-size work and take what they take.
+SHARES = {"image_tokenizer": 0.18, "speech_tokenizer": 0.2, "lm": 0.42, "eval": 0.1}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    minutes: float = 15.0
+    n: int = 2000  # scene samples in the world
+    seed: int = 0
+    eval_limit: int = 30
+    device: str = "cpu"
+    lm_tokens_per_s: float = 2500.0  # planning figure for scaling LM steps to the budget (CPU-2, this recipe)
+
+    def budget(self, step: str) -> float:
+        return self.minutes * SHARES[step]
+
+
+def _done(path: Path) -> bool:
+    return path.exists()
+
+
+def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
+    """Run (or finish) the demo in ``out``; returns the evaluation metrics."""
+    console = console or Console()
+    out = ensure_writable_dir(out, "demo output directory")
+    if cfg.minutes < 3:
+        raise OmnitokError(f"--minutes must be at least 3 (the world and tokenizers need that), got {cfg.minutes}")
+    if not RECIPE.exists():
+        raise OmnitokError(f"recipe {RECIPE} not found: run the demo from an omnitok checkout")
+    write_run_config(out, "omnitok demo", {**cfg.__dict__, "recipe": str(RECIPE)})
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def step(name: str) -> None:
+        timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 1)
+        console.print(f"[green]✓[/] {name} ({timings[name]:.0f} s)")
+
+    # 1. world
+    world = out / "world"
+    if not _done(world / "manifest.json"):
+        from omnitok.world.build import WorldConfig
+        from omnitok.world.cli import run_build
+
+        console.rule("world")
+        run_build(world, WorldConfig(n=cfg.n, seed=cfg.seed), workers=None, overwrite=False)
+    step("world")
+
+    # 2. image tokenizer
+    image_tok = out / "image_tokenizer"
+    if not _done(image_tok / "tokenizer" / "config.json"):
+        from omnitok.tokenizers.image import TrainConfig, train_image_tokenizer
+
+        console.rule("image tokenizer")
+        train = replace(
+            TrainConfig(), max_minutes=cfg.budget("image_tokenizer"), device=cfg.device, arch={"levels": IMAGE_LEVELS}
+        )
+        train_image_tokenizer(world, image_tok, train)
+    step("image tokenizer")
+
+    # 3. speech tokenizer
+    speech_tok = out / "speech_tokenizer"
+    if not _done(speech_tok / "tokenizer" / "config.json"):
+        from omnitok.tokenizers.speech_train import SpeechTrainConfig, train_speech_tokenizer
+
+        console.rule("speech tokenizer")
+        train_speech_tokenizer(
+            world,
+            speech_tok,
+            replace(SpeechTrainConfig(), max_minutes=cfg.budget("speech_tokenizer"), device=cfg.device),
+        )
+    step("speech tokenizer")
+
+    # 4. token shards
+    tokens = out / "tokens"
+    if not _done(tokens / "manifest.json"):
+        from omnitok.data.pretokenize import pretokenize
+
+        console.rule("pretokenize")
+        pretokenize(world, tokens, image_tok, speech_tok, seed=cfg.seed)
+    step("pretokenize")
+
+    # 5. the LM through the curriculum, ending in a bundle
+    bundle = out / "bundle"
+    if not _done(bundle / "omnitok.json"):
+        console.rule("train")
+        recipe = _demo_recipe(tokens, out / "lm", cfg)
+        from omnitok.train.loop import train
+
+        train(recipe)
+        if bundle.exists():
+            shutil.rmtree(bundle)
+        os.replace(out / "lm" / "bundle", bundle)
+    step("train")
+
+    # 6. evaluation
+    metrics_path = out / "eval" / "metrics.json"
+    if _done(metrics_path):
+        metrics = read_json(metrics_path, "metrics")
+    else:
+        import omnitok
+        from omnitok.eval.suite import EvalConfig, evaluate
+
+        console.rule("evaluate")
+        with console.status("evaluating") as status:
+            metrics = evaluate(
+                omnitok.load(str(bundle), cfg.device),
+                world,
+                out / "eval",
+                EvalConfig(limit=cfg.eval_limit, seed=cfg.seed),
+                progress=lambda t: status.update(f"evaluating {t}"),
+            )
+    step("eval")
+    write_run_config(out, "omnitok demo", {**cfg.__dict__, "recipe": str(RECIPE), "timings_s": timings})
+    return metrics
+
+
+def _demo_recipe(tokens: Path, out: Path, cfg: DemoConfig) -> Any:
+    """The toyworld recipe with its data/out paths set and its steps scaled to the LM's share of the budget."""
+    from omnitok.train.recipe import load_recipe
+
+    recipe = load_recipe(RECIPE)
+    tokens_per_step = recipe.batch.seq_len * recipe.batch.micro_batch * recipe.batch.grad_accum
+    total_steps = max(20, int(cfg.budget("lm") * 60 * cfg.lm_tokens_per_s / tokens_per_step))
+    planned = sum(s.steps for s in recipe.stages)
+    stages = [replace(s, steps=max(5, round(s.steps * total_steps / planned))) for s in recipe.stages]
+    return replace(recipe, data=tokens, out=out, stages=stages, device=cfg.device)
+
+
+def demo_command(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory for everything the demo writes."),
+    minutes: float = typer.Option(15.0, "--minutes", help="Time budget, split across the steps."),
+    n: int = typer.Option(2000, "--n", help="Scene samples in the demo world."),
+    seed: int = typer.Option(0, "--seed"),
+    eval_limit: int = typer.Option(30, "--eval-limit", help="Test examples per task in the evaluation."),
+    device: str = typer.Option("cpu", "--device", help="torch device for tokenizers and the LM (cpu, cuda)."),
+) -> None:
+    """The main job: world -> tokenizers -> LM through four stages -> bundle -> evaluation report."""
+    from omnitok.eval.cli import metrics_table
+
+    console = Console()
+    cfg = DemoConfig(minutes=minutes, n=n, seed=seed, eval_limit=eval_limit, device=device)
+    metrics = run_demo(out, cfg, console)
+    console.print(metrics_table(metrics))
+    console.print(f"bundle: {out / 'bundle'}\nreport: {out / 'eval' / 'report.html'}")
