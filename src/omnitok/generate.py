@@ -25,7 +25,7 @@ from omnitok.sequence import Audio, Image, LossPolicy, MediaEncoder, Segment, Te
 from omnitok.vocab import SPAN_TOKENS, style_token
 
 OUTPUTS = ("auto", "text", "image", "speech", "text+speech")
-DEFAULT_MAX_TOKENS = {"text": 128, "speech": 400}
+DEFAULT_MAX_TOKENS = {"text": 128, "speech": 300}  # speech: 12 s at 25 tokens/s
 
 
 @dataclass
@@ -48,7 +48,7 @@ class ImageOut:
 @dataclass
 class GenerateOptions:
     output: str = "auto"
-    style: dict[str, str] | None = None
+    style: dict[str, str] | list[dict[str, str] | None] | None = None  # a list: one style per batched request
     max_new_tokens: int | None = None
     cfg_scale: float = 3.0
     text: Sampling = field(default_factory=lambda: Sampling(temperature=0.0))
@@ -178,7 +178,10 @@ class OmniModel:
     def generate_batch(self, samples: Sequence[Sequence[Segment]], **options: Any) -> list[list[Segment]]:
         """Several requests with the same options, decoded together in one batch."""
         opts = GenerateOptions(**options)
-        requests = [self._request(s, opts) for s in samples]
+        styles = opts.style if isinstance(opts.style, list) else [opts.style] * len(samples)
+        if len(styles) != len(samples):
+            raise OmnitokError(f"style: got {len(styles)} styles for {len(samples)} requests")
+        requests = [self._request(s, replace(opts, style=st)) for s, st in zip(samples, styles, strict=True)]
         constraint = requests[0][1]
         prompts = [r[0] for r in requests]
         cfg = self._config(opts)
@@ -192,8 +195,8 @@ class OmniModel:
                     new[i].append(t)
             finished = [bool(s == DONE) for s in st["state"]]
         out = []
-        for p, ids in zip(prompts, new, strict=True):
-            out.append(self._render(ids, opts, self._forced_prefix(p)))
+        for p, ids, st in zip(prompts, new, styles, strict=True):
+            out.append(self._render(ids, replace(opts, style=st), self._forced_prefix(p)))
         return out
 
     def stream(self, sample: Sequence[Segment], **options: Any) -> Iterator[TextDelta | AudioChunk | ImageOut]:

@@ -164,33 +164,30 @@ class Suite:
 
         samples = [s for s in _take(self.world, "scene", self.cfg.limit) if "wav" in s]
         wer_recs, ref_recs, style_recs = [], [], []
-        groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-        for s in samples:
-            sp = s["meta"]["speech"]
-            groups.setdefault((sp["voice"], sp["pitch"], sp["rate"]), []).append(s)
         reference = style_eval.StyleReference.fit([s["meta"]["speech"]["text"] for s in samples[:4]])
-        for (voice, pitch, rate), group in groups.items():
-            style = {"voice": voice, "pitch": pitch, "rate": rate}
-            outs = self._gen(
-                [[Text("Say this: " + s["meta"]["speech"]["text"])] for s in group], output="speech", style=style
-            )
-            for s, o in zip(group, outs, strict=True):
-                sp = s["meta"]["speech"]
-                audio = _first(o, Audio)
-                wav = audio.samples if audio is not None and audio.samples is not None else np.zeros(1600, np.float32)
-                heard = self.transcriber.transcribe(wav, 16000) if len(wav) > 160 else ""
-                ref_heard = self.transcriber.transcribe(s["wav"], 16000)
-                g = _group(sp["heldout_voice"])
-                wer_recs.append(Record(g, (sp["text"], heard), {"input": sp["text"], "audio": wav, "output": heard}))
-                ref_recs.append(Record(g, (sp["text"], ref_heard)))
-                got: dict[str, str | None] = {}
-                if len(wav) > 1600:
-                    got = {
-                        "pitch": reference.classify_pitch(wav, 16000, voice, sp["text"]),
-                        "rate": reference.classify_rate(wav, 16000, voice, sp["text"]),
-                    }
-                ok = got.get("pitch") == pitch and got.get("rate") == rate
-                style_recs.append(Record(g, ok, {"style": style, "measured": got}))
+        styles = [{k: s["meta"]["speech"][k] for k in ("voice", "pitch", "rate")} for s in samples]
+        prompts = [[Text("Say this: " + s["meta"]["speech"]["text"])] for s in samples]
+        outs = []
+        for lo in range(0, len(prompts), self.cfg.batch_size):
+            hi = lo + self.cfg.batch_size
+            outs += self.model.generate_batch(prompts[lo:hi], output="speech", style=styles[lo:hi], seed=self.cfg.seed)
+        for s, style, o in zip(samples, styles, outs, strict=True):
+            sp = s["meta"]["speech"]
+            audio = _first(o, Audio)
+            wav = audio.samples if audio is not None and audio.samples is not None else np.zeros(1600, np.float32)
+            heard = self.transcriber.transcribe(wav, 16000) if len(wav) > 160 else ""
+            ref_heard = self.transcriber.transcribe(s["wav"], 16000)
+            g = _group(sp["heldout_voice"])
+            wer_recs.append(Record(g, (sp["text"], heard), {"input": sp["text"], "audio": wav, "output": heard}))
+            ref_recs.append(Record(g, (sp["text"], ref_heard)))
+            got: dict[str, str | None] = {}
+            if len(wav) > 1600:
+                got = {
+                    "pitch": reference.classify_pitch(wav, 16000, style["voice"], sp["text"]),
+                    "rate": reference.classify_rate(wav, 16000, style["voice"], sp["text"]),
+                }
+            ok = got.get("pitch") == style["pitch"] and got.get("rate") == style["rate"]
+            style_recs.append(Record(g, ok, {"style": style, "measured": got}))
         return {"tts_wer": wer_recs, "tts_wer_ref": ref_recs, "tts_style_acc": style_recs}
 
     def video_caption(self) -> dict[str, list[Record]]:
