@@ -21,15 +21,27 @@ err_console = Console(stderr=True)
 
 
 def _register() -> None:
+    from omnitok.demo import demo_command
     from omnitok.world.cli import app as world_app
-    from omnitok.world.cli import demo
 
     app.add_typer(world_app, name="world")
-    app.command("demo")(demo)
+    app.command("demo")(demo_command)
 
     from omnitok.tokenizers.cli import app as tokenizer_app
 
     app.add_typer(tokenizer_app, name="tokenizer")
+
+    from omnitok.train.cli import train
+
+    app.command("train")(train)
+
+    from omnitok.data.cli import pretokenize
+
+    app.command("pretokenize")(pretokenize)
+
+    from omnitok.eval.cli import eval_command
+
+    app.command("eval")(eval_command)
 
 
 _register()
