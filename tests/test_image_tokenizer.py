@@ -48,7 +48,7 @@ def test_contract_shapes_and_round_trip(downsample: int, grid: int) -> None:
     assert one.shape == (grid * grid,) and torch.equal(one, codes[1])
     assert torch.equal(tok.encode(torch.from_numpy(images)), codes)
     assert tok.decode(one).shape == (32, 32, 3)
-    # decoding is a fixed point of encode∘decode (FSQ grid points re-encode to themselves mostly)
+    # decoding is deterministic (eval mode, no dropout or sampling)
     assert torch.equal(tok.decode(codes), out)
 
 
@@ -221,3 +221,15 @@ def test_cli_train_encode_decode(tmp_path: Path) -> None:
         app, ["tokenizer", "encode", str(bad), "--tokenizer", str(tmp_path / "run"), "--out", str(codes)]
     )
     assert isinstance(res.exception, OmnitokError) and "bad.png" in str(res.exception)
+
+
+def test_lr_schedule_follows_time_budget() -> None:
+    from omnitok.tokenizers.image import lr_at
+
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.0)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(100, cfg) == pytest.approx(0.0, abs=1e-9)
+    budget = TrainConfig(**{**cfg.__dict__, "max_minutes": 1.0})
+    assert lr_at(10, budget, elapsed_s=0.0) == pytest.approx(1.0)
+    assert lr_at(20, budget, elapsed_s=60.0) == pytest.approx(0.0, abs=1e-9)  # budget spent: fully annealed
+    assert lr_at(20, budget, elapsed_s=30.0) == pytest.approx(0.5, abs=1e-6)  # half the time: half-way down

@@ -40,7 +40,7 @@ class DemoConfig:
     seed: int = 0
     eval_limit: int = 30
     device: str = "cpu"
-    lm_tokens_per_s: float = 2500.0  # planning figure for scaling LM steps to the budget (CPU-2, this recipe)
+    lm_tokens_per_s: float = 1500.0  # planning figure for scaling LM steps to the budget (CPU-2, this recipe)
 
     def budget(self, step: str) -> float:
         return self.minutes * SHARES[step]

@@ -56,6 +56,7 @@ class GenerateOptions:
     speech: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_k=32))
     seed: int | None = None
     speech_chunk_frames: int = 10
+    reference: np.ndarray | list[np.ndarray | None] | None = None  # 16 kHz clip(s) giving the voice to speak in
     continuation: bool = False  # continue a role-less document (interleaved pre-training format) instead of chatting
 
 
@@ -167,7 +168,11 @@ class OmniModel:
                 s.pixels = [np.asarray(self.bundle.image.decode(torch.as_tensor(f))) for f in s.frames]
             elif isinstance(s, Audio) and self.bundle.speech is not None and len(s.codes):
                 style = s.style or opts.style
-                s.samples = np.asarray(self.bundle.speech.decode(s.codes, style=style), dtype=np.float32)
+                if opts.reference is not None:  # the voice comes from the reference clip, not a learned embedding
+                    style = {k: v for k, v in (style or {}).items() if k != "voice"} or None
+                s.samples = np.asarray(
+                    self.bundle.speech.decode(s.codes, style=style, reference=opts.reference), dtype=np.float32
+                )
                 s.sample_rate = int(self.bundle.speech.sample_rate)
         return segs
 
@@ -179,8 +184,9 @@ class OmniModel:
         """Several requests with the same options, decoded together in one batch."""
         opts = GenerateOptions(**options)
         styles = opts.style if isinstance(opts.style, list) else [opts.style] * len(samples)
-        if len(styles) != len(samples):
-            raise OmnitokError(f"style: got {len(styles)} styles for {len(samples)} requests")
+        refs = opts.reference if isinstance(opts.reference, list) else [opts.reference] * len(samples)
+        if len(styles) != len(samples) or len(refs) != len(samples):
+            raise OmnitokError(f"style/reference: need one per request ({len(samples)}), got {len(styles)}/{len(refs)}")
         requests = [self._request(s, replace(opts, style=st)) for s, st in zip(samples, styles, strict=True)]
         constraint = requests[0][1]
         prompts = [r[0] for r in requests]
@@ -195,8 +201,8 @@ class OmniModel:
                     new[i].append(t)
             finished = [bool(s == DONE) for s in st["state"]]
         out = []
-        for p, ids, st in zip(prompts, new, styles, strict=True):
-            out.append(self._render(ids, replace(opts, style=st), self._forced_prefix(p)))
+        for p, ids, st, ref in zip(prompts, new, styles, refs, strict=True):
+            out.append(self._render(ids, replace(opts, style=st, reference=ref), self._forced_prefix(p)))
         return out
 
     def stream(self, sample: Sequence[Segment], **options: Any) -> Iterator[TextDelta | AudioChunk | ImageOut]:

@@ -166,11 +166,27 @@ class Suite:
         wer_recs, ref_recs, style_recs = [], [], []
         reference = style_eval.StyleReference.fit([s["meta"]["speech"]["text"] for s in samples[:4]])
         styles = [{k: s["meta"]["speech"][k] for k in ("voice", "pitch", "rate")} for s in samples]
+        # Held-out voices have no trained voice token: the LM gets pitch and rate only, and the decoder hears the
+        # voice from a reference clip of that speaker (another test sample, so the content is not leaked).
+        by_voice: dict[str, list[dict[str, Any]]] = {}
+        for s in samples:
+            by_voice.setdefault(s["meta"]["speech"]["voice"], []).append(s)
+        lm_styles, refs = [], []
+        for s, st in zip(samples, styles, strict=True):
+            if s["meta"]["speech"]["heldout_voice"]:
+                others = [o for o in by_voice[st["voice"]] if o["key"] != s["key"]] or by_voice[st["voice"]]
+                lm_styles.append({"pitch": st["pitch"], "rate": st["rate"]})
+                refs.append(others[0]["wav"])
+            else:
+                lm_styles.append(st)
+                refs.append(None)
         prompts = [[Text("Say this: " + s["meta"]["speech"]["text"])] for s in samples]
         outs = []
         for lo in range(0, len(prompts), self.cfg.batch_size):
             hi = lo + self.cfg.batch_size
-            outs += self.model.generate_batch(prompts[lo:hi], output="speech", style=styles[lo:hi], seed=self.cfg.seed)
+            outs += self.model.generate_batch(
+                prompts[lo:hi], output="speech", style=lm_styles[lo:hi], reference=refs[lo:hi], seed=self.cfg.seed
+            )
         for s, style, o in zip(samples, styles, outs, strict=True):
             sp = s["meta"]["speech"]
             audio = _first(o, Audio)

@@ -549,11 +549,18 @@ class TrainConfig:
 _OPERATIONAL = frozenset({"max_minutes", "threads", "device", "log_every", "checkpoint_every", "val_images"})
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup then cosine decay to ``min_lr_ratio * lr``: fast early progress, a clean finish."""
+def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warmup then cosine decay to ``min_lr_ratio * lr``: fast early progress, a clean finish.
+
+    With ``max_minutes`` set, the decay follows whichever is further along, steps or the time budget, so a
+    run cut short by its budget still ends annealed instead of at a high learning rate (such a run then
+    depends on the machine's speed; without a budget it is reproducible).
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.max_minutes:
+        t = max(t, elapsed_s / (cfg.max_minutes * 60))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
@@ -782,7 +789,7 @@ def train_image_tokenizer(
                 x = _augment(from_uint8_images(xb), gen, train.flip)
                 x = x.to(device).contiguous(memory_format=torch.channels_last)
                 for g in opt.param_groups:
-                    g["lr"] = lr_at(step, train)
+                    g["lr"] = lr_at(step, train, elapsed_before + time.perf_counter() - t0)
                 recon, _ = model(x)
                 loss, parts = reconstruction_loss(
                     recon,
@@ -814,7 +821,7 @@ def train_image_tokenizer(
                     entry = {
                         "step": done,
                         "loss": float(loss.detach()),
-                        "lr": lr_at(step, train),
+                        "lr": opt.param_groups[0]["lr"],
                         "elapsed_s": round(elapsed, 2),
                     }
                     entry |= {k: round(v, 6) for k, v in parts.items()}
