@@ -98,7 +98,8 @@ def disentanglement(tok: SpeechTokenizer, texts: list[str], speaker: Speaker) ->
     for t in texts:
         for i, a in enumerate(seen):
             for b in seen[i + 1 :]:
-                pairs["same sentence, two seen voices"].append((codes[(t, a, "mid")], codes[(t, b, "mid")]))
+                accent = "same accent" if a.split("_")[0] == b.split("_")[0] else "different accents"
+                pairs[f"same sentence, two seen voices ({accent})"].append((codes[(t, a, "mid")], codes[(t, b, "mid")]))
             for b in held:
                 pairs["same sentence, seen vs held-out voice"].append((codes[(t, a, "mid")], codes[(t, b, "mid")]))
         for v in seen[:2]:

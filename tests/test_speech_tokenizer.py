@@ -232,6 +232,9 @@ def test_streaming_decode_matches_and_does_not_click() -> None:
     assert np.concatenate(list(tok.decode_chunks(pieces, style, chunk_frames=5))).shape == full.shape
     with pytest.raises(OmnitokError, match="empty"):
         list(tok.decode_chunks(iter([]), style))
+    # streamed tokens spoken at "normal", played "slow": stretched by the ratio of the classes' words per minute
+    slow = np.concatenate(list(tok.decode_chunks(codes, {**style, "rate": "slow"}, 7, source_rate="normal")))
+    assert len(slow) == round(len(codes) * 4 * 170 / 125) * 160
 
 
 def test_streaming_mel_is_exact() -> None:
