@@ -25,23 +25,30 @@ from omnitok.generate import AudioChunk
 from omnitok.sequence import Text, prompt
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    samples = []
+def _time_pair(a, b, repeats: int, clock=time.perf_counter) -> tuple[float, float]:
+    """Median seconds of ``a`` and ``b`` run alternately, so load from other processes hits both alike.
+
+    ``clock=time.process_time`` counts this process's CPU time only: on a shared machine (1 torch thread) it is
+    the stable measure of work per token, where wall time mostly measures the neighbours.
+    """
+    a(), b()  # warm-up
+    ta, tb = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+        for fn, out in ((a, ta), (b, tb)):
+            t0 = clock()
+            fn()
+            out.append(clock() - t0)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     model = omnitok.load(args.bundle)
     lm, vocab, text = model.lm, model.vocab, model.bundle.text
     n = args.new_tokens
@@ -56,7 +63,6 @@ def main() -> None:
         constraint.table[:, vocab.special("<|eos|>")] = False
         constraint.table[:, vocab.special("<|end|>")] = False
         cfg = DecodeConfig(max_new_tokens=n, text=Sampling(0.0))
-        ours = _time(lambda prompts=prompts, c=constraint, cfg=cfg: decode_tokens(lm, prompts, c, cfg), args.repeats)
         width = max(len(p) for p in prompts)
         ids = torch.full((batch, width), vocab.special("<|pad|>"))
         mask = torch.zeros((batch, width), dtype=torch.long)
@@ -74,10 +80,13 @@ def main() -> None:
                 pad_token_id=vocab.special("<|pad|>"),
             )
 
-        theirs = _time(hf, args.repeats)
+        def ours_fn(prompts=prompts, c=constraint, cfg=cfg):
+            decode_tokens(lm, prompts, c, cfg)
+
+        ours, theirs = _time_pair(ours_fn, hf, args.repeats, time.process_time)
         rows.append([f"decode, batch {batch}", n * batch / ours, n * batch / theirs, theirs / ours])
     print(f"machine: {machine()}\ncommand: {command()}\n")
-    print(table(["workload", "omnitok tokens/s", "transformers.generate tokens/s", "ratio"], rows))
+    print(table(["workload", "omnitok tokens/CPU-s", "transformers.generate tokens/CPU-s", "ratio"], rows))
 
     lat = []
     if model.bundle.speech is not None:
@@ -93,16 +102,13 @@ def main() -> None:
                     if isinstance(ev, AudioChunk):
                         lat.append(time.perf_counter() - t0)
                         break
-    img = []
-    for scale in (3.0, 1.0):
-        img.append(
-            _time(
-                lambda s=scale: model.generate(
-                    [Text("a large red circle in the top left")], output="image", cfg_scale=s, seed=0
-                ),
-                args.repeats,
-            )
-        )
+    img = _time_pair(
+        *(
+            lambda s=scale: model.generate([Text("a large red circle")], output="image", cfg_scale=s, seed=0)
+            for scale in (3.0, 1.0)
+        ),
+        args.repeats,
+    )
     print()
     lat_rows = [
         [

@@ -73,6 +73,11 @@ def test_stream_yields_events(bundle_dir):
     events = list(model.stream([Text("draw a small star")], output="image", seed=0))
     assert any(isinstance(e, ImageOut) for e in events)
     assert all(isinstance(e, TextDelta | AudioChunk | ImageOut) for e in events)
+    # streamed text adds up to the same reply, including bytes that never form a whole UTF-8 character
+    request = [Text("what is this?")]
+    whole = "".join(s.text for s in model.generate(request, output="text", max_new_tokens=12) if isinstance(s, Text))
+    streamed = model.stream(request, output="text", max_new_tokens=12)
+    assert "".join(e.text for e in streamed if isinstance(e, TextDelta)) == whole
 
 
 def test_bad_requests_fail_clearly(bundle_dir):
@@ -109,3 +114,52 @@ def test_broken_bundles_are_refused(bundle_dir, tmp_path):
         omnitok.load(str(broken))
     with pytest.raises(OmnitokError, match="not found"):
         omnitok.load(str(tmp_path / "nothing"))
+
+
+def _cli(*args: str):
+    import subprocess
+    import sys
+
+    code = "import sys; from omnitok.cli import main; sys.argv = ['omnitok', *sys.argv[1:]]; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_cli_writes_reply_files(bundle_dir, tmp_path):
+    from PIL import Image as PILImage
+
+    from omnitok.generate_cli import generate_command, read_audio
+
+    PILImage.fromarray(np.zeros((80, 80, 3), np.uint8)).save(tmp_path / "big.png")
+    out = tmp_path / "reply"
+    bundle = str(bundle_dir / "bundle")
+    r = _cli("generate", bundle, "--text", "draw a small star", "--output", "image", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["files"] == [str(out / "image_0.png")]
+    assert PILImage.open(out / "image_0.png").size == (64, 64)
+    assert json.loads((out / "request.json").read_text())["output"] == "image"
+    r = _cli("generate", bundle, "--image", str(tmp_path / "big.png"), "--out", str(out))
+    assert r.returncode == 2 and "80x80 pixels" in r.stderr and "--resize" in r.stderr
+
+    def run(bundle_path, **kw):
+        defaults = {"text": None, "image": None, "audio": None, "output": "text", "out": out, "voice": None,
+                    "pitch": None, "rate": None, "reference": None, "max_new_tokens": 4, "cfg_scale": 3.0, "seed": 0,
+                    "resize": False, "device": "cpu"}  # fmt: skip
+        generate_command(bundle_path, **{**defaults, **kw})
+
+    run(bundle_dir / "bundle", image=[tmp_path / "big.png"], resize=True, text="what is this?")
+    assert (out / "reply.txt").is_file()
+    (tmp_path / "notes.txt").write_text("not a picture")
+    with pytest.raises(OmnitokError, match="not a readable image"):
+        run(bundle_dir / "bundle", image=[tmp_path / "notes.txt"])
+    with pytest.raises(OmnitokError, match="empty prompt"):
+        run(bundle_dir / "bundle")
+    with pytest.raises(OmnitokError, match="cannot produce images"):
+        run(bundle_dir / "textonly", text="hi", output="image")
+    with pytest.raises(OmnitokError, match="no speech tokenizer"):
+        run(bundle_dir / "bundle", audio=[tmp_path / "notes.txt"])
+    with pytest.raises(OmnitokError, match="not a readable audio file"):
+        read_audio(tmp_path / "notes.txt")
+    import soundfile as sf
+
+    sf.write(tmp_path / "stereo.wav", np.zeros((8000, 2), np.float32), 8000)
+    assert read_audio(tmp_path / "stereo.wav").shape == (16000,)

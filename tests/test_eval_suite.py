@@ -81,3 +81,12 @@ def test_unknown_task_is_named(setup):
     model = omnitok.load(str(setup / "bundle"))
     with pytest.raises(OmnitokError, match="unknown task"):
         evaluate(model, setup / "world", setup / "o2", EvalConfig(tasks=["karaoke"]))
+
+
+def test_time_box_scores_a_prefix_of_each_task(setup, tmp_path):
+    model = omnitok.load(str(setup / "bundle"))
+    cfg = EvalConfig(limit=6, batch_size=2, tasks=["caption", "t2i"], max_minutes=1e-6)
+    metrics = evaluate(model, setup / "world", tmp_path / "out", cfg)
+    # the share is spent at once, so each task scores exactly its first batch and says so
+    assert metrics["caption_acc"]["n"]["all"] == 2 and metrics["t2i_acc"]["n"]["all"] == 2
+    assert metrics["_meta"]["max_minutes"] == 1e-6 and metrics["_meta"]["seconds"] >= 0

@@ -10,6 +10,7 @@ logits elsewhere; both rows receive the same sampled token so their caches stay 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -133,10 +134,12 @@ def _decode_steps(
         for k in st:
             st[k][i] = one[k][0]
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=True)
+    # only the last prompt position's logits are used: skip the LM head (the largest matmul) for the others
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=True, **extra)
     past = out.past_key_values
     logits = out.logits[:, -1, :].float()
-    for _ in range(cfg.max_new_tokens):
+    for step in range(cfg.max_new_tokens):
         cond = logits[:b]
         if use_cfg:
             uncond = logits[b:]
@@ -150,12 +153,15 @@ def _decode_steps(
             "speech": (state == SPEECH_START) | (state >= SPEECH_CODE0),
         }
         groups["text"] = ~(groups["image"] | groups["speech"])
-        for name, rows_mask in groups.items():
-            if rows_mask.any():
+        active = [(name, rows_mask) for name, rows_mask in groups.items() if rows_mask.any()]
+        if len(active) == 1:  # the usual case: every row in the same modality, no gather/scatter
+            tokens = _sample(cond, getattr(cfg, active[0][0]), generator)
+        else:
+            for name, rows_mask in active:
                 tokens[rows_mask] = _sample(cond[rows_mask], getattr(cfg, name), generator)
         st = constraint.advance(st, tokens)
         yield tokens, st
-        if bool((st["state"] == DONE).all()):
+        if bool((st["state"] == DONE).all()) or step == cfg.max_new_tokens - 1:
             return
         step_tokens = torch.cat([tokens, tokens]) if use_cfg else tokens
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)

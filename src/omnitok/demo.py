@@ -137,7 +137,7 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
                 omnitok.load(str(bundle), cfg.device),
                 world,
                 out / "eval",
-                EvalConfig(limit=cfg.eval_limit, seed=cfg.seed),
+                EvalConfig(limit=cfg.eval_limit, seed=cfg.seed, max_minutes=cfg.budget("eval")),
                 progress=lambda t: status.update(f"evaluating {t}"),
             )
     step("eval")

@@ -267,6 +267,10 @@ class OmniModel:
                 image_ids = []
         if in_speech:
             yield from speech_audio(final=True)
+        if text_ids:  # bytes held back as an incomplete UTF-8 character are sent at the end, as they decode
+            text = self.bundle.text.decode(text_ids)
+            if len(text) > len(emitted_text):
+                yield TextDelta(text[len(emitted_text) :])
 
 
 def load(path: str | os.PathLike[str], device: str = "cpu") -> OmniModel:

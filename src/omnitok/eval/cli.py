@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from omnitok.errors import OmnitokError
+
 console = Console()
 
 
@@ -30,13 +32,18 @@ def eval_command(
     limit: int = typer.Option(50, "--limit", help="Examples per task."),
     tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated subset of tasks."),
     seed: int = typer.Option(0, "--seed"),
+    max_minutes: float | None = typer.Option(
+        None, "--max-minutes", help="Wall-clock cap, split over the tasks; each reports how many it scored."
+    ),
 ) -> None:
     """Run every task on the held-out test split; write metrics.json and an HTML report."""
     import omnitok
     from omnitok.data.cli import _csv
     from omnitok.eval.suite import TASKS, EvalConfig, evaluate
 
-    cfg = EvalConfig(limit=limit, tasks=_csv(tasks, "--tasks") or list(TASKS), seed=seed)
+    if max_minutes is not None and max_minutes <= 0:
+        raise OmnitokError(f"--max-minutes must be positive, got {max_minutes}")
+    cfg = EvalConfig(limit=limit, tasks=_csv(tasks, "--tasks") or list(TASKS), seed=seed, max_minutes=max_minutes)
     model = omnitok.load(str(bundle))
     with console.status("evaluating") as status:
         metrics = evaluate(model, data, out, cfg, progress=lambda t: status.update(f"evaluating {t}"))

@@ -8,6 +8,7 @@ that training never saw. Results go to ``metrics.json`` and a self-contained ``r
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +44,9 @@ class EvalConfig:
     seed: int = 0
     cfg_scale: float = 3.0
     examples_in_report: int = 6
+    # Wall-clock cap for the whole suite (None = none). Split evenly over the tasks still to run; a task stops
+    # starting new batches once its share is spent (after at least one batch), and reports how many it scored.
+    max_minutes: float | None = None
 
 
 @dataclass
@@ -86,6 +90,10 @@ class Suite:
         self.world = world
         self.cfg = cfg
         self._transcriber = transcriber
+        self.deadline: float | None = None  # time.monotonic() after which a task starts no new batch
+
+    def _time_left(self, done_any: bool) -> bool:
+        return not done_any or self.deadline is None or time.monotonic() < self.deadline
 
     # --- instruments ----------------------------------------------------------------------------
     @property
@@ -113,8 +121,11 @@ class Suite:
         return self._transcriber
 
     def _gen(self, prompts: list[list[Segment]], **opts: Any) -> list[list[Segment]]:
+        """Replies for a prefix of ``prompts``: all of them, unless the task's time share ran out first."""
         out: list[list[Segment]] = []
         for chunk in _batches(prompts, self.cfg.batch_size):
+            if not self._time_left(bool(out)):
+                break
             out += self.model.generate_batch(chunk, seed=self.cfg.seed, **opts)
         return out
 
@@ -123,7 +134,7 @@ class Suite:
         samples = _take(self.world, "scene", self.cfg.limit)
         outs = self._gen([[Image(pixels=s["png"]), Text("Describe the picture.")] for s in samples], output="text")
         recs = []
-        for s, o in zip(samples, outs, strict=True):
+        for s, o in zip(samples, outs, strict=False):  # outs: a prefix if the time share ran out
             text = _text_of(o)
             ok = M.caption_correct(text, scene_from_json(s["meta"]["scene"]))
             recs.append(Record(_group(s["meta"]["heldout_combo"]), ok, {"image": s["png"], "output": text}))
@@ -134,7 +145,7 @@ class Suite:
         captions = [s["meta"]["captions"][0] for s in samples]
         outs = self._gen([[Text(c)] for c in captions], output="image", cfg_scale=self.cfg.cfg_scale)
         recs = []
-        for s, c, o in zip(samples, captions, outs, strict=True):
+        for s, c, o in zip(samples, captions, outs, strict=False):  # outs: a prefix if the time share ran out
             img = _first(o, Image)
             ok = (
                 img is not None
@@ -150,7 +161,7 @@ class Suite:
         prompts = [[Audio(samples=s["wav"], sample_rate=16000), Text("Transcribe the speech.")] for s in samples]
         outs = self._gen(prompts, output="text")
         recs = []
-        for s, o in zip(samples, outs, strict=True):
+        for s, o in zip(samples, outs, strict=False):  # outs: a prefix if the time share ran out
             sp = s["meta"]["speech"]
             recs.append(
                 Record(
@@ -183,11 +194,13 @@ class Suite:
         prompts = [[Text("Say this: " + s["meta"]["speech"]["text"])] for s in samples]
         outs = []
         for lo in range(0, len(prompts), self.cfg.batch_size):
+            if not self._time_left(bool(outs)):
+                break
             hi = lo + self.cfg.batch_size
             outs += self.model.generate_batch(
                 prompts[lo:hi], output="speech", style=lm_styles[lo:hi], reference=refs[lo:hi], seed=self.cfg.seed
             )
-        for s, style, o in zip(samples, styles, outs, strict=True):
+        for s, style, o in zip(samples, styles, outs, strict=False):  # outs: a prefix if the time share ran out
             sp = s["meta"]["speech"]
             audio = _first(o, Audio)
             wav = audio.samples if audio is not None and audio.samples is not None else np.zeros(1600, np.float32)
@@ -216,7 +229,7 @@ class Suite:
             prompts.append([Video(pixels=frames), Text("What happens in the video?")])
         outs = self._gen(prompts, output="text")
         recs = []
-        for s, o in zip(samples, outs, strict=True):
+        for s, o in zip(samples, outs, strict=False):  # outs: a prefix if the time share ran out
             text = _text_of(o)
             recs.append(
                 Record(
@@ -232,7 +245,7 @@ class Suite:
         prompts = [[Image(pixels=s["png"]), Text(s["meta"]["instruction"])] for s in samples]
         outs = self._gen(prompts, output="image", cfg_scale=1.0)
         recs = []
-        for s, o in zip(samples, outs, strict=True):
+        for s, o in zip(samples, outs, strict=False):  # outs: a prefix if the time share ran out
             img = _first(o, Image)
             ok = img is not None and M.image_correct(img.pixels, scene_from_json(s["meta"]["edited_scene"]))
             recs.append(
@@ -264,7 +277,7 @@ class Suite:
             flags.append(s["meta"]["heldout_combo"])
         outs = self._gen(prompts, output="image", continuation=True, cfg_scale=1.0)
         recs = []
-        for doc, truth, flag, o in zip(prompts, truths, flags, outs, strict=True):
+        for doc, truth, flag, o in zip(prompts, truths, flags, outs, strict=False):  # outs may be a prefix
             img = _first(o, Image)
             ok = img is not None and M.image_correct(img.pixels, truth)
             recs.append(Record(_group(flag), ok, {"input": doc[-1].text, "image": None if img is None else img.pixels}))
@@ -275,7 +288,7 @@ class Suite:
         prompts = [[Image(pixels=s["png"]), Audio(samples=s["question.wav"], sample_rate=16000)] for s in samples]
         outs = self._gen(prompts, output="text+speech", style=None)
         recs = []
-        for s, o in zip(samples, outs, strict=True):
+        for s, o in zip(samples, outs, strict=False):  # outs: a prefix if the time share ran out
             audio = _first(o, Audio)
             heard = (
                 self.transcriber.transcribe(audio.samples, 16000)
@@ -335,9 +348,13 @@ def evaluate(
     write_run_config(out_dir, "omnitok eval", {**asdict(cfg), "world": str(world), "tasks_run": tasks})
     suite = Suite(model, world, cfg)
     records: dict[str, list[Record]] = {}
-    for task in tasks:
+    end = None if cfg.max_minutes is None else time.monotonic() + 60 * cfg.max_minutes
+    t0 = time.monotonic()
+    for k, task in enumerate(tasks):
         if progress:
             progress(task)
+        if end is not None:
+            suite.deadline = time.monotonic() + max(0.0, end - time.monotonic()) / (len(tasks) - k)
         records.update(getattr(suite, task)())
     metrics = {name: _summarise(name, recs) for name, recs in records.items()}
     metrics["_meta"] = {
@@ -345,6 +362,8 @@ def evaluate(
         "split": "test",
         "limit": cfg.limit,
         "skipped": sorted(set(cfg.tasks) - set(tasks)),
+        "max_minutes": cfg.max_minutes,
+        "seconds": round(time.monotonic() - t0, 1),
     }
     atomic_write_json(out_dir / "metrics.json", metrics)
     from omnitok.eval.report import write_report

@@ -1,0 +1,159 @@
+"""``omnitok generate BUNDLE``: one request from files on disk, the reply written to a folder.
+
+The command is the shell-side twin of ``OmniModel.generate``: it exists so a researcher can poke a bundle without
+writing Python, and so every reply is kept with the exact request that produced it (``request.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from omnitok.errors import OmnitokError
+from omnitok.generate import OUTPUTS
+from omnitok.io import atomic_path, atomic_write_json, ensure_writable_dir
+from omnitok.sequence import Audio, Image, Segment, Text
+
+SPEECH_RATE = 16_000
+
+
+def read_image(path: Path, size: int | None, resize: bool) -> np.ndarray:
+    """An image file -> uint8 [H, W, 3]; resized only when asked, because a silent resize hides a wrong input."""
+    from PIL import Image as PILImage
+    from PIL import UnidentifiedImageError
+
+    if not path.is_file():
+        raise OmnitokError(f"--image {path}: no such file")
+    try:
+        with PILImage.open(path) as im:
+            im = im.convert("RGB")
+            if size is not None and im.size != (size, size):
+                if not resize:
+                    raise OmnitokError(
+                        f"--image {path}: {im.size[0]}x{im.size[1]} pixels, but this bundle's image tokenizer reads "
+                        f"{size}x{size}; pass --resize to scale it"
+                    )
+                im = im.resize((size, size), PILImage.Resampling.LANCZOS)
+            return np.asarray(im, dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError) as e:
+        raise OmnitokError(f"--image {path}: not a readable image ({e})") from e
+
+
+def read_audio(path: Path) -> np.ndarray:
+    """A WAV/FLAC/OGG file -> float32 mono at 16 kHz (stereo is averaged, other rates are resampled)."""
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    if not path.is_file():
+        raise OmnitokError(f"--audio {path}: no such file")
+    try:
+        x, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise OmnitokError(f"--audio {path}: not a readable audio file ({e}); use WAV, FLAC or OGG") from e
+    if x.shape[0] == 0:
+        raise OmnitokError(f"--audio {path}: the file holds no samples")
+    x = x.mean(axis=1)
+    if not np.all(np.isfinite(x)):
+        raise OmnitokError(f"--audio {path}: samples contain NaN or infinity")
+    if rate != SPEECH_RATE:
+        g = int(np.gcd(int(rate), SPEECH_RATE))
+        x = resample_poly(x, SPEECH_RATE // g, int(rate) // g).astype(np.float32)
+    return x
+
+
+def build_request(
+    text: str | None, images: list[Path], audios: list[Path], image_size: int | None, resize: bool
+) -> list[Segment]:
+    """Files and text -> one user turn in the order pictures, speech, text (the order the training data uses)."""
+    sample: list[Segment] = [Image(pixels=read_image(p, image_size, resize), role="user") for p in images]
+    sample += [Audio(samples=read_audio(p), sample_rate=SPEECH_RATE, role="user") for p in audios]
+    if text:
+        sample.append(Text(text, role="user"))
+    if not sample:
+        raise OmnitokError("empty prompt: give --text, --image or --audio")
+    return sample
+
+
+def write_reply(segments: list[Segment], out: Path) -> dict[str, Any]:
+    """Each reply segment -> a file in ``out``; returns what was written (also saved as reply.json)."""
+    from PIL import Image as PILImage
+
+    from omnitok.world.speech import encode_wav
+
+    written: dict[str, Any] = {"text": "", "files": []}
+    for i, seg in enumerate(segments):
+        if isinstance(seg, Text):
+            written["text"] += seg.text
+        elif isinstance(seg, Image) and seg.pixels is not None:
+            name = f"image_{i}.png"
+            with atomic_path(out / name) as tmp:
+                PILImage.fromarray(seg.pixels).save(tmp, format="PNG")
+            written["files"].append(name)
+        elif isinstance(seg, Audio) and seg.samples is not None:
+            name = f"speech_{i}.wav"
+            with atomic_path(out / name) as tmp:
+                tmp.write_bytes(encode_wav(np.asarray(seg.samples, np.float32), int(seg.sample_rate or SPEECH_RATE)))
+            written["files"].append(name)
+    with atomic_path(out / "reply.txt") as tmp:
+        tmp.write_text(written["text"] + "\n", encoding="utf-8")
+    return written
+
+
+def generate_command(
+    bundle: Annotated[Path, typer.Argument(help="bundle directory (written by `omnitok train`)")],
+    text: Annotated[str | None, typer.Option("--text", "-t", help="the user's text")] = None,
+    image: Annotated[list[Path] | None, typer.Option("--image", help="input picture (repeatable)")] = None,
+    audio: Annotated[list[Path] | None, typer.Option("--audio", help="input speech, WAV/FLAC/OGG (repeatable)")] = None,
+    output: Annotated[str, typer.Option(help=f"what to write: {' | '.join(OUTPUTS)}")] = "text",
+    out: Annotated[Path, typer.Option(help="folder for reply.txt, images, WAVs and request.json")] = Path("reply"),
+    voice: Annotated[str | None, typer.Option(help="speech style: voice name")] = None,
+    pitch: Annotated[str | None, typer.Option(help="speech style: pitch class (low, mid, high)")] = None,
+    rate: Annotated[str | None, typer.Option(help="speech style: rate class (slow, normal, fast)")] = None,
+    reference: Annotated[Path | None, typer.Option(help="speak in the voice of this clip")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="cap on generated tokens")] = None,
+    cfg_scale: Annotated[float, typer.Option(help="classifier-free guidance for images (1 = off)")] = 3.0,
+    seed: Annotated[int | None, typer.Option(help="sampling seed")] = 0,
+    resize: Annotated[bool, typer.Option(help="scale input pictures to the tokenizer's size")] = False,
+    device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+) -> None:
+    """Run one request against a bundle and write the reply's text, images and speech to --out."""
+    from omnitok.generate import load
+
+    if output not in OUTPUTS:
+        raise OmnitokError(f"--output must be one of {list(OUTPUTS)}, got {output!r}")
+    model = load(bundle, device=device)
+    if image and model.bundle.image is None:
+        raise OmnitokError(f"{bundle} has no image tokenizer, so it cannot read --image")
+    if audio and model.bundle.speech is None:
+        raise OmnitokError(f"{bundle} has no speech tokenizer, so it cannot read --audio")
+    image_cfg = getattr(model.bundle.image, "config", None)
+    sample = build_request(text, list(image or []), list(audio or []), getattr(image_cfg, "image_size", None), resize)
+    style = {k: v for k, v in (("voice", voice), ("pitch", pitch), ("rate", rate)) if v}
+    options: dict[str, Any] = {"output": output, "cfg_scale": cfg_scale, "seed": seed}
+    if style:
+        options["style"] = style
+    if reference is not None:
+        options["reference"] = read_audio(reference)
+    if max_new_tokens is not None:
+        options["max_new_tokens"] = max_new_tokens
+    ensure_writable_dir(out)
+    t0 = time.perf_counter()
+    reply = model.generate(sample, **options)
+    seconds = time.perf_counter() - t0
+    written = write_reply(reply, out)
+    request = {
+        "bundle": str(bundle),
+        "text": text,
+        "image": [str(p) for p in image or []],
+        "audio": [str(p) for p in audio or []],
+        "reference": str(reference) if reference else None,
+        **{k: v for k, v in options.items() if k != "reference"},
+        "seconds": round(seconds, 3),
+    }
+    atomic_write_json(out / "request.json", request)
+    typer.echo(json.dumps({"text": written["text"], "files": [str(out / f) for f in written["files"]]}))
