@@ -63,7 +63,8 @@ def intelligibility(tok: SpeechTokenizer, clips: list[SpeechClip], asr: Transcri
         codes = tok.encode(c.wav, SR)
         if r["voice"] in tok.voices:
             outs["tokens -> label style (voice, pitch)"].append(
-                (i, tok.decode(codes, {"voice": r["voice"], "pitch": r["pitch"]})))
+                (i, tok.decode(codes, {"voice": r["voice"], "pitch": r["pitch"]}))
+            )
         outs["tokens -> style from the clip itself (reference)"].append((i, tok.decode(codes, reference=c.wav)))
     rows, raw = [], {}
     hyp_orig = {i: asr.transcribe(a, SR) for i, a in outs["original eSpeak"]}
@@ -140,8 +141,12 @@ def phone_probe(
             x[i, : len(c)] = c
         logp = probe(x).log_softmax(-1).transpose(0, 1)
         loss = torch.nn.functional.ctc_loss(
-            logp, torch.tensor([p for _, ph in batch for p in ph]), torch.tensor([len(c) for c, _ in batch]),
-            torch.tensor([len(ph) for _, ph in batch]), zero_infinity=True)
+            logp,
+            torch.tensor([p for _, ph in batch for p in ph]),
+            torch.tensor([len(c) for c, _ in batch]),
+            torch.tensor([len(ph) for _, ph in batch]),
+            zero_infinity=True,
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -153,8 +158,12 @@ def phone_probe(
         n_ph = sum(len(ph) for _, ph in sel)
         with torch.no_grad():
             lin = sum(edit_distance(ph, greedy_ctc(probe(c))) for c, ph in sel) / n_ph
-            own = sum(edit_distance(ph, greedy_ctc(tok.ctc_logits(tok.codes_to_latents(c)[None],
-                                                                   torch.ones(1, len(c), 1))[0])) for c, ph in sel)
+            own = sum(
+                edit_distance(
+                    ph, greedy_ctc(tok.ctc_logits(tok.codes_to_latents(c)[None], torch.ones(1, len(c), 1))[0])
+                )
+                for c, ph in sel
+            )
         rows.append([group, len(sel), round(lin, 4), round(own / n_ph, 4)])
         raw[group] = {"linear_probe_per": lin, "own_ctc_head_per": own / n_ph, "clips": len(sel)}
     return rows, raw
@@ -179,25 +188,34 @@ def style_control(
         pitch = pitches[(pitches.index(r["pitch"]) + 1 + int(rng.integers(2))) % 3]
         rate = rates[(rates.index(r["rate"]) + 1 + int(rng.integers(2))) % 3]
         out = tok.decode(codes, {"voice": voice, "pitch": pitch, "rate": rate})
-        results[f"new label style, {group}"].append((
-            ref.classify_pitch(out, SR, voice, r["text"]) == pitch,
-            ref.classify_rate(out, SR, voice, r["text"]) == rate,
-            ref.rate_ratio(out, SR, voice, r["text"], rate)))
+        results[f"new label style, {group}"].append(
+            (
+                ref.classify_pitch(out, SR, voice, r["text"]) == pitch,
+                ref.classify_rate(out, SR, voice, r["text"]) == rate,
+                ref.rate_ratio(out, SR, voice, r["text"], rate),
+            )
+        )
         # 2) same style as the clip (resynthesis keeps pitch and rate)
         if r["voice"] in tok.voices:
             out = tok.decode(codes, {"voice": r["voice"], "pitch": r["pitch"], "rate": r["rate"]})
-            results[f"same label style, {group}"].append((
-                ref.classify_pitch(out, SR, r["voice"], r["text"]) == r["pitch"],
-                ref.classify_rate(out, SR, r["voice"], r["text"]) == r["rate"],
-                ref.rate_ratio(out, SR, r["voice"], r["text"], r["rate"])))
+            results[f"same label style, {group}"].append(
+                (
+                    ref.classify_pitch(out, SR, r["voice"], r["text"]) == r["pitch"],
+                    ref.classify_rate(out, SR, r["voice"], r["text"]) == r["rate"],
+                    ref.rate_ratio(out, SR, r["voice"], r["text"], r["rate"]),
+                )
+            )
         # 3) style from another clip (reference): its voice, F0 and rate
         other = clips[(k + 7) % len(clips)]
         o = other.record
         out = tok.decode(codes, reference=other.wav)
-        results["style from a reference clip"].append((
-            ref.classify_pitch(out, SR, o["voice"], r["text"]) == o["pitch"],
-            ref.classify_rate(out, SR, o["voice"], r["text"]) == o["rate"],
-            ref.rate_ratio(out, SR, o["voice"], r["text"], o["rate"])))
+        results["style from a reference clip"].append(
+            (
+                ref.classify_pitch(out, SR, o["voice"], r["text"]) == o["pitch"],
+                ref.classify_rate(out, SR, o["voice"], r["text"]) == o["rate"],
+                ref.rate_ratio(out, SR, o["voice"], r["text"], o["rate"]),
+            )
+        )
     rows, raw = [], {}
     for name, res in results.items():
         p = float(np.mean([a for a, _, _ in res]))
@@ -228,10 +246,25 @@ def speed(tok: SpeechTokenizer, clips: list[SpeechClip], with_codecs: bool) -> t
             t0 = time.perf_counter()
             next(iter(t.decode_chunks(codes[0], None, chunk_frames=max(1, round(0.4 * rate)))))
             first = time.perf_counter() - t0
-        rows.append([name, rate, round(bits, 1), round(bits * rate), round(enc / seconds, 4), round(dec / seconds, 4),
-                     round(first * 1000)])
-        raw[name] = {"tokens_per_s": rate, "bits_per_frame": bits, "bps": bits * rate, "encode_rtf": enc / seconds,
-                     "decode_rtf": dec / seconds, "first_chunk_ms": first * 1000}
+        rows.append(
+            [
+                name,
+                rate,
+                round(bits, 1),
+                round(bits * rate),
+                round(enc / seconds, 4),
+                round(dec / seconds, 4),
+                round(first * 1000),
+            ]
+        )
+        raw[name] = {
+            "tokens_per_s": rate,
+            "bits_per_frame": bits,
+            "bps": bits * rate,
+            "encode_rtf": enc / seconds,
+            "decode_rtf": dec / seconds,
+            "first_chunk_ms": first * 1000,
+        }
 
     measure("omnitok speech (FSQ + Griffin-Lim 32 it.)", tok, math.log2(tok.codebook_size), tok.frame_rate, True)
     if with_codecs:
@@ -240,11 +273,14 @@ def speed(tok: SpeechTokenizer, clips: list[SpeechClip], with_codecs: bool) -> t
         from omnitok.tokenizers.hf_speech import HFSpeechTokenizer
 
         torch.manual_seed(0)
-        for name, model in (("EncodecModel 24 kHz, default config, random weights", EncodecModel(EncodecConfig())),
-                            ("MimiModel, default config, random weights", MimiModel(MimiConfig()))):
+        for name, model in (
+            ("EncodecModel 24 kHz, default config, random weights", EncodecModel(EncodecConfig())),
+            ("MimiModel, default config, random weights", MimiModel(MimiConfig())),
+        ):
             h = HFSpeechTokenizer(model)
-            measure(f"{name} ({h.num_levels} levels)", h, sum(math.log2(s) for s in h.codebook_sizes),
-                    h.frame_rate, True)
+            measure(
+                f"{name} ({h.num_levels} levels)", h, sum(math.log2(s) for s in h.codebook_sizes), h.frame_rate, True
+            )
     return rows, raw
 
 
@@ -273,12 +309,16 @@ def main() -> None:
         raise SystemExit("this benchmark measures omnitok's own speech tokenizer (speech_fsq)")
     run_dir = args.tokenizer if (args.tokenizer / "summary.json").is_file() else args.tokenizer.parent
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    print(f"tokenizer: {args.tokenizer} ({tok.frame_rate:g} tokens/s, codebook {tok.codebook_size}, "
-          f"{tok.bitrate:.0f} bit/s, {sum(p.numel() for p in tok.parameters()) / 1e6:.2f} M parameters)")
+    print(
+        f"tokenizer: {args.tokenizer} ({tok.frame_rate:g} tokens/s, codebook {tok.codebook_size}, "
+        f"{tok.bitrate:.0f} bit/s, {sum(p.numel() for p in tok.parameters()) / 1e6:.2f} M parameters)"
+    )
     if summary:
-        print(f"training: {summary.get('steps')} steps in {summary.get('train_seconds')} s "
-              f"(+ {summary.get('prepare_seconds')} s reading and mel features), "
-              f"{summary.get('n_train_clips')} clips / {summary.get('train_audio_hours')} h; val {summary.get('val')}")
+        print(
+            f"training: {summary.get('steps')} steps in {summary.get('train_seconds')} s "
+            f"(+ {summary.get('prepare_seconds')} s reading and mel features), "
+            f"{summary.get('n_train_clips')} clips / {summary.get('train_audio_hours')} h; val {summary.get('val')}"
+        )
     results: dict[str, Any] = {"tokenizer": str(args.tokenizer), "training": summary}
     test = load_world_clips(args.world, "test", ("scene",), max(args.clips, args.style_clips))
     speaker = Speaker()
@@ -312,21 +352,28 @@ def main() -> None:
         ref = StyleReference.fit(texts, speaker=speaker)
         rows, raw = style_control(tok, test[: args.style_clips], ref)
         print(f"\n### Style control ({args.style_clips} test clips re-decoded; {time.perf_counter() - t0:.0f} s)\n")
-        print(table(["decode", "clips", "pitch class ok", "rate class ok", "both", "median duration / eSpeak's"],
-                    rows))
+        print(table(["decode", "clips", "pitch class ok", "rate class ok", "both", "median duration / eSpeak's"], rows))
         results["style"] = raw
 
     if "speed" not in skip:
         rows, raw = speed(tok, test[: args.speed_clips], "codecs" not in skip)
         secs = sum(c.wav.size for c in test[: args.speed_clips]) / SR
-        print(f"\n### Bitrate and CPU speed ({args.speed_clips} clips, {secs:.0f} s of audio, 1 thread; RTF = "
-              "processing time / audio duration)\n")
-        print(table(["tokenizer", "tokens/s", "bits/frame", "bit/s", "encode RTF", "decode RTF",
-                     "first 0.4 s chunk (ms)"], rows))
+        print(
+            f"\n### Bitrate and CPU speed ({args.speed_clips} clips, {secs:.0f} s of audio, 1 thread; RTF = "
+            "processing time / audio duration)\n"
+        )
+        print(
+            table(
+                ["tokenizer", "tokens/s", "bits/frame", "bit/s", "encode RTF", "decode RTF", "first 0.4 s chunk (ms)"],
+                rows,
+            )
+        )
         own = next(iter(raw.values()))
         for name, r in list(raw.items())[1:]:
-            print(f"\n{name}: omnitok encodes {r['encode_rtf'] / own['encode_rtf']:.1f}x and decodes "
-                  f"{r['decode_rtf'] / own['decode_rtf']:.1f}x faster; uses {r['bps'] / own['bps']:.1f}x fewer bits/s")
+            print(
+                f"\n{name}: omnitok encodes {r['encode_rtf'] / own['encode_rtf']:.1f}x and decodes "
+                f"{r['decode_rtf'] / own['decode_rtf']:.1f}x faster; uses {r['bps'] / own['bps']:.1f}x fewer bits/s"
+            )
         results["speed"] = raw
 
     if args.out:

@@ -155,7 +155,9 @@ class SpeechTokenizerConfig:
     levels: tuple[int, ...] = (8, 5, 5, 5)
     width: int = 192
     enc_blocks: int = 4
-    ctc_blocks: int = 2
+    # 0: the phone CTC head sees one token at a time, so each token must name its phone (a linear probe reads
+    # phones off single tokens with PER 0.05, against 0.56 with a 2-block head; docs/BENCHMARKS.md)
+    ctc_blocks: int = 0
     dec_blocks: int = 6
     post_width: int = 128
     post_blocks: int = 2
@@ -457,7 +459,10 @@ class SpeechTokenizer(nn.Module):
         return torch.stack([(torch.log(f0.clamp(min=20.0)) - math.log(150.0)) / 0.5 * v, v], -1)
 
     def decode_mel(
-        self, zq: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None,
+        self,
+        zq: torch.Tensor,
+        cond: torch.Tensor,
+        mask: torch.Tensor | None = None,
         f0: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Quantized tokens [B, N, d] + conditioning -> normalised log-mel [B, n_mels, N * downsample].

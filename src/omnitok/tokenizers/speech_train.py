@@ -54,7 +54,7 @@ class SpeechTrainConfig:
     pitch_weight: float = 0.5
     # Adversarial style removal: per-token classifiers of voice and pitch class behind a gradient reversal, so
     # the encoder is pushed to drop what identifies the speaker from the tokens (0 = off).
-    adv_weight: float = 0.0
+    adv_weight: float = 0.5
     ref_prob: float = 0.3
     ref_seconds: float = 3.0
     kinds: tuple[str, ...] = ("scene", "spoken_qa")
