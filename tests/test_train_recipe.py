@@ -168,3 +168,9 @@ def test_cli_reports_one_error_line(tmp_path, raw, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2, err
     assert err.startswith("error:") and "stages[0].mixture: weights must sum to 1, got 0.5" in err
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "toyworld.yaml", "toyworld_gpu.yaml"])
+def test_shipped_lm_recipes_validate(name):
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / name)
+    assert recipe.stages and all(s.steps > 0 and s.mixture for s in recipe.stages)

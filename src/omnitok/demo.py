@@ -41,6 +41,7 @@ class DemoConfig:
     eval_limit: int = 30
     device: str = "cpu"
     lm_tokens_per_s: float = 1500.0  # planning figure for scaling LM steps to the budget (CPU-2, this recipe)
+    recipe: str = str(RECIPE)  # the LM recipe whose stages are scaled to the budget
 
     def budget(self, step: str) -> float:
         return self.minutes * SHARES[step]
@@ -56,9 +57,9 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
     out = ensure_writable_dir(out, "demo output directory")
     if cfg.minutes < 3:
         raise OmnitokError(f"--minutes must be at least 3 (the world and tokenizers need that), got {cfg.minutes}")
-    if not RECIPE.exists():
-        raise OmnitokError(f"recipe {RECIPE} not found: run the demo from an omnitok checkout")
-    write_run_config(out, "omnitok demo", {**cfg.__dict__, "recipe": str(RECIPE)})
+    if not Path(cfg.recipe).is_file():
+        raise OmnitokError(f"recipe {cfg.recipe} not found: run the demo from an omnitok checkout or pass --recipe")
+    write_run_config(out, "omnitok demo", cfg.__dict__)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -141,7 +142,7 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
                 progress=lambda t: status.update(f"evaluating {t}"),
             )
     step("eval")
-    write_run_config(out, "omnitok demo", {**cfg.__dict__, "recipe": str(RECIPE), "timings_s": timings})
+    write_run_config(out, "omnitok demo", {**cfg.__dict__, "timings_s": timings})
     return metrics
 
 
@@ -149,7 +150,7 @@ def _demo_recipe(tokens: Path, out: Path, cfg: DemoConfig) -> Any:
     """The toyworld recipe with its data/out paths set and its steps scaled to the LM's share of the budget."""
     from omnitok.train.recipe import load_recipe
 
-    recipe = load_recipe(RECIPE)
+    recipe = load_recipe(cfg.recipe)
     tokens_per_step = recipe.batch.seq_len * recipe.batch.micro_batch * recipe.batch.grad_accum
     total_steps = max(20, int(cfg.budget("lm") * 60 * cfg.lm_tokens_per_s / tokens_per_step))
     planned = sum(s.steps for s in recipe.stages)
@@ -164,12 +165,24 @@ def demo_command(
     seed: int = typer.Option(0, "--seed"),
     eval_limit: int = typer.Option(30, "--eval-limit", help="Test examples per task in the evaluation."),
     device: str = typer.Option("cpu", "--device", help="torch device for tokenizers and the LM (cpu, cuda)."),
+    recipe: Path = typer.Option(RECIPE, "--recipe", help="LM recipe (recipes/toyworld_gpu.yaml for a GPU run)."),
+    lm_tokens_per_s: float = typer.Option(
+        1500.0, "--lm-tokens-per-s", help="Training speed the LM's steps are planned with (CPU-2 figure)."
+    ),
 ) -> None:
     """The main job: world -> tokenizers -> LM through four stages -> bundle -> evaluation report."""
     from omnitok.eval.cli import metrics_table
 
     console = Console()
-    cfg = DemoConfig(minutes=minutes, n=n, seed=seed, eval_limit=eval_limit, device=device)
+    cfg = DemoConfig(
+        minutes=minutes,
+        n=n,
+        seed=seed,
+        eval_limit=eval_limit,
+        device=device,
+        recipe=str(recipe),
+        lm_tokens_per_s=lm_tokens_per_s,
+    )
     metrics = run_demo(out, cfg, console)
     console.print(metrics_table(metrics))
     console.print(f"bundle: {out / 'bundle'}\nreport: {out / 'eval' / 'report.html'}")
