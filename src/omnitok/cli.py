@@ -43,6 +43,14 @@ def _register() -> None:
 
     app.command("eval")(eval_command)
 
+    from omnitok.serve.cli import serve_command
+
+    app.command("serve")(serve_command)
+
+    from omnitok.generate_cli import generate_command
+
+    app.command("generate")(generate_command)
+
 
 _register()
 

@@ -1,0 +1,242 @@
+"""What the server asks of the model, phrased the way the model was trained, and what the bundle offers.
+
+Each HTTP endpoint becomes a :class:`Task` (segments in, one output kind); tasks with the same
+:attr:`Task.key` can be decoded together in one ``generate_batch`` call. The prompts match the training
+tasks (``omnitok.data.tasks``) and the evaluation suite: ASR asks "Transcribe the speech.", speech synthesis
+is "Say this: <text>" with the style forced as tokens, text-to-image is the bare caption with classifier-free
+guidance 3.0. A spoken chat answer is written as text first and then spoken by the same model with the requested
+voice (two passes), so the voice is always the one asked for and the transcript is exact.
+
+Everything here runs on the batcher's worker thread except the bundle inspection helpers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from omnitok.decoding import Sampling
+from omnitok.generate import AudioChunk, ImageOut, OmniModel, TextDelta
+from omnitok.sequence import Audio, Image, Segment, Text
+
+ASR_PROMPT = "Transcribe the speech."
+TTS_PROMPT = "Say this: "
+IMAGE_CFG = 3.0  # text-to-image guidance, as in the evaluation suite
+EDIT_CFG = 1.0  # image editing (a picture in the prompt) is evaluated without guidance
+OUTPUTS = ("text", "speech_answer", "speech", "image")
+
+# OpenAI's built-in voice names, split by how they sound, mapped onto the bundle's voices of the same kind.
+OPENAI_FEMALE = ("alloy", "coral", "marin", "nova", "sage", "shimmer")
+OPENAI_MALE = ("ash", "ballad", "cedar", "echo", "fable", "onyx", "verse")
+
+
+@dataclass
+class Task:
+    """One request for the worker: a prompt, the output kind and the options that decide batchability."""
+
+    segments: list[Segment]
+    output: str  # one of OUTPUTS
+    style: dict[str, str] | None = None
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    cfg_scale: float = IMAGE_CFG  # image outputs only
+
+    @property
+    def key(self) -> Hashable:
+        """Tasks with equal keys share one decode call (style may differ: it is passed per row)."""
+        return (self.output, self.max_new_tokens, self.temperature, self.top_p, self.seed, self.cfg_scale)
+
+
+@dataclass
+class Result:
+    text: str = ""
+    audio: np.ndarray | None = None
+    sample_rate: int = 16000
+    images: list[np.ndarray] = field(default_factory=list)
+    finish_reason: str = "stop"
+
+
+class Engine:
+    """The model plus the knowledge of how to prompt it; owns nothing thread-related."""
+
+    def __init__(self, model: OmniModel, speech_max_tokens: int | None = None) -> None:
+        self.model = model
+        self.speech_max_tokens = speech_max_tokens
+        self.voices = self._voices()
+        self.pitches = self._styles("pitch")
+        self.rates = self._styles("rate")
+        self.openai_voices = self._openai_voice_map()
+
+    # --- what the bundle can do -----------------------------------------------------------------------
+    @property
+    def can_read(self) -> list[str]:
+        b = self.model.bundle
+        return ["text", *(["image"] if b.image is not None else []), *(["audio"] if b.speech is not None else [])]
+
+    @property
+    def can_write(self) -> list[str]:
+        b, m = self.model.bundle, self.model.vocab.modalities
+        out = ["text"]
+        if b.image is not None and "image" in m:
+            out.append("image")
+        if b.speech is not None and "speech" in m:
+            out.append("audio")
+        return out
+
+    @property
+    def image_size(self) -> int | None:
+        tok = self.model.bundle.image
+        if tok is None:
+            return None
+        size = getattr(tok, "image_size", None) or getattr(getattr(tok, "config", None), "image_size", None)
+        return int(size) if size else None
+
+    @property
+    def sample_rate(self) -> int | None:
+        tok = self.model.bundle.speech
+        return int(tok.sample_rate) if tok is not None else None
+
+    def _styles(self, name: str) -> list[str]:
+        prefix = f"<|{name}:"
+        return [s[len(prefix) : -2] for s in self.model.vocab.specials if s.startswith(prefix)]
+
+    def _voices(self) -> list[str]:
+        """Voices with a style token the LM knows and (where the codec has a table) an embedding to decode with."""
+        names = self._styles("voice")
+        known = getattr(self.model.bundle.speech, "voices", None)
+        if known:
+            names = [v for v in names if v in known]
+        return names
+
+    def _openai_voice_map(self) -> dict[str, str]:
+        if not self.voices:
+            return {}
+        female = [v for v in sorted(self.voices) if re.search(r"(^|[_-])f\d*$", v)] or sorted(self.voices)
+        male = [v for v in sorted(self.voices) if re.search(r"(^|[_-])m\d*$", v)] or sorted(self.voices)
+        out = {name: female[i % len(female)] for i, name in enumerate(OPENAI_FEMALE)}
+        out |= {name: male[i % len(male)] for i, name in enumerate(OPENAI_MALE)}
+        return dict(sorted(out.items()))
+
+    def resolve_voice(self, name: str) -> str | None:
+        """A bundle voice for a requested name (the bundle's own or an OpenAI one); None: the codec has no voices.
+
+        Raises ``ValueError`` with the valid names for anything else.
+        """
+        if name in self.voices:
+            return name
+        if name.lower() in self.openai_voices:
+            return self.openai_voices[name.lower()]
+        if not self.voices and (name == "default" or name.lower() in OPENAI_FEMALE + OPENAI_MALE):
+            return None
+        valid = self.voices + list(self.openai_voices) if self.voices else ["default", *OPENAI_FEMALE, *OPENAI_MALE]
+        raise ValueError(f"unknown voice {name!r}; valid voices: {valid}")
+
+    def rate_for_speed(self, speed: float | None) -> str | None:
+        """OpenAI's ``speed`` (0.25-4, 1 = normal) -> the bundle's rate class; None keeps the model's choice."""
+        if speed is None or not {"slow", "normal", "fast"} <= set(self.rates):
+            return None
+        return "slow" if speed <= 0.85 else "fast" if speed >= 1.2 else "normal"
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "reads": self.can_read,
+            "writes": self.can_write,
+            "voices": self.voices,
+            "openai_voices": self.openai_voices,
+            "pitches": self.pitches,
+            "rates": self.rates,
+            "speed_to_rate": {"<=0.85": "slow", "0.85-1.2": "normal", ">=1.2": "fast"}
+            if self.rate_for_speed(1.0)
+            else {},
+            "image_size": self.image_size,
+            "sample_rate": self.sample_rate,
+            "audio_formats": {"input": ["wav", "pcm16"], "output": ["wav", "pcm16"], "stream": "pcm16"},
+            "pcm16": "raw signed 16-bit little-endian mono at 16000 Hz",
+            "image_input_policy": "converted to RGB (alpha over white), centre-cropped to a square, Lanczos-resized "
+            f"to {self.image_size}x{self.image_size}",
+            "audio_input_policy": "WAV (PCM or float) or pcm16; stereo averaged to mono; resampled to 16 kHz "
+            "(polyphase filter)",
+        }
+
+    # --- running tasks (worker thread) ----------------------------------------------------------------
+    def _options(self, task: Task, max_new_tokens: int | None) -> dict[str, Any]:
+        opts: dict[str, Any] = {"max_new_tokens": max_new_tokens, "seed": task.seed}
+        if task.temperature is not None or task.top_p is not None:
+            t = 1.0 if task.temperature is None else task.temperature
+            opts["text"] = Sampling(temperature=t, top_p=1.0 if task.top_p is None else task.top_p)
+        return opts
+
+    def _speech_options(self, task: Task) -> dict[str, Any]:
+        return {"max_new_tokens": self.speech_max_tokens, "seed": task.seed}
+
+    def run_batch(self, tasks: list[Task]) -> list[Result]:
+        """Decode tasks that share a key in one batch (a spoken answer takes two: its text, then its speech)."""
+        first = tasks[0]
+        prompts = [t.segments for t in tasks]
+        if first.output == "image":
+            opts = self._options(first, None)
+            outs = self.model.generate_batch(prompts, output="image", cfg_scale=first.cfg_scale, **opts)
+            return [Result(images=[s.pixels for s in o if isinstance(s, Image) and s.pixels is not None]) for o in outs]
+        if first.output == "speech":
+            outs = self.model.generate_batch(
+                prompts, output="speech", style=[t.style for t in tasks], **self._speech_options(first)
+            )
+            return [self._audio_result(o, "") for o in outs]
+        outs = self.model.generate_batch(prompts, output="text", **self._options(first, first.max_new_tokens))
+        texts = [_text_of(o) for o in outs]
+        results = [Result(text=t, finish_reason=self._finish(t, first.max_new_tokens)) for t in texts]
+        if first.output == "speech_answer":
+            spoken = self.model.generate_batch(
+                [[Text(TTS_PROMPT + t, role="user")] for t in texts],
+                output="speech",
+                style=[t.style for t in tasks],
+                **self._speech_options(first),
+            )
+            for r, o in zip(results, spoken, strict=True):
+                a = self._audio_result(o, r.text)
+                r.audio, r.sample_rate = a.audio, a.sample_rate
+        return results
+
+    def run_stream(self, task: Task) -> Iterator[tuple[str, Any]]:
+        """Events ``("text", str)``, ``("audio", float32 samples)``, ``("image", pixels)``, ``("finish", reason)``."""
+        if task.output == "image":
+            opts = self._options(task, None)
+            for ev in self.model.stream(task.segments, output="image", cfg_scale=task.cfg_scale, **opts):
+                if isinstance(ev, ImageOut):
+                    yield "image", ev.pixels
+            yield "finish", "stop"
+            return
+        text = ""
+        if task.output == "speech":
+            speech_prompt = task.segments
+        else:
+            for ev in self.model.stream(task.segments, output="text", **self._options(task, task.max_new_tokens)):
+                if isinstance(ev, TextDelta):
+                    text += ev.text
+                    yield "text", ev.text
+            speech_prompt = [Text(TTS_PROMPT + text, role="user")]
+        if task.output in ("speech", "speech_answer"):
+            for ev in self.model.stream(speech_prompt, output="speech", style=task.style, **self._speech_options(task)):
+                if isinstance(ev, AudioChunk):
+                    yield "audio", np.asarray(ev.samples, dtype=np.float32)
+        yield "finish", self._finish(text, task.max_new_tokens) if task.output != "speech" else "stop"
+
+    def _finish(self, text: str, limit: int | None) -> str:
+        if limit is not None and text and len(self.model.bundle.text.encode(text)) >= limit:
+            return "length"
+        return "stop"
+
+    def _audio_result(self, segments: list[Segment], text: str) -> Result:
+        clips = [s.samples for s in segments if isinstance(s, Audio) and s.samples is not None]
+        audio = np.concatenate(clips).astype(np.float32) if clips else np.zeros(0, np.float32)
+        return Result(text=text, audio=audio, sample_rate=self.sample_rate or 16000)
+
+
+def _text_of(segments: list[Segment]) -> str:
+    return "".join(s.text for s in segments if isinstance(s, Text))
