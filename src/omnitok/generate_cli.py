@@ -45,9 +45,10 @@ def read_image(path: Path, size: int | None, resize: bool) -> np.ndarray:
 
 
 def read_audio(path: Path) -> np.ndarray:
-    """A WAV/FLAC/OGG file -> float32 mono at 16 kHz (stereo is averaged, other rates are resampled)."""
+    """A WAV/FLAC/OGG file -> float32 mono at 16 kHz (channels are averaged, other rates are resampled)."""
     import soundfile as sf
-    from scipy.signal import resample_poly
+
+    from omnitok.tokenizers.speech import as_mono_audio
 
     if not path.is_file():
         raise OmnitokError(f"--audio {path}: no such file")
@@ -55,15 +56,10 @@ def read_audio(path: Path) -> np.ndarray:
         x, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise OmnitokError(f"--audio {path}: not a readable audio file ({e}); use WAV, FLAC or OGG") from e
-    if x.shape[0] == 0:
-        raise OmnitokError(f"--audio {path}: the file holds no samples")
-    x = x.mean(axis=1)
-    if not np.all(np.isfinite(x)):
-        raise OmnitokError(f"--audio {path}: samples contain NaN or infinity")
-    if rate != SPEECH_RATE:
-        g = int(np.gcd(int(rate), SPEECH_RATE))
-        x = resample_poly(x, SPEECH_RATE // g, int(rate) // g).astype(np.float32)
-    return x
+    try:  # the tokenizers' own check: empty, NaN/inf, resampling
+        return as_mono_audio(x.mean(axis=1), int(rate), SPEECH_RATE)
+    except OmnitokError as e:
+        raise OmnitokError(f"--audio {path}: {e}") from e
 
 
 def build_request(
