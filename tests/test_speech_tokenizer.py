@@ -295,9 +295,15 @@ def test_train_logs_checkpoints_resumes(tmp_path: Path, espeak_clips: list[Speec
         arch=tiny_arch(),
     )
     timed = default_train_config(**{**cfg.__dict__, "max_minutes": 0.0})
-    s1 = train_speech_tokenizer(
-        "mem", tmp_path / "run", timed, progress=False, clips=espeak_clips, val_clips=espeak_clips[:2]
-    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # training uses cfg.threads (1); the caller's count must come back
+    try:
+        s1 = train_speech_tokenizer(
+            "mem", tmp_path / "run", timed, progress=False, clips=espeak_clips, val_clips=espeak_clips[:2]
+        )
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     assert s1["steps"] == 1 and s1["stopped_by_time_limit"] and not s1["completed"]
     s2 = train_speech_tokenizer(
         "mem", tmp_path / "run", cfg, progress=False, clips=espeak_clips, val_clips=espeak_clips[:2]

@@ -11,6 +11,7 @@ import json
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -25,6 +26,22 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 ImageInput = np.ndarray | torch.Tensor | Sequence[np.ndarray]
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run a block with ``n`` intra-op threads (None: unchanged) and restore the previous count after.
+
+    Tokenizer training picks its own thread count for a shared CPU; without restoring it, everything later in
+    the same process (``omnitok demo`` trains the LM next) would silently run on that count too.
+    """
+    prev = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 @runtime_checkable

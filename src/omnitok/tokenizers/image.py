@@ -668,18 +668,31 @@ def train_image_tokenizer(
     Batches are drawn by a generator seeded with ``(seed, step)``, so a resumed run sees the same data as an
     uninterrupted one.
     """
+    from omnitok.tokenizers.base import torch_threads
+
+    train = train or TrainConfig()
+    with torch_threads(train.threads or auto_threads()):
+        return _train_image_tokenizer(data, out, train, resume, progress, images, val_images, on_log)
+
+
+def _train_image_tokenizer(
+    data: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    train: TrainConfig,
+    resume: bool,
+    progress: bool,
+    images: np.ndarray | None,
+    val_images: np.ndarray | None,
+    on_log: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     from omnitok.io import atomic_path, atomic_write_json, ensure_writable_dir, read_json, write_run_config
     from omnitok.tokenizers.base import load_split_images
 
-    train = train or TrainConfig()
     out_dir = ensure_writable_dir(out, "tokenizer training output directory")
     arch = ImageTokenizerConfig.from_dict(dict(train.arch), "arch")
-    threads = train.threads or auto_threads()
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     device = torch.device(train.device)
 
     if images is None:
@@ -850,7 +863,7 @@ def train_image_tokenizer(
         "completed": step >= train.steps,
         "stopped_by_time_limit": stopped_early,
         "train_seconds": round(elapsed, 2),
-        "threads": threads,
+        "threads": torch.get_num_threads(),
         "n_train": n,
         "val": metrics,
         "codebook_size": model.codebook_size,
@@ -858,7 +871,6 @@ def train_image_tokenizer(
         "tokenizer": str(tok_dir),
     }
     atomic_write_json(out_dir / "summary.json", summary)
-    torch.set_num_threads(prev_threads)
     return summary
 
 

@@ -413,6 +413,23 @@ def train_speech_tokenizer(
     on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train the speech tokenizer on a world's ``train`` split; returns (and writes) the run summary."""
+    from omnitok.tokenizers.base import torch_threads
+
+    train = train or SpeechTrainConfig()
+    with torch_threads(train.threads):
+        return _train_speech_tokenizer(data, out, train, resume, progress, clips, val_clips, on_log)
+
+
+def _train_speech_tokenizer(
+    data: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    train: SpeechTrainConfig,
+    resume: bool,
+    progress: bool,
+    clips: list[SpeechClip] | None,
+    val_clips: list[SpeechClip] | None,
+    on_log: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
     from rich.progress import Progress
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
@@ -420,10 +437,7 @@ def train_speech_tokenizer(
     from omnitok.io import atomic_path, atomic_write_json, ensure_writable_dir, read_json, write_run_config
     from omnitok.tokenizers.image import _load_optimizer, _save_optimizer
 
-    train = train or SpeechTrainConfig()
     out_dir = ensure_writable_dir(out, "speech tokenizer training output directory")
-    if train.threads:
-        torch.set_num_threads(train.threads)
     t_load = time.perf_counter()
     if clips is None:
         clips = load_world_clips(data, "train", train.kinds, train.max_clips)
