@@ -157,3 +157,58 @@ def test_lr_schedule():
     lin = OptimConfig(lr=1.0, schedule="linear", min_lr_ratio=0.0)
     assert [lr_at(k, 5, lin) for k in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
     assert lr_at(7, 10, OptimConfig(lr=2.0, schedule="constant")) == 2.0
+
+
+def test_loss_on_target_positions_equals_full_logits_loss(monkeypatch):
+    """The head runs only where a label is; the summed loss and the gradients are the full-logits ones."""
+    import functools
+
+    from omnitok.data.packing import pack_rows
+    from omnitok.train import loop
+    from omnitok.train.loop import Runtime, _forward_loss
+
+    monkeypatch.setattr(loop, "_bucketed", functools.partial(loop._bucketed, bucket=16))
+
+    torch.manual_seed(0)
+    model = build_model(TINY, vocab_size=96)
+    ids = [torch.randint(0, 96, (n,)).numpy() for n in (20, 30, 9)]
+    masks = [(torch.arange(len(x)) >= len(x) // 2).to(torch.uint8).numpy() for x in ids]
+    batch = pack_rows([[("a", 0), ("a", 1)], [("a", 2)]], {"a": list(zip(ids, masks, strict=True))}, seq_len=64)
+    rt = Runtime(rank=0, world=1, device=torch.device("cpu"), bf16=False, owns_group=False)
+
+    loss = _forward_loss(model, batch, rt, flash=False)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    from omnitok.data.packing import IGNORE, block_causal_mask
+
+    logits = model(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=block_causal_mask(batch.doc_ids),
+    ).logits
+    targets = torch.nn.functional.pad(batch.labels[:, 1:], (0, 1), value=IGNORE)
+    full = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+    full.backward()
+    assert batch.targets > 0 and loss.item() == pytest.approx(full.item(), rel=1e-5)
+    # ... and the head really ran on the target positions only (the fast path, not the full-logits fallback)
+    keep = targets != IGNORE
+    assert model(input_ids=batch.input_ids, logits_to_keep=keep).logits.shape == (batch.targets, 96)
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_bucketed_keep_rounds_up_with_unlabelled_positions():
+    from omnitok.train.loop import _bucketed
+
+    keep = torch.zeros(2, 20, dtype=torch.bool)
+    keep[0, 3:8] = True
+    keep[1, 10:13] = True
+    out = _bucketed(keep, bucket=16)
+    assert int(out.sum()) == 16 and bool(out[keep].all())  # every target kept, 8 unlabelled added
+    assert int(_bucketed(keep, bucket=64).sum()) == 40  # capped at the number of positions
+    full = torch.ones(2, 8, dtype=torch.bool)
+    assert _bucketed(full, bucket=16) is full

@@ -117,7 +117,7 @@ class Recipe:
     stages: list[StageConfig]
     seed: int = 0
     split: str = "train"
-    precision: str = "auto"  # auto: bf16 autocast on a GPU that supports it, else fp32
+    precision: str = "auto"  # auto: bf16 autocast on a bf16 GPU or an AMX CPU, else fp32
     device: str = "auto"
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
