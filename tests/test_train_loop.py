@@ -212,3 +212,61 @@ def test_bucketed_keep_rounds_up_with_unlabelled_positions():
     assert int(_bucketed(keep, bucket=64).sum()) == 40  # capped at the number of positions
     full = torch.ones(2, 8, dtype=torch.bool)
     assert _bucketed(full, bucket=16) is full
+
+
+def test_validation_loss_per_task_logged_and_resumed(tmp_path):
+    tokdir = tmp_path / "tokens"
+    write_synthetic_tokens(
+        tokdir,
+        vocab_size=96,
+        tasks={"caption": (4, 20), "t2i": (16, 30), "asr": (10, 50)},
+        docs=20,
+        splits=("train", "val"),
+    )
+    out = tmp_path / "run"
+    result = train(recipe(tokdir, out, validation={"every": 3, "docs": 8}), progress=False)
+    lines = [json.loads(x) for x in (out / "val.jsonl").read_text().splitlines()]
+    # every 3 steps (3, 6) and at the end of each stage (4, 7); tasks of any stage, each a finite loss
+    assert [r["step"] for r in lines] == [3, 4, 6, 7] and lines == result["validation"]
+    assert all(set(r["loss"]) == {"asr", "caption", "t2i"} for r in lines)
+    assert all(0 < v < 20 for r in lines for v in r["loss"].values())
+    assert lines[-1]["loss"]["caption"] < lines[0]["loss"]["caption"]  # the synthetic tasks are learnable
+
+    # a run resumed from step 4 drops the later validations and writes the same ones again
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    shutil.rmtree(again / "checkpoints" / "step-000006")
+    shutil.rmtree(again / "checkpoints" / "step-000007")
+    train(recipe(tokdir, again, validation={"every": 3, "docs": 8}), progress=False)
+    relines = [json.loads(x) for x in (again / "val.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in relines] == [3, 4, 6, 7]
+    for a, b in zip(lines, relines, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
+def test_validation_off_or_without_split(tokdir, tmp_path):
+    train(recipe(tokdir, tmp_path / "a", validation={"docs": 0}), progress=False)
+    train(recipe(tokdir, tmp_path / "b"), progress=False)  # the token directory has no val split
+    assert not (tmp_path / "a" / "val.jsonl").exists() and not (tmp_path / "b" / "val.jsonl").exists()
+
+
+def test_measure_throughput_and_demo_step_planning(tokdir, tmp_path):
+    from dataclasses import replace
+
+    from omnitok.demo import DemoConfig, _demo_recipe
+    from omnitok.train.loop import measure_throughput
+
+    r = recipe(tokdir, tmp_path / "m")
+    speed = measure_throughput(r, steps=2)
+    assert speed > 0 and not (tmp_path / "m").exists()  # measuring writes nothing
+
+    path = tmp_path / "r.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({**r.to_dict(), "data": str(tokdir), "out": str(tmp_path / "x")}))
+    cfg = DemoConfig(minutes=10, recipe=str(path), lm_tokens_per_s=1000.0)
+    planned = _demo_recipe(tokdir, tmp_path / "lm", cfg)
+    # 10 min x 0.38 share x 90 % x 1000 positions/s / 256 positions a step = 801 steps, split 4:3 like the recipe
+    assert [s.steps for s in planned.stages] == [458, 343] and planned.validation.docs == 32
+    faster = _demo_recipe(tokdir, tmp_path / "lm", replace(cfg, lm_tokens_per_s=2000.0))
+    assert sum(s.steps for s in faster.stages) == 2 * 801 + 1

@@ -41,7 +41,9 @@ class DemoConfig:
     seed: int = 0
     eval_limit: int = 30
     device: str = "cpu"
-    lm_tokens_per_s: float = 1500.0  # planning figure for scaling LM steps to the budget (CPU-2, this recipe)
+    # Training positions/s that scale the LM's steps to its share of the budget; None: measured on this machine
+    # with a few steps of the recipe's model before training (~20 s on CPU-2).
+    lm_tokens_per_s: float | None = None
     recipe: str = str(RECIPE)  # the LM recipe whose stages are scaled to the budget
 
     def budget(self, step: str) -> float:
@@ -149,14 +151,20 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
 
 def _demo_recipe(tokens: Path, out: Path, cfg: DemoConfig) -> Any:
     """The toyworld recipe with its data/out paths set and its steps scaled to the LM's share of the budget."""
-    from omnitok.train.recipe import load_recipe
+    from omnitok.train.loop import measure_throughput
+    from omnitok.train.recipe import ValidationConfig, load_recipe
 
     recipe = load_recipe(cfg.recipe)
+    # Validation once per stage on 32 documents a task: ~4 s each on CPU-2, and the per-task curves show which
+    # task the budget was too short for.
+    recipe = replace(recipe, data=tokens, out=out, device=cfg.device, validation=ValidationConfig(docs=32))
+    speed = cfg.lm_tokens_per_s or measure_throughput(recipe)
     tokens_per_step = recipe.batch.seq_len * recipe.batch.micro_batch * recipe.batch.grad_accum
-    total_steps = max(20, int(cfg.budget("lm") * 60 * cfg.lm_tokens_per_s / tokens_per_step))
+    # The validations and the final save come out of the same share: plan on 90 % of it for the steps.
+    total_steps = max(20, int(0.9 * cfg.budget("lm") * 60 * speed / tokens_per_step))
     planned = sum(s.steps for s in recipe.stages)
     stages = [replace(s, steps=max(5, round(s.steps * total_steps / planned))) for s in recipe.stages]
-    return replace(recipe, data=tokens, out=out, stages=stages, device=cfg.device)
+    return replace(recipe, stages=stages)
 
 
 def demo_command(
@@ -167,8 +175,10 @@ def demo_command(
     eval_limit: int = typer.Option(30, "--eval-limit", help="Test examples per task in the evaluation."),
     device: str = typer.Option("cpu", "--device", help="torch device for tokenizers and the LM (cpu, cuda)."),
     recipe: Path = typer.Option(RECIPE, "--recipe", help="LM recipe (recipes/toyworld_gpu.yaml for a GPU run)."),
-    lm_tokens_per_s: float = typer.Option(
-        1500.0, "--lm-tokens-per-s", help="Training speed the LM's steps are planned with (CPU-2 figure)."
+    lm_tokens_per_s: float | None = typer.Option(
+        None,
+        "--lm-tokens-per-s",
+        help="Training positions/s the LM's steps are planned with; default: measured here before training.",
     ),
 ) -> None:
     """The main job: world -> tokenizers -> LM through four stages -> bundle -> evaluation report."""

@@ -52,7 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.nn.parallel import DistributedDataParallel
 
 from omnitok.data.packing import IGNORE, Batch, MixtureSampler, block_causal_mask, pack_rows
-from omnitok.data.shards import TokenDataset
+from omnitok.data.shards import TokenDataset, load_manifest
 from omnitok.errors import OmnitokError
 from omnitok.io import atomic_write_bytes, ensure_writable_dir, write_run_config
 from omnitok.model import base_vocab_size, build_model
@@ -348,6 +348,15 @@ class _Logger:
                 if isinstance(v, int | float) and k != "step":
                     self.tb.add_scalar(f"train/{k}", v, record["step"])
 
+    def write_validation(self, record: dict[str, Any]) -> None:
+        """``val.jsonl``: one line per validation, ``{"step", "stage", "loss": {task: loss}}``."""
+        if self.path is not None:
+            with open(self.path.with_name("val.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for task, v in record["loss"].items():
+                self.tb.add_scalar(f"val/{task}", v, record["step"])
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
@@ -433,13 +442,95 @@ def _write_bundle(final: Path, recipe: Recipe) -> Path | None:
     )
 
 
+# --- validation ----------------------------------------------------------------------------------------------
+
+
+def _validation_rows(recipe: Recipe) -> dict[str, tuple[TokenDataset, list[list[tuple[str, int]]]]]:
+    """Per task: its validation documents packed in order into rows (fixed, so every validation is comparable)."""
+    v = recipe.validation
+    if v.docs == 0:
+        return {}
+    manifest = load_manifest(recipe.data)["splits"].get(v.split, {})
+    seq_len = recipe.batch.seq_len
+    out = {}
+    for task in recipe.tasks:
+        if manifest.get(task, {}).get("docs", 0) == 0:
+            continue
+        ds = TokenDataset(recipe.data, v.split, task)
+        rows: list[list[tuple[str, int]]] = [[]]
+        used = 0
+        for i in range(min(v.docs, len(ds))):
+            n = min(int(ds.lengths[i]), seq_len)
+            if used + n > seq_len:
+                rows.append([])
+                used = 0
+            rows[-1].append((task, i))
+            used += n
+        out[task] = (ds, rows)
+    return out
+
+
+@torch.no_grad()
+def _validate(
+    model: torch.nn.Module, sets: dict[str, Any], recipe: Recipe, rt: Runtime, flash: bool
+) -> dict[str, float]:
+    """Mean loss per target token of each task's validation rows (every rank computes all: it is small)."""
+    was_training = model.training
+    model.eval()
+    losses = {}
+    for task, (ds, rows) in sets.items():
+        total, targets = 0.0, 0
+        for lo in range(0, len(rows), recipe.batch.micro_batch):
+            batch = pack_rows(rows[lo : lo + recipe.batch.micro_batch], {task: ds}, recipe.batch.seq_len)
+            total += float(_forward_loss(model, batch, rt, flash))
+            targets += batch.targets
+        losses[task] = total / max(targets, 1)
+    model.train(was_training)
+    return losses
+
+
+def measure_throughput(recipe: Recipe, steps: int = 3) -> float:
+    """Training positions per second of ``recipe`` on this machine, from ``steps`` timed updates after one warm-up.
+
+    What a time budget turns into a step count (``omnitok demo``): the speed of the very model, batch shape, data
+    and precision that will train, not a planning figure that is wrong on every other machine.
+    """
+    vocab_size = check_data(recipe)
+    rt = _runtime(recipe)
+    torch.manual_seed(recipe.seed)
+    model = build_model(recipe.model, vocab_size).to(rt.device)
+    flash = model.config._attn_implementation in FLASH
+    stage = recipe.stages[0]
+    b, o = stage.batch(recipe.batch), stage.optim(recipe.optim)
+    datasets = {t: TokenDataset(recipe.data, recipe.split, t) for t in stage.mixture}
+    sampler = MixtureSampler({t: d.lengths for t, d in datasets.items()}, stage.mixture, b.seq_len, recipe.seed)
+    optimizer = _optimizer(model, o, rt.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = b.micro_batch * b.grad_accum
+    t0 = 0.0
+    for k in range(steps + 1):
+        if k == 1:
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        plan = sampler.plan(k, rows)
+        micro = [
+            pack_rows(plan[m * b.micro_batch : (m + 1) * b.micro_batch], datasets, b.seq_len)
+            for m in range(b.grad_accum)
+        ]
+        _optimizer_step(model, optimizer, params, micro, o.lr, o, rt, flash)
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * rows * b.seq_len / (time.perf_counter() - t0)
+
+
 # --- the loop ------------------------------------------------------------------------------------------------
 
 
 def train(recipe: Recipe, *, resume: bool | None = None, progress: bool = True) -> dict[str, Any]:
     """Run every stage of ``recipe``. ``resume``: None continues from the newest checkpoint if there is one.
 
-    Returns ``{"step", "final", "log"}`` where ``log`` lists the records this process logged.
+    Returns ``{"step", "final", "log", "validation"}``: the train and validation records this process logged.
     """
     # Everything that can be wrong with the recipe or the data fails here, before the model is built.
     vocab_size = check_data(recipe)
@@ -472,6 +563,9 @@ def train(recipe: Recipe, *, resume: bool | None = None, progress: bool = True) 
             ckpt.set_rng_state(saved["rng"][rt.rank])
     if rt.main:
         _trim_log(recipe.out / "log.jsonl", step)
+        _trim_log(recipe.out / "val.jsonl", step)
+    val_sets = _validation_rows(recipe)
+    validations: list[dict[str, Any]] = []
     model.to(rt.device)
     start_stage, start_in_stage = _stage_position(recipe, step)
 
@@ -545,6 +639,14 @@ def train(recipe: Recipe, *, resume: bool | None = None, progress: bool = True) 
                     t_window = time.perf_counter()
                 bar.update(task, completed=k + 1)
 
+                if val_sets and (last or (recipe.validation.every and step % recipe.validation.every == 0)):
+                    val = {"step": step, "stage": stage.name, "loss": _validate(wrapped, val_sets, recipe, rt, flash)}
+                    logger.write_validation(val)
+                    validations.append(val)
+                    if progress and rt.main:
+                        losses = "  ".join(f"{t} {v:.3f}" for t, v in val["loss"].items())
+                        bar.console.print(f"step {step} validation loss: {losses}")
+
                 if save:
                     state = {
                         "step": step,
@@ -573,7 +675,7 @@ def train(recipe: Recipe, *, resume: bool | None = None, progress: bool = True) 
         logger.close()
         if rt.owns_group:
             dist.destroy_process_group()
-    return {"step": step, "final": str(final), "log": history}
+    return {"step": step, "final": str(final), "log": history, "validation": validations}
 
 
 def stage_summary(recipe: Recipe) -> list[dict[str, Any]]:

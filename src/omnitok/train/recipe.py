@@ -63,6 +63,15 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    """Held-out loss per task: the curve that says which task is learning, which the summed train loss hides."""
+
+    every: int = 0  # optimizer steps between validations; 0: only at the end of each stage
+    docs: int = 64  # first documents of each task's split; 0 turns validation off
+    split: str = "val"
+
+
+@dataclass(frozen=True)
 class LogConfig:
     every: int = 10
     tensorboard: bool = True
@@ -121,6 +130,7 @@ class Recipe:
     device: str = "auto"
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
@@ -250,6 +260,8 @@ def _check(recipe: Recipe) -> None:
     _positive(recipe.checkpoint.every, "checkpoint.every", zero_ok=True)
     _positive(recipe.checkpoint.keep, "checkpoint.keep")
     _positive(recipe.log.every, "log.every")
+    _positive(recipe.validation.every, "validation.every", zero_ok=True)
+    _positive(recipe.validation.docs, "validation.docs", zero_ok=True)
     if not recipe.stages:
         raise OmnitokError("stages: at least one stage is required")
     names = [s.name for s in recipe.stages]
