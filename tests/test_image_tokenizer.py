@@ -64,6 +64,12 @@ def test_residual_fsq_token_layout() -> None:
     swapped[:, 0] = k  # a stage-1 id in a stage-0 slot
     with pytest.raises(OmnitokError, match="residual level"):
         tok.decode(swapped)
+    # code vectors per stage: the latent each code decodes from (stage 1 on a finer scale)
+    v0, v1 = tok.code_vectors(0), tok.code_vectors(1)
+    assert v0.shape == v1.shape == (k, len(tok.config.levels))
+    assert v1.abs().max() < v0.abs().max()
+    with pytest.raises(OmnitokError, match=r"levels 0\.\.1"):
+        tok.code_vectors(2)
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from omnitok.errors import OmnitokError
-from omnitok.model import base_vocab_size, build_model, check_model_spec
+from omnitok.model import base_vocab_size, build_model, check_model_spec, init_code_embeddings
 
 TINY = {
     "arch": "llama",
@@ -69,3 +69,35 @@ def test_pretrained_same_size_and_shrink(saved_base):
         build_model({"pretrained": str(path)}, 50)
     with pytest.raises(OmnitokError, match=r"model\.hidden_size: not allowed with model\.pretrained"):
         build_model({"pretrained": str(path), "hidden_size": 8}, 60)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_code_embeddings_follow_the_codec(tied):
+    """Codes that are neighbours on the codec's grid start with closer rows than far-apart codes; others untouched."""
+    from omnitok.tokenizers.quantizers import FSQ
+
+    torch.manual_seed(0)
+    model = build_model({**TINY, "hidden_size": 64, "tie_word_embeddings": tied}, vocab_size=200)
+    fsq = FSQ((5, 5, 5))  # 125 codes at rows 40..164
+    vectors = fsq.indices_to_codes(torch.arange(125))
+    before = model.get_input_embeddings().weight.detach().clone()
+    assert init_code_embeddings(model, [(40, vectors)], seed=1) == [(40, 165)]
+    after = model.get_input_embeddings().weight.detach()
+    assert torch.equal(before[:40], after[:40]) and torch.equal(before[165:], after[165:])
+
+    def follows_codec(rows):  # distances between rows track distances between code vectors
+        i, j = torch.triu_indices(len(rows), len(rows), offset=1)
+        d_rows, d_codes = torch.cdist(rows, rows)[i, j], torch.cdist(vectors, vectors)[i, j]
+        return float(torch.corrcoef(torch.stack([d_rows, d_codes]))[0, 1])
+
+    assert follows_codec(after[40:165]) > 0.5 and abs(follows_codec(before[40:165])) < 0.1
+    # the spread of the rows grows by about sqrt(2): random part and codec part have the same size
+    assert 1.2 < float(after[40:165].std() / before[40:165].std()) < 1.6
+    if not tied:
+        assert follows_codec(model.get_output_embeddings().weight.detach()[40:165]) > 0.5
+
+
+def test_code_embeddings_out_of_range():
+    model = build_model(TINY, vocab_size=50)
+    with pytest.raises(OmnitokError, match="exceed the 50 embedding rows"):
+        init_code_embeddings(model, [(40, torch.zeros(20, 3))])

@@ -40,6 +40,7 @@ def test_world_to_bundle_to_eval(tmp_path):
         "optim": {"lr": 3e-3, "warmup_steps": 1},
         "checkpoint": {"every": 0, "keep": 1},
         "log": {"every": 1, "tensorboard": False},
+        "code_embeddings": "codec",  # image rows start from the tokenizer's code vectors (read via tokens/config.json)
         "stages": [
             {"name": "align", "steps": 3, "mixture": {"caption": 0.5, "t2i": 0.5}},
             {"name": "docs", "steps": 2, "mixture": {"interleaved": 1.0}},

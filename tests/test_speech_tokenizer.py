@@ -150,6 +150,7 @@ def test_contract_encode_decode_shapes() -> None:
     tok = _tiny()
     assert tok.sample_rate == SR and tok.frame_rate == 25.0 and tok.num_levels == 1
     assert tok.codebook_sizes == [125] and tok.codebook_size == 125
+    assert tok.code_vectors().shape == (125, 3) and tok.code_vectors().abs().max() == 1.0
     x = _tone(1.03)
     codes = tok.encode(x, SR)
     assert codes.dtype == np.int64 and codes.shape == (26,) and codes.min() >= 0 and codes.max() < 125

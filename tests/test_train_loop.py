@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from omnitok.errors import OmnitokError
 from omnitok.model import build_model
 from omnitok.train.checkpoint import list_checkpoints, load_trainer_state
 from omnitok.train.loop import lr_at, train
@@ -270,3 +271,8 @@ def test_measure_throughput_and_demo_step_planning(tokdir, tmp_path):
     assert [s.steps for s in planned.stages] == [458, 343] and planned.validation.docs == 32
     faster = _demo_recipe(tokdir, tmp_path / "lm", replace(cfg, lm_tokens_per_s=2000.0))
     assert sum(s.steps for s in faster.stages) == 2 * 801 + 1
+
+
+def test_codec_code_embeddings_need_the_tokenizers(tokdir, tmp_path):
+    with pytest.raises(OmnitokError, match="code_embeddings: codec needs the"):
+        train(recipe(tokdir, tmp_path / "c", code_embeddings="codec"), progress=False)

@@ -100,3 +100,35 @@ def build_model(spec: Mapping[str, Any], vocab_size: int) -> PreTrainedModel:
 
 def base_vocab_size(model: PreTrainedModel) -> int:
     return int(getattr(model.config, "omnitok_base_vocab_size", 0))
+
+
+@torch.no_grad()
+def init_code_embeddings(
+    model: PreTrainedModel, ranges: list[tuple[int, torch.Tensor]], seed: int = 0
+) -> list[tuple[int, int]]:
+    """Give each codebook's embedding rows a component that is a fixed random projection of its code vectors.
+
+    ``ranges``: (first row, code vectors [n, d]) per codebook. Each vector dimension is standardised and
+    projected to the hidden size so the added part has the rows' own per-element spread; the random part of
+    the rows stays, so every code keeps a row of its own. Codes the codec treats as alike then start with
+    similar input rows and (tied or not) similar output rows, which is the prior an LM needs to make sense of
+    thousands of code ids it sees only a few hundred times each. Returns the (start, stop) rows changed.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    matrices = [model.get_input_embeddings().weight]
+    out_emb = model.get_output_embeddings()
+    if out_emb is not None and out_emb.weight.data_ptr() != matrices[0].data_ptr():
+        matrices.append(out_emb.weight)
+    changed = []
+    for start, vectors in ranges:
+        v = vectors.float()
+        v = (v - v.mean(0)) / v.std(0).clamp(min=1e-6)
+        stop = start + v.shape[0]
+        for w in matrices:
+            if stop > w.shape[0]:
+                raise OmnitokError(f"code vectors for rows {start}..{stop} exceed the {w.shape[0]} embedding rows")
+            spread = float(w[start:stop].std())
+            proj = torch.randn(v.shape[1], w.shape[1], generator=gen) * (spread / v.shape[1] ** 0.5)
+            w[start:stop] += (v @ proj).to(w.dtype)
+        changed.append((start, stop))
+    return changed

@@ -251,6 +251,22 @@ class ImageTokenizer(nn.Module):
     def codebook_size(self) -> int:
         return self.level_codebook_size * self.num_levels
 
+    @torch.no_grad()
+    def code_vectors(self, level: int = 0) -> torch.Tensor:
+        """The latent every code of ``level`` stands for, [level codebook size, len(levels)].
+
+        What the decoder sees for a code: neighbouring grid points decode to similar patches. The trainer can start
+        the LM's embedding rows from these (``code_embeddings: codec``), so the LM begins knowing which codes are
+        alike instead of learning thousands of unrelated rows from scratch.
+        """
+        if not 0 <= level < self.num_levels:
+            raise OmnitokError(f"image tokenizer has levels 0..{self.num_levels - 1}, got {level}")
+        ids = torch.arange(self.level_codebook_size)
+        q = self.quantizer
+        if isinstance(q, ResidualFSQ):
+            return q.stages[level].indices_to_codes(ids) * q.scales[level]
+        return q.indices_to_codes(ids)
+
     @property
     def grid(self) -> tuple[int, int]:
         s = self.config.image_size // self.config.downsample

@@ -371,6 +371,13 @@ class SpeechTokenizer(nn.Module):
     def codebook_sizes(self) -> list[int]:
         return [self.codebook_size]
 
+    @torch.no_grad()
+    def code_vectors(self, level: int = 0) -> torch.Tensor:
+        """The FSQ grid point every code stands for, [codebook size, len(levels)] (see the image tokenizer's)."""
+        if level != 0:
+            raise OmnitokError(f"speech tokenizer has one level (0), got {level}")
+        return self.fsq.indices_to_codes(torch.arange(self.codebook_size))
+
     @property
     def bitrate(self) -> float:
         """Bits per second if every token were coded with log2(codebook) bits."""

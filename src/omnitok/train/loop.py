@@ -55,7 +55,7 @@ from omnitok.data.packing import IGNORE, Batch, MixtureSampler, block_causal_mas
 from omnitok.data.shards import TokenDataset, load_manifest
 from omnitok.errors import OmnitokError
 from omnitok.io import atomic_write_bytes, ensure_writable_dir, write_run_config
-from omnitok.model import base_vocab_size, build_model
+from omnitok.model import base_vocab_size, build_model, init_code_embeddings
 from omnitok.train import checkpoint as ckpt
 from omnitok.train.recipe import OptimConfig, Recipe, check_data
 
@@ -421,14 +421,55 @@ def _save_final(model: torch.nn.Module, recipe: Recipe, rt: Runtime) -> Path:
     return final
 
 
+def _made_by(recipe: Recipe) -> tuple[Path, dict[str, Any]]:
+    """The token directory's run record and what it was made with (pretokenize's config: tokenizer paths)."""
+    from omnitok.io import read_json
+
+    record = recipe.data / "config.json"
+    return record, read_json(record, "token directory record").get("config", {}) if record.exists() else {}
+
+
+def _codec_vectors(recipe: Recipe) -> list[tuple[int, torch.Tensor]]:
+    """(first row, code vectors) of every codebook whose tokenizer (as recorded by pretokenize) exposes them."""
+    from omnitok.tokenizers.base import load_image_tokenizer
+    from omnitok.tokenizers.speech import load_speech_tokenizer
+    from omnitok.vocab import Vocabulary
+
+    record, made_by = _made_by(recipe)
+    if not any(k.endswith("_tokenizer") and v for k, v in made_by.items()):
+        raise OmnitokError(
+            f"code_embeddings: codec needs the tokenizers that made {recipe.data}, but {record} names none "
+            "(token directories written by omnitok pretokenize do); use code_embeddings: random"
+        )
+    loaders = {"image": load_image_tokenizer, "speech": load_speech_tokenizer}
+    vocab = Vocabulary.load(recipe.data)
+    out = []
+    for r in vocab.codebooks:
+        path = made_by.get(f"{r.modality}_tokenizer")
+        if not path:
+            raise OmnitokError(
+                f"code_embeddings: codec needs the {r.modality} tokenizer, but {record} names none "
+                "(token directories written by omnitok pretokenize do); use code_embeddings: random"
+            )
+        tok = loaders[r.modality](path)
+        if not hasattr(tok, "code_vectors"):
+            print(f"note: the {r.modality} tokenizer at {path} has no code vectors; its rows stay random")
+            continue
+        v = tok.code_vectors(r.level)
+        if v.shape[0] != r.size:
+            raise OmnitokError(
+                f"code_embeddings: {path} has {v.shape[0]} codes at level {r.level}, vocab.json has {r.size}"
+            )
+        out.append((r.start, v))
+    return out
+
+
 def _write_bundle(final: Path, recipe: Recipe) -> Path | None:
     """End with a bundle when the token directory records which tokenizers produced it (omnitok pretokenize)."""
     from omnitok.bundle import save_bundle
-    from omnitok.io import read_json
     from omnitok.vocab import Vocabulary
 
-    record = recipe.data / "config.json"
-    made_by = read_json(record, "token directory record").get("config", {}) if record.exists() else {}
+    _, made_by = _made_by(recipe)
     if not made_by.get("image_tokenizer"):
         return None  # synthetic tokens: no tokenizers to bundle
     return save_bundle(
@@ -543,6 +584,8 @@ def train(recipe: Recipe, *, resume: bool | None = None, progress: bool = True) 
 
     torch.manual_seed(recipe.seed)
     model = build_model(recipe.model, vocab_size)
+    if recipe.code_embeddings == "codec" and resume_from is None:
+        init_code_embeddings(model, _codec_vectors(recipe), seed=recipe.seed)
     base_vocab = base_vocab_size(model)
     flash = model.config._attn_implementation in FLASH
     if recipe.distributed.strategy == "fsdp" and any(s.trainable != "all" for s in recipe.stages) and rt.world > 1:

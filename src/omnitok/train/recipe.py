@@ -30,6 +30,7 @@ from omnitok.model import check_model_spec
 
 SCHEDULES = ("cosine", "linear", "constant")
 TRAINABLE = ("all", "new_embeddings")
+CODE_EMBEDDINGS = ("random", "codec")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("ddp", "fsdp")
@@ -127,6 +128,8 @@ class Recipe:
     seed: int = 0
     split: str = "train"
     precision: str = "auto"  # auto: bf16 autocast on a bf16 GPU or an AMX CPU, else fp32
+    # "codec": codebook embedding rows start with a projection of the tokenizers' code vectors (model.py)
+    code_embeddings: str = "random"
     device: str = "auto"
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -255,6 +258,7 @@ def _check(recipe: Recipe) -> None:
     if not all(0 <= x < 1 for x in o.betas):
         raise OmnitokError(f"optim.betas: each must be in [0, 1), got {list(o.betas)}")
     _choice(recipe.precision, PRECISIONS, "precision")
+    _choice(recipe.code_embeddings, CODE_EMBEDDINGS, "code_embeddings")
     _choice(recipe.device, DEVICES, "device")
     _choice(recipe.distributed.strategy, STRATEGIES, "distributed.strategy")
     _positive(recipe.checkpoint.every, "checkpoint.every", zero_ok=True)
