@@ -18,7 +18,7 @@ from omnitok.vocab import Vocabulary
 from omnitok.world.build import WorldConfig, build_world
 from omnitok.world.language import canonical_caption
 from omnitok.world.read import iter_samples
-from omnitok.world.scene import render_image, scene_from_json
+from omnitok.world.scene import SceneObject, render_image, scene_from_json
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,15 @@ def test_suite_writes_metrics_and_report(setup):
     model = omnitok.load(str(setup / "bundle"))
     cfg = EvalConfig(limit=3, batch_size=3)
     metrics = evaluate(model, setup / "world", setup / "out", cfg)
-    for name in ("caption_acc", "t2i_acc", "video_caption_acc", "edit_acc", "interleaved_acc"):
+    for name in (
+        "caption_acc",
+        "caption_object_f1",
+        "t2i_acc",
+        "t2i_object_f1",
+        "video_caption_acc",
+        "edit_acc",
+        "interleaved_acc",
+    ):
         assert name in metrics and set(metrics[name]) >= {"all", "seen", "heldout", "n"}
         assert 1 <= metrics[name]["n"]["all"] <= 3
         assert 0.0 <= metrics[name]["all"] <= 1.0
@@ -68,6 +76,12 @@ def test_metrics_accept_right_answers_and_reject_wrong_ones(setup):
     assert M.caption_correct(canonical_caption(scene), scene)
     assert all(M.caption_correct(c, scene) for c in s["meta"]["captions"])
     assert not M.caption_correct("An empty picture.", scene)
+    # partial credit: all objects right is 1, none stated is 0, one object of a two-object scene is 2/3
+    assert M.caption_object_f1(canonical_caption(scene), scene) == 1.0
+    assert M.caption_object_f1("An empty picture.", scene) == 0.0
+    pair = (SceneObject("circle", "red", "large", 0, 0), SceneObject("star", "blue", "small", 2, 2))
+    assert M.caption_object_f1(canonical_caption(pair[:1]), pair) == pytest.approx(2 / 3)  # P 1, R 1/2
+    assert M.image_object_f1(render_image(scene), scene) == 1.0
     assert M.image_correct(render_image(scene), scene)
     assert not M.image_correct(np.full((64, 64, 3), 230, np.uint8), scene)
     assert M.answer_correct("there are two objects", "There are two objects.")

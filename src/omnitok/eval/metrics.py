@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from omnitok.world.language import NUMBER_WORDS, parse_caption
-from omnitok.world.parser import parse_scene, scene_match
+from omnitok.world.parser import parse_scene, scene_match, score_scene
 from omnitok.world.scene import COLORS, SHAPES, Scene
 from omnitok.world.video import event_key, parse_event_caption
 
@@ -31,6 +31,19 @@ def caption_correct(text: str, scene: Scene) -> bool:
 def image_correct(image: np.ndarray, scene: Scene) -> bool:
     """The scene parser reads exactly the requested objects from the image."""
     return scene_match(parse_scene(image), scene)
+
+
+def caption_object_f1(text: str, scene: Scene) -> float:
+    """Partial credit for a caption: F1 of the objects it states with all four attributes right.
+
+    ``caption_acc`` is all-or-nothing over every object; this one shows a model on its way there.
+    """
+    return score_scene(parse_caption(text), scene)["object_f1"]
+
+
+def image_object_f1(image: np.ndarray, scene: Scene) -> float:
+    """Partial credit for a generated image: F1 of the objects the scene parser reads, all attributes right."""
+    return score_scene(parse_scene(image), scene)["object_f1"]
 
 
 def event_correct(text: str, event: dict[str, Any]) -> bool:

@@ -133,28 +133,26 @@ class Suite:
     def caption(self) -> dict[str, list[Record]]:
         samples = _take(self.world, "scene", self.cfg.limit)
         outs = self._gen([[Image(pixels=s["png"]), Text("Describe the picture.")] for s in samples], output="text")
-        recs = []
+        recs, graded = [], []
         for s, o in zip(samples, outs, strict=False):  # outs: a prefix if the time share ran out
-            text = _text_of(o)
-            ok = M.caption_correct(text, scene_from_json(s["meta"]["scene"]))
-            recs.append(Record(_group(s["meta"]["heldout_combo"]), ok, {"image": s["png"], "output": text}))
-        return {"caption_acc": recs}
+            text, scene, group = _text_of(o), scene_from_json(s["meta"]["scene"]), _group(s["meta"]["heldout_combo"])
+            recs.append(Record(group, M.caption_correct(text, scene), {"image": s["png"], "output": text}))
+            graded.append(Record(group, M.caption_object_f1(text, scene)))
+        return {"caption_acc": recs, "caption_object_f1": graded}
 
     def t2i(self) -> dict[str, list[Record]]:
         samples = _take(self.world, "scene", self.cfg.limit)
         captions = [s["meta"]["captions"][0] for s in samples]
         outs = self._gen([[Text(c)] for c in captions], output="image", cfg_scale=self.cfg.cfg_scale)
-        recs = []
+        recs, graded = [], []
         for s, c, o in zip(samples, captions, outs, strict=False):  # outs: a prefix if the time share ran out
             img = _first(o, Image)
-            ok = (
-                img is not None
-                and img.pixels is not None
-                and M.image_correct(img.pixels, scene_from_json(s["meta"]["scene"]))
-            )
-            shown = {"input": c, "image": None if img is None else img.pixels}
-            recs.append(Record(_group(s["meta"]["heldout_combo"]), ok, shown))
-        return {"t2i_acc": recs}
+            pixels = None if img is None else img.pixels
+            scene, group = scene_from_json(s["meta"]["scene"]), _group(s["meta"]["heldout_combo"])
+            ok = pixels is not None and M.image_correct(pixels, scene)
+            recs.append(Record(group, ok, {"input": c, "image": pixels}))
+            graded.append(Record(group, 0.0 if pixels is None else M.image_object_f1(pixels, scene)))
+        return {"t2i_acc": recs, "t2i_object_f1": graded}
 
     def asr(self) -> dict[str, list[Record]]:
         samples = [s for s in _take(self.world, "scene", self.cfg.limit) if "wav" in s]
@@ -324,6 +322,8 @@ def _summarise(name: str, recs: list[Record]) -> dict[str, Any]:
             from omnitok.eval.asr import wer
 
             out[group] = wer([r.score[0] for r in sel], [r.score[1] for r in sel])
+        elif name.endswith("_f1"):
+            out[group] = float(np.mean([r.score for r in sel]))
         else:
             out[group] = M.rate([bool(r.score) for r in sel])
     return out
