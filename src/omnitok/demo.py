@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 
 from omnitok.errors import OmnitokError
-from omnitok.io import ensure_writable_dir, read_json, write_run_config
+from omnitok.io import atomic_write_json, ensure_writable_dir, read_json, write_run_config
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "toyworld.yaml"
 
@@ -118,7 +118,11 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
     bundle = out / "bundle"
     if not _done(bundle / "omnitok.json"):
         console.rule("train")
-        recipe = _demo_recipe(tokens, out / "lm", cfg)
+        # The measured speed is kept, so a resumed demo plans the same steps as the run it continues.
+        plan = out / "lm_plan.json"
+        speed = read_json(plan, "demo LM plan").get("positions_per_s") if plan.exists() else None
+        recipe, speed = _demo_recipe(tokens, out / "lm", cfg, speed)
+        atomic_write_json(plan, {"positions_per_s": speed, "steps": [s.steps for s in recipe.stages]})
         from omnitok.train.loop import train
 
         train(recipe)
@@ -149,8 +153,12 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
     return metrics
 
 
-def _demo_recipe(tokens: Path, out: Path, cfg: DemoConfig) -> Any:
-    """The toyworld recipe with its data/out paths set and its steps scaled to the LM's share of the budget."""
+def _demo_recipe(tokens: Path, out: Path, cfg: DemoConfig, speed: float | None = None) -> tuple[Any, float]:
+    """The toyworld recipe with its data/out paths set and its steps scaled to the LM's share of the budget.
+
+    ``speed`` (training positions/s): ``cfg.lm_tokens_per_s`` wins, then ``speed``, else it is measured here.
+    Returns the recipe and the speed it was planned with.
+    """
     from omnitok.train.loop import measure_throughput
     from omnitok.train.recipe import ValidationConfig, load_recipe
 
@@ -158,13 +166,13 @@ def _demo_recipe(tokens: Path, out: Path, cfg: DemoConfig) -> Any:
     # Validation once per stage on 32 documents a task: ~4 s each on CPU-2, and the per-task curves show which
     # task the budget was too short for.
     recipe = replace(recipe, data=tokens, out=out, device=cfg.device, validation=ValidationConfig(docs=32))
-    speed = cfg.lm_tokens_per_s or measure_throughput(recipe)
+    speed = cfg.lm_tokens_per_s or speed or measure_throughput(recipe)
     tokens_per_step = recipe.batch.seq_len * recipe.batch.micro_batch * recipe.batch.grad_accum
     # The validations and the final save come out of the same share: plan on 90 % of it for the steps.
     total_steps = max(20, int(0.9 * cfg.budget("lm") * 60 * speed / tokens_per_step))
     planned = sum(s.steps for s in recipe.stages)
     stages = [replace(s, steps=max(5, round(s.steps * total_steps / planned))) for s in recipe.stages]
-    return replace(recipe, stages=stages)
+    return replace(recipe, stages=stages), speed
 
 
 def demo_command(
