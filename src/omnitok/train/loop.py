@@ -82,7 +82,7 @@ def _bf16_is_fast(cuda: bool) -> bool:
     """bf16 autocast where the hardware has bf16 matmul units: Ampere+ GPUs, and CPUs with AMX.
 
     On an AMX CPU (Sapphire Rapids and later) oneDNN runs bf16 matmuls on the tile unit: the toy-world model
-    trains 1.2-1.5x faster than in float32 (benchmarks/train_precision.py); without AMX, bf16 on CPU is emulated
+    trains 1.55x faster than in float32 (benchmarks/train_precision.py); without AMX, bf16 on CPU is emulated
     and slower, so float32 stays.
     """
     if cuda:
