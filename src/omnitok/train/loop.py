@@ -57,7 +57,7 @@ from omnitok.errors import OmnitokError
 from omnitok.io import atomic_write_bytes, ensure_writable_dir, write_run_config
 from omnitok.model import base_vocab_size, build_model, init_code_embeddings
 from omnitok.train import checkpoint as ckpt
-from omnitok.train.recipe import OptimConfig, Recipe, check_data
+from omnitok.train.recipe import BatchConfig, OptimConfig, Recipe, check_data
 
 FLASH = ("flash_attention_2", "flash_attention_3")
 
@@ -231,6 +231,17 @@ def _bucketed(keep: torch.Tensor, bucket: int = 512) -> torch.Tensor:
     flat = keep.view(-1)
     flat[(~flat).nonzero().squeeze(1)[:extra]] = True
     return keep
+
+
+def _micro_batches(
+    plan: list[list[Any]], datasets: dict[str, TokenDataset], b: BatchConfig, rt: Runtime
+) -> list[Batch]:
+    """This rank's packed micro-batches of one step's plan (rows of micro-step m, rank r: one contiguous block)."""
+    out = []
+    for m in range(b.grad_accum):
+        lo = (m * rt.world + rt.rank) * b.micro_batch
+        out.append(pack_rows(plan[lo : lo + b.micro_batch], datasets, b.seq_len))
+    return out
 
 
 def _forward_loss(model: torch.nn.Module, batch: Batch, rt: Runtime, flash: bool) -> torch.Tensor:
@@ -436,21 +447,23 @@ def _codec_vectors(recipe: Recipe) -> list[tuple[int, torch.Tensor]]:
     from omnitok.vocab import Vocabulary
 
     record, made_by = _made_by(recipe)
-    if not any(k.endswith("_tokenizer") and v for k, v in made_by.items()):
-        raise OmnitokError(
-            f"code_embeddings: codec needs the tokenizers that made {recipe.data}, but {record} names none "
+
+    def missing(what: str) -> OmnitokError:
+        return OmnitokError(
+            f"code_embeddings: codec needs the {what} that made {recipe.data}, but {record} names none "
             "(token directories written by omnitok pretokenize do); use code_embeddings: random"
         )
+
+    # Checked before vocab.json is read: a token directory without tokenizers may not have a full vocabulary.
+    if not any(k.endswith("_tokenizer") and v for k, v in made_by.items()):
+        raise missing("tokenizers")
     loaders = {"image": load_image_tokenizer, "speech": load_speech_tokenizer}
     vocab = Vocabulary.load(recipe.data)
     out = []
     for r in vocab.codebooks:
         path = made_by.get(f"{r.modality}_tokenizer")
         if not path:
-            raise OmnitokError(
-                f"code_embeddings: codec needs the {r.modality} tokenizer, but {record} names none "
-                "(token directories written by omnitok pretokenize do); use code_embeddings: random"
-            )
+            raise missing(f"{r.modality} tokenizer")
         tok = loaders[r.modality](path)
         if not hasattr(tok, "code_vectors"):
             print(f"note: the {r.modality} tokenizer at {path} has no code vectors; its rows stay random")
@@ -533,11 +546,10 @@ def _validate(
 def measure_throughput(recipe: Recipe, steps: int = 6, warmup: int = 2) -> float:
     """Training positions per second of ``recipe`` on this machine: ``steps`` timed updates after ``warmup``.
 
-    (One warm-up and three timed steps read 2,980 positions/s in a demo whose training then averaged ~3,900:
-    the first bf16 steps build kernels for each new head shape.)
-
     What a time budget turns into a step count (``omnitok demo``): the speed of the very model, batch shape, data
-    and precision that will train, not a planning figure that is wrong on every other machine.
+    and precision that will train, not a planning figure that is wrong on every other machine. The warm-up matters:
+    one warm-up and three timed steps read 2,980 positions/s in a demo whose training then averaged ~3,900, because
+    the first bf16 steps build kernels for each new head shape.
     """
     vocab_size = check_data(recipe)
     rt = _runtime(recipe)
@@ -550,18 +562,14 @@ def measure_throughput(recipe: Recipe, steps: int = 6, warmup: int = 2) -> float
     sampler = MixtureSampler({t: d.lengths for t, d in datasets.items()}, stage.mixture, b.seq_len, recipe.seed)
     optimizer = _optimizer(model, o, rt.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    rows = b.micro_batch * b.grad_accum
+    rows = b.micro_batch * b.grad_accum * rt.world
     t0 = 0.0
     for k in range(warmup + steps):
         if k == warmup:
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        plan = sampler.plan(k, rows)
-        micro = [
-            pack_rows(plan[m * b.micro_batch : (m + 1) * b.micro_batch], datasets, b.seq_len)
-            for m in range(b.grad_accum)
-        ]
+        micro = _micro_batches(sampler.plan(k, rows), datasets, b, rt)
         _optimizer_step(model, optimizer, params, micro, o.lr, o, rt, flash)
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
@@ -645,10 +653,7 @@ def train(recipe: Recipe, *, resume: bool | None = None, progress: bool = True) 
 
             for k in range(first, stage.steps):
                 plan = sampler.plan(step, rows)
-                micro = []
-                for m in range(b.grad_accum):
-                    lo = (m * rt.world + rt.rank) * b.micro_batch  # rank r's rows of micro-step m
-                    micro.append(pack_rows(plan[lo : lo + b.micro_batch], datasets, b.seq_len))
+                micro = _micro_batches(plan, datasets, b, rt)
                 lr = lr_at(k, stage.steps, o)
                 loss_sum, targets, grad_norm = _optimizer_step(wrapped, optimizer, params, micro, lr, o, rt, flash)
                 step += 1
