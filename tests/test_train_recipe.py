@@ -170,7 +170,7 @@ def test_cli_reports_one_error_line(tmp_path, raw, monkeypatch, capsys):
     assert err.startswith("error:") and "stages[0].mixture: weights must sum to 1, got 0.5" in err
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "toyworld.yaml", "toyworld_gpu.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "toyworld.yaml", "toyworld_long.yaml", "toyworld_gpu.yaml"])
 def test_shipped_lm_recipes_validate(name):
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / name)
     assert recipe.stages and all(s.steps > 0 and s.mixture for s in recipe.stages)

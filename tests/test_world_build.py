@@ -123,6 +123,32 @@ def test_changed_settings_are_refused(world):
         build_world(world, WorldConfig(n=41, seed=3, speech=False, samples_per_shard=8))
 
 
+def test_a_world_from_before_a_new_config_field_still_resumes(world):
+    # config.json written by a builder that did not know speech_fraction: the missing field reads as its default
+    path = world / "config.json"
+    saved = path.read_text()
+    raw = json.loads(saved)
+    del raw["config"]["speech_fraction"]
+    path.write_text(json.dumps(raw))
+    try:
+        assert build_world(world, SMALL)["_built_samples"] == 0
+    finally:
+        path.write_text(saved)
+
+
+def test_speech_fraction_speaks_only_some_scenes(tmp_path):
+    from omnitok.tokenizers.speech_train import load_world_clips
+
+    cfg = WorldConfig(n=40, seed=5, speech_fraction=0.3, samples_per_shard=40, kind_ratios={"scene": 1.0})
+    build_world(tmp_path, cfg, workers=1)
+    scenes = list(iter_samples(tmp_path, "train", "scene"))
+    spoken = [s for s in scenes if "wav" in s]
+    assert 0 < len(spoken) < len(scenes) // 2
+    assert all("speech" in s["meta"] for s in spoken)
+    assert not any("speech" in s["meta"] for s in scenes if "wav" not in s)
+    assert len(load_world_clips(tmp_path, "train", kinds=("scene",))) == len(spoken)
+
+
 @pytest.mark.parametrize(
     "cfg, message",
     [
@@ -130,6 +156,7 @@ def test_changed_settings_are_refused(world):
         (WorldConfig(n=10, seed=-1, speech=False), "--seed"),
         (WorldConfig(n=10, speech=False, kind_ratios={"podcast": 1.0}), "unknown kinds"),
         (WorldConfig(n=10, speech=False, caption_error_rate=1.5), "caption_error_rate"),
+        (WorldConfig(n=10, speech=False, speech_fraction=-0.1), "speech_fraction"),
     ],
 )
 def test_bad_config_is_refused_before_any_work(tmp_path, cfg, message):

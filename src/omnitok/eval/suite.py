@@ -67,9 +67,12 @@ def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[i : i + size]
 
 
-def _take(world: Path, kind: str, limit: int) -> list[dict[str, Any]]:
+def _take(world: Path, kind: str, limit: int, need: str | None = None) -> list[dict[str, Any]]:
+    """The first ``limit`` test samples of ``kind`` (that carry file ``need``: a world may speak only some scenes)."""
     out = []
     for s in iter_samples(world, "test", kind):
+        if need is not None and need not in s:
+            continue
         out.append(s)
         if len(out) >= limit:
             break
@@ -155,7 +158,7 @@ class Suite:
         return {"t2i_acc": recs, "t2i_object_f1": graded}
 
     def asr(self) -> dict[str, list[Record]]:
-        samples = [s for s in _take(self.world, "scene", self.cfg.limit) if "wav" in s]
+        samples = _take(self.world, "scene", self.cfg.limit, need="wav")
         prompts = [[Audio(samples=s["wav"], sample_rate=16000), Text("Transcribe the speech.")] for s in samples]
         outs = self._gen(prompts, output="text")
         recs = []
@@ -171,7 +174,7 @@ class Suite:
     def tts(self) -> dict[str, list[Record]]:
         from omnitok.eval import style as style_eval
 
-        samples = [s for s in _take(self.world, "scene", self.cfg.limit) if "wav" in s]
+        samples = _take(self.world, "scene", self.cfg.limit, need="wav")
         wer_recs, ref_recs, style_recs = [], [], []
         reference = style_eval.StyleReference.fit([s["meta"]["speech"]["text"] for s in samples[:4]])
         styles = [{k: s["meta"]["speech"][k] for k in ("voice", "pitch", "rate")} for s in samples]

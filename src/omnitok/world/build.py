@@ -77,6 +77,10 @@ class WorldConfig:
     n: int = 10_000  # scene samples over all splits; other kinds scale with `kind_ratios`
     seed: int = 0
     speech: bool = True
+    # Share of scene samples that are also spoken. Speech costs ~3x a scene to build and far more to tokenize, and
+    # image tasks want many more distinct scenes than speech tasks want utterances (a reader trained on 32k scenes
+    # kept improving where one on 6k had stopped: docs/BENCHMARKS.md), so a large world can speak only some.
+    speech_fraction: float = 1.0
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     kind_ratios: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_KIND_RATIOS))
     captions_per_scene: int = 3
@@ -98,7 +102,7 @@ class WorldConfig:
         unknown = set(self.kind_ratios) - set(KINDS)
         if unknown:
             raise OmnitokError(f"kind_ratios has unknown kinds {sorted(unknown)}; known: {list(KINDS)}")
-        for name in ("caption_error_rate", "heldout_combo_rate", "heldout_voice_rate"):
+        for name in ("caption_error_rate", "heldout_combo_rate", "heldout_voice_rate", "speech_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise OmnitokError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.speech:
@@ -221,7 +225,9 @@ def _make_scene(ctx: _Context) -> tuple[dict[str, bytes], dict[str, Any]]:
         "occlusions": [list(p) for p in occlusions(scene)],
         "heldout_combo": _heldout(scene),
     }
-    if ctx.cfg.speech:
+    # Fraction 1 draws nothing extra, so worlds built before speech_fraction existed keep their bytes.
+    spoken = ctx.cfg.speech and (ctx.cfg.speech_fraction >= 1.0 or ctx.rng.random() < ctx.cfg.speech_fraction)
+    if spoken:
         files["wav"], meta["speech"] = ctx.speak(caps[int(ctx.rng.integers(len(caps)))])
     return files, meta
 
@@ -380,7 +386,8 @@ def _check_existing(out: Path, cfg: WorldConfig, overwrite: bool) -> None:
         if stray and not overwrite:
             raise OmnitokError(f"{out} already holds shards but no config.json; use an empty --out or --overwrite")
         return
-    old = read_json(cfg_path, "world config").get("config", {})
+    # Fields added since an old world was built read as their defaults, so it still resumes.
+    old = {**WorldConfig().to_json(), **read_json(cfg_path, "world config").get("config", {})}
     if old == cfg.to_json():
         return
     if not overwrite:

@@ -82,12 +82,15 @@ def build(
     n: int = typer.Option(10_000, "--n", help="Scene samples over all splits (other kinds scale with it)."),
     seed: int = typer.Option(0, "--seed", help="Same seed, same bytes."),
     speech: bool = typer.Option(True, "--speech/--no-speech", help="Synthesise speech with eSpeak NG."),
+    speech_fraction: float = typer.Option(
+        1.0, "--speech-fraction", help="Share of scenes that are also spoken (a large image world, fewer clips)."
+    ),
     workers: int = typer.Option(0, "--workers", help="Processes (0: one per CPU core)."),
     shard_size: int = typer.Option(500, "--shard-size", help="Samples per tar shard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a world built with other settings."),
 ) -> None:
     """Build (or resume building) the toy world."""
-    cfg = WorldConfig(n=n, seed=seed, speech=speech, samples_per_shard=shard_size)
+    cfg = WorldConfig(n=n, seed=seed, speech=speech, speech_fraction=speech_fraction, samples_per_shard=shard_size)
     run_build(out, cfg, workers or None, overwrite)
 
 
