@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from _common import command, machine, table
+from omnitok.tokenizers.base import load_split_images
 from omnitok.tokenizers.image import ImageTokenizer
-from omnitok.world.read import iter_samples
 from omnitok.world.scene import COLORS, GRID, SHAPES, Scene, scene_from_json
 
 PATCH = 8
@@ -44,13 +44,8 @@ def _cell_labels(scenes: list[Scene]) -> torch.Tensor:
 
 
 def _load(world: str, split: str, n: int) -> tuple[np.ndarray, list[Scene]]:
-    images, scenes = [], []
-    for s in iter_samples(world, split, "scene"):
-        images.append(s["png"])
-        scenes.append(scene_from_json(s["meta"]["scene"]))
-        if len(images) >= n:
-            break
-    return np.stack(images), scenes
+    images, samples = load_split_images(world, split, limit=n, with_meta=True)
+    return images, [scene_from_json(s.meta["scene"]) for s in samples]
 
 
 def _inputs(images: np.ndarray, kind: str, tok: ImageTokenizer) -> torch.Tensor:

@@ -78,8 +78,9 @@ class WorldConfig:
     seed: int = 0
     speech: bool = True
     # Share of scene samples that are also spoken. Speech costs ~3x a scene to build and far more to tokenize, and
-    # image tasks want many more distinct scenes than speech tasks want utterances (a reader trained on 32k scenes
-    # kept improving where one on 6k had stopped: docs/BENCHMARKS.md), so a large world can speak only some.
+    # image tasks can use many more distinct scenes than speech tasks need utterances once a run is long enough to
+    # memorise a small world (a probe on 32k scenes kept improving where one on 6k had peaked; the CPU-size LM run
+    # is not yet there: docs/BENCHMARKS.md), so a large world can speak only some of its scenes.
     speech_fraction: float = 1.0
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     kind_ratios: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_KIND_RATIOS))
@@ -388,10 +389,11 @@ def _check_existing(out: Path, cfg: WorldConfig, overwrite: bool) -> None:
         return
     # Fields added since an old world was built read as their defaults, so it still resumes.
     old = {**WorldConfig().to_json(), **read_json(cfg_path, "world config").get("config", {})}
-    if old == cfg.to_json():
+    new = cfg.to_json()
+    if old == new:
         return
     if not overwrite:
-        diff = sorted(k for k in set(old) | set(cfg.to_json()) if old.get(k) != cfg.to_json().get(k))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise OmnitokError(
             f"{out} holds a world built with different settings ({', '.join(diff)}); "
             "use another --out or pass --overwrite"
