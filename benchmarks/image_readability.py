@@ -2,16 +2,22 @@
 
 The longer LM run captions a quarter of seen-composition test scenes exactly and binds colours and shapes to the
 wrong objects. Is that the tokenizer (its codes hide what a reader needs), the number of distinct scenes, or just
-LM compute? This probe answers it without an LM: a small transformer reads one image (64 code ids, or the raw 8x8
-pixel patches in the same raster order) and names the front object of each of the 9 cells (empty, or colour x
-shape x size), with dense supervision — a far easier signal than a caption. Same probe, same steps and batch for
-each input; only the input or the number of training scenes differs.
+LM compute? This probe answers it without an LM: a small transformer reads one image (64 code ids, each code's
+latent vector, or the raw 8x8 pixel patches in the same raster order) and names the front object of each of the 9
+cells (empty, or colour x shape x size), with dense supervision — a far easier signal than a caption. Same probe,
+same steps and batch for each input; only the input or the number of training scenes differs.
 
     python benchmarks/image_readability.py --world runs/world8k --tokenizer runs/image-tok-4k \
         --train-scenes 6000 --inputs ids pixels --steps 1500
 
+Inputs: ``ids`` (a free embedding row per code, random init), ``ids-codec`` (rows start as the LM's
+``code_embeddings: codec`` starts them: random + a projection of the code's latent), ``ids-proj`` (rows start as the
+projection alone), ``vectors`` (the fixed latent through a learned linear map: rows that stay a function of the
+code), ``pixels``.
+
 Reading off the table: if pixels beat ids by a wide margin, the tokenizer is what limits reading; if more training
-scenes lift test accuracy where fewer plateau, the world is too small for the image tasks.
+scenes lift test accuracy where fewer plateau, the world is too small for the image tasks; if ``vectors`` beat
+``ids``, the LM should see what the codec knows about each code.
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ def _inputs(images: np.ndarray, kind: str, tok: ImageTokenizer) -> torch.Tensor:
             x = torch.from_numpy(b).float() / 255
             h = x.shape[1] // PATCH
             out.append(x.reshape(len(b), h, PATCH, h, PATCH, 3).permute(0, 1, 3, 2, 4, 5).reshape(len(b), h * h, -1))
+        elif kind == "vectors":  # each code's latent (what `code_embeddings: codec` starts the LM's rows from)
+            out.append(tok.code_vectors()[tok.encode(b).reshape(len(b), -1)])
         else:
             out.append(tok.encode(b).reshape(len(b), -1))
     return torch.cat(out)
@@ -66,7 +74,7 @@ class Probe(nn.Module):
 
     def __init__(self, kind: str, vocab_or_dim: int, positions: int, d: int = 128) -> None:
         super().__init__()
-        if kind == "ids":
+        if kind.startswith("ids"):
             self.embed: nn.Module = nn.Embedding(vocab_or_dim, d)
         else:
             self.embed = nn.Sequential(nn.Linear(vocab_or_dim, d), nn.GELU(), nn.Linear(d, d))
@@ -86,7 +94,16 @@ class Probe(nn.Module):
 
 def _run(kind: str, x_tr, y_tr, x_te, y_te, tok: ImageTokenizer, args) -> list[tuple[int, float, float]]:
     torch.manual_seed(args.seed)
-    probe = Probe(kind, tok.codebook_size if kind == "ids" else x_tr.shape[-1], x_tr.shape[1])
+    probe = Probe(kind, tok.codebook_size if kind.startswith("ids") else x_tr.shape[-1], x_tr.shape[1])
+    if kind in ("ids-codec", "ids-proj"):  # as omnitok.model.init_code_embeddings does for the LM's rows
+        with torch.no_grad():
+            v = tok.code_vectors().float()
+            v = (v - v.mean(0)) / v.std(0).clamp(min=1e-6)
+            w = probe.embed.weight
+            proj = torch.randn(v.shape[1], w.shape[1]) * (float(w.std()) / v.shape[1] ** 0.5)
+            if kind == "ids-proj":
+                w.zero_()
+            w += v @ proj
     opt = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.01)
     curve = []
     for step in range(args.steps + 1):
@@ -109,7 +126,9 @@ def main() -> None:
     ap.add_argument("--tokenizer", required=True, help="an omnitok image tokenizer directory")
     ap.add_argument("--train-scenes", type=int, default=6000)
     ap.add_argument("--test-scenes", type=int, default=600)
-    ap.add_argument("--inputs", nargs="+", default=["ids", "pixels"], choices=["ids", "pixels"])
+    ap.add_argument(
+        "--inputs", nargs="+", default=["ids", "pixels"], choices=["ids", "ids-codec", "ids-proj", "vectors", "pixels"]
+    )
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--every", type=int, default=250)

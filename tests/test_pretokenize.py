@@ -84,3 +84,23 @@ def test_bad_requests_are_named(setup, tmp_path):
         pretokenize(tmp_path, tmp_path / "c", imgtok)
     with pytest.raises(OmnitokError, match="splits"):
         pretokenize(world, tmp_path / "d", imgtok, splits=["dev"])
+
+
+def test_caption_answers_are_canonical_and_draw_prompts_paraphrase():
+    import numpy as np
+
+    from omnitok.data import tasks
+    from omnitok.world.language import canonical_caption, captions, parse_caption
+    from omnitok.world.parser import scene_match
+    from omnitok.world.scene import sample_scene
+
+    rng = np.random.default_rng(0)
+    scene = sample_scene(rng, n_objects=3)
+    sample = {"png": np.zeros((64, 64, 3), np.uint8), "meta": {"captions": captions(scene, rng, n=3)}}
+    answers, prompts = set(), set()
+    for seed in range(20):
+        answers.add(tasks.caption(sample, np.random.default_rng(seed))[0][-1].text)
+        prompts.add(tasks.t2i(sample, np.random.default_rng(seed))[0][0].text)
+    assert answers == {canonical_caption(scene)}
+    assert scene_match(parse_caption(answers.pop()), scene)
+    assert any(c in p for p in prompts for c in sample["meta"]["captions"][1:])

@@ -43,7 +43,11 @@ def _audio(samples: np.ndarray, record: dict[str, Any], role: str, with_style: b
 
 
 def caption(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
-    text = _pick(rng, tuple(s["meta"]["captions"]))
+    # The answer is the canonical caption (objects in reading order, one wording): a function of the picture, so
+    # every target token teaches reading. Paraphrases (random order, frames, synonyms) stay in the prompts of
+    # the tasks that read text (t2i), where variety teaches understanding instead of guessing a wording.
+    text = s["meta"]["captions"][0]
+    _pick(rng, tuple(s["meta"]["captions"]))  # keeps the random stream of the remaining samples unchanged
     return [
         [
             Image(pixels=s["png"], role="user"),
