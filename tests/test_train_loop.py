@@ -279,3 +279,40 @@ def test_measure_throughput_and_demo_step_planning(tokdir, tmp_path):
 def test_codec_code_embeddings_need_the_tokenizers(tokdir, tmp_path):
     with pytest.raises(OmnitokError, match="code_embeddings: codec needs the"):
         train(recipe(tokdir, tmp_path / "c", code_embeddings="codec"), progress=False)
+
+
+def test_demo_lm_step_runs_in_a_fresh_process(tokdir, tmp_path):
+    import os
+
+    import yaml
+
+    from omnitok.demo import DemoConfig, _train_lm, in_fresh_process
+    from omnitok.io import read_json
+
+    assert in_fresh_process(os.getpid) != os.getpid()
+    with pytest.raises(OmnitokError, match="demo LM plan not found"):  # the step's error comes back, message kept
+        in_fresh_process(read_json, tmp_path / "missing.json", "demo LM plan")
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**recipe(tokdir, tmp_path / "x").to_dict(), "data": str(tokdir)}))
+    # 60 s x 90 % x 20 positions/s / 256 a step -> the 20-step floor, split 4:3 like the recipe
+    cfg = DemoConfig(minutes=3, recipe=str(path), lm_tokens_per_s=20.0)
+    in_fresh_process(_train_lm, tokdir, tmp_path, cfg, 60.0)
+    assert read_json(tmp_path / "lm_plan.json") == {"positions_per_s": 20.0, "steps": [11, 9]}
+    log = tmp_path / "lm" / "log.jsonl"
+    assert json.loads(log.read_text().splitlines()[-1])["step"] == 20
+    # a resumed demo keeps its plan (its checkpoints were made for it), whatever time it has left now
+    _train_lm(tokdir, tmp_path, cfg, 6000.0)
+    assert read_json(tmp_path / "lm_plan.json")["steps"] == [11, 9]
+    assert json.loads(log.read_text().splitlines()[-1])["step"] == 20
+
+
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "expected"), [(True, False, True), (False, True, True), (False, False, False)]
+)
+def test_auto_precision_takes_bf16_on_cpus_with_bf16_matmul_instructions(monkeypatch, amx, avx512_bf16, expected):
+    from omnitok.train.loop import _bf16_is_fast
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert _bf16_is_fast(cuda=False) is expected

@@ -1,3 +1,5 @@
 from omnitok.cli import main
 
-main()
+# Guarded: a process spawned by omnitok (the demo runs its steps in fresh processes) imports this module again.
+if __name__ == "__main__":
+    main()

@@ -3,16 +3,24 @@
     world -> image tokenizer -> speech tokenizer -> pretokenize -> LM through the four stages -> bundle -> eval
 
 Every step writes into ``OUT/<step>/`` and is skipped when its result is already there, so an interrupted demo
-continues where it stopped. The budget (``--minutes``) is split across the steps by fixed shares; the LM's step
-counts come from ``recipes/toyworld.yaml`` scaled to the time its stages get. The same code with a larger budget
-(or ``--gpu``) is the "longer run".
+continues where it stopped. The tokenizer trainings, pretokenization and the LM's training each run in a fresh
+process: a step returns its memory to the system when it ends, and the LM trains (and measures the speed its
+steps are planned with) in a clean heap, not in the 1.5 GB fragmented one the speech tokenizer's training leaves
+behind, which slowed it by 15-25 % on CPU-2 (docs/BENCHMARKS.md).
+
+The budget (``--minutes``) is split across the steps by fixed shares; the LM's share shrinks by what the steps
+before it overran, and its step counts come from ``recipes/toyworld.yaml`` scaled to the time its stages get. The
+same code with a larger budget (or ``--recipe recipes/toyworld_gpu.yaml --device cuda``) is the "longer run".
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import shutil
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +40,9 @@ IMAGE_LEVELS = (8, 8, 8, 8)
 # Shares of the budget; the world build and pretokenization are fixed-size work (~1.5 min on CPU-2 for the
 # default 2,000 scenes) and take what they take, so the shares add up to 0.82, not 1.
 SHARES = {"image_tokenizer": 0.16, "speech_tokenizer": 0.16, "lm": 0.42, "eval": 0.08}
+# The LM's share shrinks when the steps before it ran long (a slow machine, a speech tokenizer's feature pass), so
+# that its training, the evaluation and this margin still end within the budget.
+MARGIN_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,17 @@ class DemoConfig:
 
 def _done(path: Path) -> bool:
     return path.exists()
+
+
+def in_fresh_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in a new (spawned) Python process; its result or exception comes back here.
+
+    Why: a long PyTorch step leaves the allocator's heap fragmented and large after it ends, and the next step in
+    the same process runs slower in it; a fresh process per step starts each one clean and gives the memory back.
+    ``fn`` and its arguments must be picklable (module-level functions, dataclass configs, paths).
+    """
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
 
 
 def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
@@ -89,7 +111,7 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
         train = replace(
             TrainConfig(), max_minutes=cfg.budget("image_tokenizer"), device=cfg.device, arch={"levels": IMAGE_LEVELS}
         )
-        train_image_tokenizer(world, image_tok, train)
+        in_fresh_process(train_image_tokenizer, world, image_tok, train)
     step("image tokenizer")
 
     # 3. speech tokenizer
@@ -98,11 +120,8 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
         from omnitok.tokenizers.speech_train import SpeechTrainConfig, train_speech_tokenizer
 
         console.rule("speech tokenizer")
-        train_speech_tokenizer(
-            world,
-            speech_tok,
-            replace(SpeechTrainConfig(), max_minutes=cfg.budget("speech_tokenizer"), device=cfg.device),
-        )
+        speech = replace(SpeechTrainConfig(), max_minutes=cfg.budget("speech_tokenizer"), device=cfg.device)
+        in_fresh_process(train_speech_tokenizer, world, speech_tok, speech)
     step("speech tokenizer")
 
     # 4. token shards
@@ -111,21 +130,15 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
         from omnitok.data.pretokenize import pretokenize
 
         console.rule("pretokenize")
-        pretokenize(world, tokens, image_tok, speech_tok, seed=cfg.seed)
+        in_fresh_process(pretokenize, world, tokens, image_tok, speech_tok, seed=cfg.seed)
     step("pretokenize")
 
     # 5. the LM through the curriculum, ending in a bundle
     bundle = out / "bundle"
     if not _done(bundle / "omnitok.json"):
         console.rule("train")
-        # The measured speed is kept, so a resumed demo plans the same steps as the run it continues.
-        plan = out / "lm_plan.json"
-        speed = read_json(plan, "demo LM plan").get("positions_per_s") if plan.exists() else None
-        recipe, speed = _demo_recipe(tokens, out / "lm", cfg, speed)
-        atomic_write_json(plan, {"positions_per_s": speed, "steps": [s.steps for s in recipe.stages]})
-        from omnitok.train.loop import train
-
-        train(recipe)
+        left = cfg.minutes * 60 - (time.perf_counter() - t0) - cfg.budget("eval") * 60 - MARGIN_S
+        in_fresh_process(_train_lm, tokens, out, cfg, min(cfg.budget("lm") * 60, left))
         if bundle.exists():
             shutil.rmtree(bundle)
         os.replace(out / "lm" / "bundle", bundle)
@@ -153,8 +166,30 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
     return metrics
 
 
-def _demo_recipe(tokens: Path, out: Path, cfg: DemoConfig, speed: float | None = None) -> tuple[Any, float]:
-    """The toyworld recipe with its data/out paths set and its steps scaled to the LM's share of the budget.
+def _train_lm(tokens: Path, out: Path, cfg: DemoConfig, seconds: float) -> None:
+    """Plan the LM's steps for ``seconds`` of training and train them (in the demo's fresh process for it).
+
+    The plan is kept in ``OUT/lm_plan.json``: a resumed demo trains the steps its checkpoints were made for.
+    """
+    from omnitok.train.loop import train
+
+    plan = out / "lm_plan.json"
+    if plan.exists():
+        kept = read_json(plan, "demo LM plan")
+        recipe, speed = _demo_recipe(tokens, out / "lm", cfg, kept.get("positions_per_s"), seconds)
+        if len(kept.get("steps", [])) == len(recipe.stages):
+            stages = [replace(s, steps=n) for s, n in zip(recipe.stages, kept["steps"], strict=True)]
+            recipe = replace(recipe, stages=stages)
+    else:
+        recipe, speed = _demo_recipe(tokens, out / "lm", cfg, seconds=seconds)
+    atomic_write_json(plan, {"positions_per_s": speed, "steps": [s.steps for s in recipe.stages]})
+    train(recipe)
+
+
+def _demo_recipe(
+    tokens: Path, out: Path, cfg: DemoConfig, speed: float | None = None, seconds: float | None = None
+) -> tuple[Any, float]:
+    """The toyworld recipe with its data/out paths set and its steps scaled to ``seconds`` (default: the LM's share).
 
     ``speed`` (training positions/s): ``cfg.lm_tokens_per_s`` wins, then ``speed``, else it is measured here.
     Returns the recipe and the speed it was planned with.
@@ -169,7 +204,8 @@ def _demo_recipe(tokens: Path, out: Path, cfg: DemoConfig, speed: float | None =
     speed = cfg.lm_tokens_per_s or speed or measure_throughput(recipe)
     tokens_per_step = recipe.batch.seq_len * recipe.batch.micro_batch * recipe.batch.grad_accum
     # The validations and the final save come out of the same share: plan on 90 % of it for the steps.
-    total_steps = max(20, int(0.9 * cfg.budget("lm") * 60 * speed / tokens_per_step))
+    seconds = cfg.budget("lm") * 60 if seconds is None else seconds
+    total_steps = max(20, int(0.9 * seconds * speed / tokens_per_step))
     planned = sum(s.steps for s in recipe.stages)
     stages = [replace(s, steps=max(5, round(s.steps * total_steps / planned))) for s in recipe.stages]
     return replace(recipe, stages=stages), speed

@@ -20,7 +20,7 @@ Choices a reader should know:
   the new embedding rows then really leaves the old rows bit-identical: their gradient is masked to zero, and
   the vocabulary matrices (like norms and biases) get no weight decay.
 - Weights stay float32; the forward/backward runs under bf16 autocast when ``precision`` says so (``auto``: on
-  GPUs that support it and on CPUs with AMX). Only target positions are projected onto the vocabulary.
+  GPUs that support it and on CPUs with AMX or AVX512-BF16). Only target positions are projected onto the vocabulary.
 - Under ``torchrun`` the model is wrapped in DDP (gloo on CPU, NCCL on GPU), or sharded with FSDP2 when the
   recipe says ``distributed.strategy: fsdp`` (GPU only).
 - A checkpoint holds everything the next step depends on (weights, AdamW moments, sampler position, RNG), so a
@@ -79,16 +79,16 @@ class Runtime:
 
 
 def _bf16_is_fast(cuda: bool) -> bool:
-    """bf16 autocast where the hardware has bf16 matmul units: Ampere+ GPUs, and CPUs with AMX.
+    """bf16 autocast where the hardware has bf16 matmul instructions: Ampere+ GPUs, and CPUs with AMX or AVX512-BF16.
 
-    On an AMX CPU (Sapphire Rapids and later) oneDNN runs bf16 matmuls on the tile unit: the toy-world model
-    trains 1.55x faster than in float32 (benchmarks/train_precision.py); without AMX, bf16 on CPU is emulated
-    and slower, so float32 stays.
+    oneDNN runs bf16 matmuls on AMX tiles (Sapphire Rapids and later: the toy-world model trains 1.55x faster than in
+    float32) and with AVX512-BF16 dot products (Zen 4, Cooper Lake: 1.37x); elsewhere bf16 on a CPU is converted
+    in software and slower, so float32 stays (benchmarks/train_precision.py, docs/BENCHMARKS.md).
     """
     if cuda:
         return torch.cuda.is_bf16_supported()
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(amx and amx())
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def _runtime(recipe: Recipe) -> Runtime:

@@ -127,7 +127,7 @@ class Recipe:
     stages: list[StageConfig]
     seed: int = 0
     split: str = "train"
-    precision: str = "auto"  # auto: bf16 autocast on a bf16 GPU or an AMX CPU, else fp32
+    precision: str = "auto"  # auto: bf16 autocast on a bf16 GPU or a CPU with AMX/AVX512-BF16
     # "codec": codebook embedding rows start with a projection of the tokenizers' code vectors (model.py)
     code_embeddings: str = "random"
     device: str = "auto"
