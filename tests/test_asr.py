@@ -69,6 +69,18 @@ def test_resamples_and_is_deterministic(transcriber: Transcriber, speaker: Speak
     assert wer([CORPUS[1]], [transcriber.transcribe(pcm16, SAMPLE_RATE)]) <= 0.2
 
 
+def test_a_transcription_does_not_depend_on_what_was_heard_before(speaker: Speaker) -> None:
+    # A reference clip's transcription must not change with the (generated) audio scored before it. This voice,
+    # style and text are one that a single long-lived pocketsphinx decoder heard differently after loud noise.
+    transcriber = Transcriber(CORPUS)
+    clip = speaker.synthesize(CORPUS[1], Style("sc_f2", "high", "fast"))
+    noise = (np.random.default_rng(0).standard_normal(SAMPLE_RATE) * 0.3).astype(np.float32)
+    first = transcriber.transcribe(clip, SAMPLE_RATE)
+    for other in (noise, speaker.synthesize(CORPUS[2], Style("us_m1", "low", "slow")), noise):
+        transcriber.transcribe(other, SAMPLE_RATE)
+        assert transcriber.transcribe(clip, SAMPLE_RATE) == first
+
+
 def test_silence_gives_empty_text(transcriber: Transcriber) -> None:
     assert transcriber.transcribe(np.zeros(SAMPLE_RATE, np.float32), SAMPLE_RATE) == ""
 
