@@ -292,6 +292,8 @@ def test_demo_lm_step_runs_in_a_fresh_process(tokdir, tmp_path):
     assert in_fresh_process(os.getpid) != os.getpid()
     with pytest.raises(OmnitokError, match="demo LM plan not found"):  # the step's error comes back, message kept
         in_fresh_process(read_json, tmp_path / "missing.json", "demo LM plan")
+    with pytest.raises(OmnitokError, match="_exit ran in a fresh process that ended abruptly"):  # killed, OOM
+        in_fresh_process(os._exit, 3)
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({**recipe(tokdir, tmp_path / "x").to_dict(), "data": str(tokdir)}))

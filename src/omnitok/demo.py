@@ -21,6 +21,7 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,16 @@ def in_fresh_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     the same process runs slower in it; a fresh process per step starts each one clean and gives the memory back.
     ``fn`` and its arguments must be picklable (module-level functions, dataclass configs, paths).
     """
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(fn, *args, **kwargs).result()
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+            return pool.submit(fn, *args, **kwargs).result()
+    except BrokenProcessPool as e:
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise OmnitokError(
+            f"{name} ran in a fresh process that ended abruptly: killed (out of memory?), or "
+            "started from a __main__ that a spawned process cannot import (python -, some notebooks): run "
+            "`omnitok demo` or call it from a script file. The steps finished before it are kept; rerun to continue."
+        ) from e
 
 
 def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
