@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -135,9 +136,13 @@ def _decode_steps(
             st[k][i] = one[k][0]
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
     # only the last prompt position's logits are used: skip the LM head (the largest matmul) for the others
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    params = inspect.signature(model.forward).parameters
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    # transformers 5 renamed the KV cache argument and output field ``past_key_values`` -> ``cache`` (the old name
+    # warns, and goes in 5.40); older releases only know the old one.
+    cache_arg = "cache" if "cache" in params else "past_key_values"
     out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=True, **extra)
-    past = out.past_key_values
+    past = _cache_of(out)
     logits = out.logits[:, -1, :].float()
     for step in range(cfg.max_new_tokens):
         cond = logits[:b]
@@ -170,11 +175,17 @@ def _decode_steps(
             input_ids=step_tokens.view(-1, 1),
             attention_mask=attn,
             position_ids=position_ids,
-            past_key_values=past,
             use_cache=True,
+            **{cache_arg: past},
         )
-        past = out.past_key_values
+        past = _cache_of(out)
         logits = out.logits[:, -1, :].float()
+
+
+def _cache_of(out: Any) -> Any:
+    """The KV cache a forward pass returned, under either transformers' new name (``cache``) or its old one."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def decode_tokens(
