@@ -424,7 +424,16 @@ def _save_final(model: torch.nn.Module, recipe: Recipe, rt: Runtime) -> Path:
         tmp = recipe.out / f".final.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         plain = model.module if isinstance(model, DistributedDataParallel) else model
-        plain.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        # transformers draws its own "Writing model shards" tqdm bar into the trainer's rich display: not here.
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            plain.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         shutil.copyfile(recipe.data / "vocab.json", tmp / "vocab.json")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
