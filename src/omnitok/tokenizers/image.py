@@ -646,21 +646,6 @@ def _augment(x: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor:
     return x
 
 
-def auto_threads() -> int:
-    """Intra-op threads that leave busy cores alone.
-
-    On a small shared CPU, OpenMP threads that wait on a core another process holds spin and stall every
-    operator; measured here, one thread beat two by 1.7x when two other jobs were running, while two beat
-    one by 1.6x on an idle machine. So: the cores not already busy (load average), at least one.
-    """
-    cores = os.cpu_count() or 1
-    try:
-        busy = int(os.getloadavg()[0] + 0.5)
-    except OSError:
-        busy = 0
-    return max(1, min(torch.get_num_threads(), cores - busy))
-
-
 def evaluate_reconstruction(tok: ImageTokenizer, images: np.ndarray) -> dict[str, float]:
     rec = tok.reconstruct(images).numpy()
     return {"psnr": psnr(images, rec), "ssim": ssim(images, rec)}
@@ -684,7 +669,7 @@ def train_image_tokenizer(
     Batches are drawn by a generator seeded with ``(seed, step)``, so a resumed run sees the same data as an
     uninterrupted one.
     """
-    from omnitok.tokenizers.base import torch_threads
+    from omnitok.tokenizers.base import auto_threads, torch_threads
 
     train = train or TrainConfig()
     with torch_threads(train.threads or auto_threads()):

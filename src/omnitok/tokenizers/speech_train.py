@@ -65,9 +65,10 @@ class SpeechTrainConfig:
     log_every: int = 25
     checkpoint_every: int = 200
     max_minutes: float | None = None
-    # One thread by default: with OpenMP's busy-waiting, two threads on a 2-core machine that other
-    # processes also use ran 20x slower per step than one thread (measured: 8 s against 0.35 s).
-    threads: int | None = 1
+    # None: the cores other processes leave free now (``auto_threads``). With OpenMP's busy-waiting, two threads on
+    # a 2-core machine that other processes also use ran 20x slower per step than one thread (8 s against 0.35 s);
+    # on an idle one two threads take 1.4x the steps of one.
+    threads: int | None = None
     device: str = "cpu"
     arch: dict[str, Any] = field(default_factory=dict)
 
@@ -413,10 +414,10 @@ def train_speech_tokenizer(
     on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train the speech tokenizer on a world's ``train`` split; returns (and writes) the run summary."""
-    from omnitok.tokenizers.base import torch_threads
+    from omnitok.tokenizers.base import auto_threads, torch_threads
 
     train = train or SpeechTrainConfig()
-    with torch_threads(train.threads):
+    with torch_threads(train.threads or auto_threads()):
         return _train_speech_tokenizer(data, out, train, resume, progress, clips, val_clips, on_log)
 
 
@@ -629,6 +630,7 @@ def _train_speech_tokenizer(
         "stopped_by_time_limit": stopped_early,
         "train_seconds": round(elapsed, 2),
         "prepare_seconds": round(prep_seconds, 2),
+        "threads": torch.get_num_threads(),
         "n_train_clips": len(clips),
         "train_audio_hours": round(sum(c.wav.size for c in clips) / 16000 / 3600, 3),
         "val": metrics,
