@@ -131,7 +131,7 @@ def train_speech(
     ),
     max_clips: int | None = typer.Option(None, help="Use at most this many training utterances."),
     max_minutes: float | None = typer.Option(None, help="Stop (and checkpoint) after this much training time."),
-    threads: int | None = typer.Option(None, help="torch threads (default 1: robust on busy small machines)."),
+    threads: int | None = typer.Option(None, help="torch threads (default: the cores other processes leave free now)."),
     seed: int | None = typer.Option(None, help="Seed for init and batch order."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint if present."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
