@@ -13,7 +13,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -139,10 +138,10 @@ def _decode_steps(
     params = inspect.signature(model.forward).parameters
     extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     # transformers 5 renamed the KV cache argument and output field ``past_key_values`` -> ``cache`` (the old name
-    # warns, and goes in 5.40); older releases only know the old one.
+    # warns, and goes in 5.40); older releases only know the old one. The output field has the argument's name.
     cache_arg = "cache" if "cache" in params else "past_key_values"
     out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=True, **extra)
-    past = _cache_of(out)
+    past = getattr(out, cache_arg)
     logits = out.logits[:, -1, :].float()
     for step in range(cfg.max_new_tokens):
         cond = logits[:b]
@@ -178,14 +177,8 @@ def _decode_steps(
             use_cache=True,
             **{cache_arg: past},
         )
-        past = _cache_of(out)
+        past = getattr(out, cache_arg)
         logits = out.logits[:, -1, :].float()
-
-
-def _cache_of(out: Any) -> Any:
-    """The KV cache a forward pass returned, under either transformers' new name (``cache``) or its old one."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 def decode_tokens(
