@@ -147,10 +147,6 @@ class Transcriber:
         if any(" " in w or not w for w in extra):
             raise OmnitokError(f"pronunciations: keys must be single words, got {sorted(extra)}")
         self.domain = corpus is not None
-        # The domain LM and dictionary live as long as this object: each transcription opens its own decoder
-        # on them (see ``transcribe``).
-        tmp = Path(tempfile.mkdtemp(prefix="omnitok-asr-"))
-        weakref.finalize(self, shutil.rmtree, tmp, True)
         if sentences is None:
             if not general_lm.is_file():
                 raise OmnitokError(f"pocketsphinx general language model not found at {general_lm}")
@@ -159,6 +155,10 @@ class Transcriber:
             config = {"lm": str(general_lm), "dict": str(dictionary)}
             self.vocabulary: frozenset[str] | None = None
         else:
+            # The domain LM and dictionary live as long as this object: each transcription opens its own decoder
+            # on them (see ``transcribe``).
+            tmp = Path(tempfile.mkdtemp(prefix="omnitok-asr-"))
+            weakref.finalize(self, shutil.rmtree, tmp, True)
             config = self._build_domain(sentences, known, extra, tmp)
         self._config = {"hmm": str(hmm), "samprate": ASR_SAMPLE_RATE, "loglevel": "FATAL", **config}
         Decoder(**self._config)  # fail here, with the model paths at hand, not in the first transcription
