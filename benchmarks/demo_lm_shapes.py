@@ -102,7 +102,7 @@ def main() -> None:
         "--positions-per-s",
         type=float,
         help="plan every arm with this speed instead of measuring it (equal positions for arms of one model: "
-        "the measurement itself varied by up to 26 %% between runs)",
+        "the measurement itself read up to ~30 %% low on a busy machine)",
     )
     ap.add_argument("--limit", type=int, default=30, help="test examples per evaluated task")
     ap.add_argument("--out", type=Path, default=Path("runs/lm_shapes"))
