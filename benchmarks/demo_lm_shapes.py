@@ -26,9 +26,9 @@ from pathlib import Path
 import yaml
 
 from _common import command, machine, table
+from omnitok.demo import RECIPE
 
 EVAL_TASKS = ["asr", "tts", "caption"]
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "toyworld.yaml"
 
 
 def parse_arm(spec: str) -> tuple[str, dict[str, object]]:
@@ -95,7 +95,7 @@ def eval_arm(bundle: Path, world: Path, out: Path, limit: int, seed: int) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", type=Path, required=True, help="a finished demo directory (world/ and tokens/)")
-    ap.add_argument("--recipe", type=Path, default=RECIPE, help="the recipe every arm starts from")
+    ap.add_argument("--recipe", type=Path, default=RECIPE, help="the recipe every arm starts from (the demo's)")
     ap.add_argument("--arm", action="append", required=True, help="NAME:key=value,... (repeatable)")
     ap.add_argument("--seconds", type=float, default=360.0, help="LM training time per arm (the demo's ~6 min)")
     ap.add_argument(

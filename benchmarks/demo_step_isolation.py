@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from _common import command, machine, table
+from omnitok.demo import RECIPE
 
 
 def measure(recipe_path: str, tokens: str, steps: int) -> dict:
@@ -47,7 +48,7 @@ def measure(recipe_path: str, tokens: str, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", type=Path, required=True, help="a finished demo directory (world/ and tokens/)")
-    ap.add_argument("--recipe", default="recipes/toyworld.yaml")
+    ap.add_argument("--recipe", default=str(RECIPE), help="the LM recipe (default: the demo's)")
     ap.add_argument("--speech-minutes", type=float, default=0.5, help="speech tokenizer training time in-process")
     ap.add_argument("--steps", type=int, default=16, help="optimizer steps per measurement")
     ap.add_argument("--rounds", type=int, default=3)
