@@ -3,8 +3,8 @@
 The demo gives its LM a fixed number of seconds, not a fixed number of tokens, so a smaller model that takes more
 steps, or a smaller batch that takes more updates from the same tokens, may end lower than the recipe's shape. Each
 arm is the demo recipe with a few fields overridden; its steps are planned the way ``omnitok demo`` plans them
-(speed measured in the arm's own fresh process, stages scaled to ``--seconds``), it trains in that process, and
-is then scored on held-out loss per task (the trainer's last validation: 32 documents a task) and on a short
+(stages scaled to ``--seconds`` at the speed of its own steps, in its own fresh process), it trains in that process,
+and is then scored on held-out loss per task (the trainer's last validation: 32 documents a task) and on a short
 evaluation of the tasks that already move at demo scale (ASR, TTS, captions; ``--limit`` test examples each).
 
     omnitok demo --out runs/demo       # any finished demo: its world, tokenizers and token shards are reused
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -66,14 +67,15 @@ def train_arm(tokens: Path, out: Path, recipe: Path, seconds: float, speed: floa
     """
     from omnitok.demo import DemoConfig, _demo_recipe
     from omnitok.model import build_model
-    from omnitok.train.loop import train
+    from omnitok.train.budget import train_for_seconds
     from omnitok.train.recipe import check_data
 
     t0 = time.perf_counter()
-    planned, speed = _demo_recipe(
-        tokens, out / "lm", DemoConfig(recipe=str(recipe), lm_tokens_per_s=speed), seconds=seconds
-    )
-    train(planned)
+    shutil.rmtree(out / "lm", ignore_errors=True)  # an arm interrupted before its result: trained again from the start
+    base = _demo_recipe(tokens, out / "lm", DemoConfig(recipe=str(recipe)))
+    plans = []
+    train_for_seconds(base, seconds, speed=speed, on_plan=lambda r, s: plans.append((r, s)))
+    planned, speed = plans[-1]
     train_s = time.perf_counter() - t0
     params = sum(p.numel() for p in build_model(planned.model, check_data(planned)).parameters())
     return {
@@ -101,8 +103,7 @@ def main() -> None:
     ap.add_argument(
         "--positions-per-s",
         type=float,
-        help="plan every arm with this speed instead of measuring it (equal positions for arms of one model: "
-        "the measurement itself read up to ~30 %% low on a busy machine)",
+        help="plan every arm with this speed instead of timing its first steps (equal positions for arms of one model)",
     )
     ap.add_argument("--limit", type=int, default=30, help="test examples per evaluated task")
     ap.add_argument("--out", type=Path, default=Path("runs/lm_shapes"))

@@ -2,6 +2,7 @@ import importlib.util
 import itertools
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -251,29 +252,70 @@ def test_validation_off_or_without_split(tokdir, tmp_path):
     assert not (tmp_path / "a" / "val.jsonl").exists() and not (tmp_path / "b" / "val.jsonl").exists()
 
 
-def test_measure_throughput_and_demo_step_planning(tokdir, tmp_path):
-    from dataclasses import replace
+def test_max_steps_stops_with_a_checkpoint_and_a_later_run_continues_exactly(tokdir, tmp_path):
+    full = tmp_path / "full"
+    train(recipe(tokdir, full), progress=False)
+    for stop_at in (3, 4):  # inside stage one, and at its last step
+        out = tmp_path / f"stop-{stop_at}"
+        first = train(recipe(tokdir, out, checkpoint={"every": 0, "keep": 2}), progress=False, max_steps=stop_at)
+        assert first["step"] == stop_at and first["final"] is None and not (out / "final").exists()
+        assert [p.name for p in list_checkpoints(out)] == [f"step-00000{stop_at}"] and not (out / "bundle").exists()
+        # called again with the same limit: nothing left to do, nothing trained
+        assert train(recipe(tokdir, out), progress=False, max_steps=stop_at)["log"] == []
+        rest = train(recipe(tokdir, out, checkpoint={"every": 0, "keep": 2}), progress=False)
+        assert rest["step"] == 7 and rest["final"] == str(out / "final")
+        assert losses(out) == pytest.approx(losses(full), abs=1e-6, rel=0)
 
-    from omnitok.demo import DemoConfig, _demo_recipe
+
+def test_throughput_measurement_writes_nothing(tokdir, tmp_path):
     from omnitok.train.loop import measure_throughput
 
-    r = recipe(tokdir, tmp_path / "m")
-    speed = measure_throughput(r, steps=2, warmup=1)
-    assert speed > 0 and not (tmp_path / "m").exists()  # measuring writes nothing
+    speed = measure_throughput(recipe(tokdir, tmp_path / "m"), steps=2, warmup=1)
+    assert speed > 0 and not (tmp_path / "m").exists()
 
-    path = tmp_path / "r.yaml"
-    import yaml
 
-    path.write_text(yaml.safe_dump({**r.to_dict(), "data": str(tokdir), "out": str(tmp_path / "x")}))
-    cfg = DemoConfig(minutes=10, recipe=str(path), lm_tokens_per_s=1000.0)
-    planned, speed = _demo_recipe(tokdir, tmp_path / "lm", cfg)
-    # 10 min x 0.42 share x 90 % x 1000 positions/s / 256 positions a step = 885 steps, split 4:3 like the recipe
-    assert [s.steps for s in planned.stages] == [506, 379] and planned.validation.docs == 32 and speed == 1000.0
-    faster, _ = _demo_recipe(tokdir, tmp_path / "lm", replace(cfg, lm_tokens_per_s=2000.0))
-    assert sum(s.steps for s in faster.stages) == 1771  # twice the speed, twice the steps (to rounding)
-    # without a figure, a speed saved by an earlier (interrupted) demo plans the same steps again
-    again, kept = _demo_recipe(tokdir, tmp_path / "lm", replace(cfg, lm_tokens_per_s=None), speed=1000.0)
-    assert kept == 1000.0 and again.stages == planned.stages
+def test_plan_for_a_speed_scales_the_stages_still_to_come(tokdir, tmp_path):
+    from omnitok.train.budget import plan_for_speed
+
+    r = recipe(tokdir, tmp_path / "lm")
+    # 252 s x 90 % x 1000 positions/s / 256 positions a step = 885 steps, split 4:3 like the recipe
+    assert [s.steps for s in plan_for_speed(r, 252.0, 1000.0).stages] == [506, 379]
+    assert sum(s.steps for s in plan_for_speed(r, 252.0, 2000.0).stages) == 1771  # twice the speed, twice the steps
+    assert [s.steps for s in plan_for_speed(r, 1.0, 1000.0).stages] == [5, 5]  # never fewer than 5 steps a stage
+    # steps already trained (a calibration) count, and stay inside the first stage however short the rest is
+    assert [s.steps for s in plan_for_speed(r, 252.0, 1000.0, trained=30).stages] == [523, 392]
+    assert plan_for_speed(r, 1.0, 1000.0, trained=30).stages[0].steps == 31
+    # after a stage, only the stages still to come change
+    assert [s.steps for s in plan_for_speed(r, 100.0, 1000.0, trained=4, from_stage=1).stages] == [4, 351]
+
+
+def test_a_run_fitted_to_seconds_equals_its_last_plan_trained_straight(tokdir, tmp_path):
+    from omnitok.train.budget import calibration_steps, train_for_seconds
+
+    def r(out):
+        return recipe(tokdir, out, optim={"lr": 1e-2, "warmup_steps": 3}, checkpoint={"every": 0, "keep": 2})
+
+    assert calibration_steps(r(tmp_path)) == 3  # the warm-up; two log windows of 1 step would be fewer
+    timed, plans = tmp_path / "timed", []
+    result = train_for_seconds(r(timed), 3.0, progress=False, on_plan=lambda p, s: plans.append((p, s)))
+    # planned after the calibration, then again when the first stage ended (its steps unchanged by then)
+    assert len(plans) == 2 and all(s > 0 for _, s in plans)
+    first, last = plans[0][0], plans[1][0]
+    assert first.stages[0].steps > 3 and last.stages[0].steps == first.stages[0].steps
+    total = sum(s.steps for s in last.stages)
+    assert result["step"] == total and result["final"] == str(timed / "final")
+    straight = tmp_path / "straight"
+    train(replace(last, out=straight), progress=False)
+    assert sorted(losses(timed)) == list(range(1, total + 1))
+    assert losses(timed) == pytest.approx(losses(straight), abs=1e-6, rel=0)
+
+    given = []  # a given speed is a plan: made once, trained straight
+    train_for_seconds(r(tmp_path / "given"), 1.0, speed=1000.0, progress=False, on_plan=lambda p, s: given.append(s))
+    assert given == [1000.0] and sorted(losses(tmp_path / "given")) == list(range(1, 11))
+    with pytest.raises(OmnitokError, match="already holds checkpoints"):  # a run that trained can't be timed again
+        train_for_seconds(r(timed), 2.0, progress=False)
+    with pytest.raises(OmnitokError, match="timing the run needs more than its first 7"):
+        train_for_seconds(recipe(tokdir, tmp_path / "short", optim={"lr": 1e-2, "warmup_steps": 7}), 2.0)
 
 
 def test_codec_code_embeddings_need_the_tokenizers(tokdir, tmp_path):
@@ -297,16 +339,41 @@ def test_demo_lm_step_runs_in_a_fresh_process(tokdir, tmp_path):
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({**recipe(tokdir, tmp_path / "x").to_dict(), "data": str(tokdir)}))
-    # 60 s x 90 % x 20 positions/s / 256 a step -> the 20-step floor, split 4:3 like the recipe
+    # 60 s x 90 % x 20 positions/s / 256 a step = 4 steps -> the floor of 5 a stage
     cfg = DemoConfig(minutes=3, recipe=str(path), lm_tokens_per_s=20.0)
     in_fresh_process(_train_lm, tokdir, tmp_path, cfg, 60.0)
-    assert read_json(tmp_path / "lm_plan.json") == {"positions_per_s": 20.0, "steps": [11, 9]}
+    assert read_json(tmp_path / "lm_plan.json") == {"positions_per_s": 20.0, "steps": [5, 5]}
     log = tmp_path / "lm" / "log.jsonl"
-    assert json.loads(log.read_text().splitlines()[-1])["step"] == 20
+    assert json.loads(log.read_text().splitlines()[-1])["step"] == 10
     # a resumed demo keeps its plan (its checkpoints were made for it), whatever time it has left now
     _train_lm(tokdir, tmp_path, cfg, 6000.0)
-    assert read_json(tmp_path / "lm_plan.json")["steps"] == [11, 9]
-    assert json.loads(log.read_text().splitlines()[-1])["step"] == 20
+    assert read_json(tmp_path / "lm_plan.json")["steps"] == [5, 5]
+    assert json.loads(log.read_text().splitlines()[-1])["step"] == 10
+    # a plan for another recipe's stages is refused, not silently replaced
+    other = tmp_path / "one-stage.yaml"
+    one = recipe(tokdir, tmp_path / "x").to_dict()
+    other.write_text(yaml.safe_dump({**one, "data": str(tokdir), "stages": one["stages"][:1]}))
+    with pytest.raises(OmnitokError, match=r"plans 2 stages but recipe .* has 1"):
+        _train_lm(tokdir, tmp_path, replace(cfg, recipe=str(other)), 60.0)
+
+
+def test_demo_lm_timed_on_its_first_steps(tokdir, tmp_path):
+    import yaml
+
+    from omnitok.demo import DemoConfig, _train_lm
+    from omnitok.io import read_json
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**recipe(tokdir, tmp_path / "x").to_dict(), "data": str(tokdir)}))
+    cfg = DemoConfig(minutes=3, recipe=str(path))
+    # what an interrupted calibration leaves (no plan yet) is timed again, not resumed
+    (tmp_path / "lm" / "checkpoints" / "step-000001").mkdir(parents=True)
+    _train_lm(tokdir, tmp_path, cfg, 3.0)
+    plan = read_json(tmp_path / "lm_plan.json")
+    assert plan["positions_per_s"] > 0 and len(plan["steps"]) == 2 and min(plan["steps"]) >= 5
+    records = [json.loads(x) for x in (tmp_path / "lm" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, sum(plan["steps"]) + 1))
+    assert (tmp_path / "lm" / "final" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize(

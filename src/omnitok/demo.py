@@ -9,8 +9,9 @@ steps are planned with) in a clean heap, not in the 1.5 GB fragmented one the sp
 behind, which slowed it by 15-25 % on CPU-2 (docs/BENCHMARKS.md).
 
 The budget (``--minutes``) is split across the steps by fixed shares; the LM's share shrinks by what the steps
-before it overran, and its step counts come from ``recipes/toyworld.yaml`` scaled to the time its stages get. The
-same code with a larger budget (or ``--recipe recipes/toyworld_gpu.yaml --device cuda``) is the "longer run".
+before it overran, and its step counts come from ``recipes/toyworld.yaml`` scaled to the time its stages get, at
+the speed its own steps train at, re-planned at each stage's end (``omnitok.train.budget``). The same code with a
+larger budget (or ``--recipe recipes/toyworld_gpu.yaml --device cuda``) is the "longer run".
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ class DemoConfig:
     seed: int = 0
     eval_limit: int = 30
     device: str = "cpu"
-    # Training positions/s that scale the LM's steps to its share of the budget; None: measured on this machine
-    # with a few steps of the recipe's model before training (~20 s on CPU-2).
+    # Training positions/s that scale the LM's steps to its share of the budget, planned once; None: the speed
+    # of the run's own steps, re-planned at each stage's end.
     lm_tokens_per_s: float | None = None
     recipe: str = str(RECIPE)  # the LM recipe whose stages are scaled to the budget
 
@@ -178,46 +179,43 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
 def _train_lm(tokens: Path, out: Path, cfg: DemoConfig, seconds: float) -> None:
     """Plan the LM's steps for ``seconds`` of training and train them (in the demo's fresh process for it).
 
-    The plan is kept in ``OUT/lm_plan.json``: a resumed demo trains the steps its checkpoints were made for.
+    Without ``--lm-tokens-per-s`` the steps follow the speed the run's own steps train at, re-planned at each stage's
+    end (``omnitok.train.budget``). The newest plan is kept in ``OUT/lm_plan.json``: a resumed demo trains the steps
+    its checkpoints were made for.
     """
+    from omnitok.train.budget import train_for_seconds
     from omnitok.train.loop import train
 
     plan = out / "lm_plan.json"
+    recipe = _demo_recipe(tokens, out / "lm", cfg)
     if plan.exists():
-        kept = read_json(plan, "demo LM plan")
-        recipe, speed = _demo_recipe(tokens, out / "lm", cfg, kept.get("positions_per_s"), seconds)
-        if len(kept.get("steps", [])) == len(recipe.stages):
-            stages = [replace(s, steps=n) for s, n in zip(recipe.stages, kept["steps"], strict=True)]
-            recipe = replace(recipe, stages=stages)
-    else:
-        recipe, speed = _demo_recipe(tokens, out / "lm", cfg, seconds=seconds)
-    atomic_write_json(plan, {"positions_per_s": speed, "steps": [s.steps for s in recipe.stages]})
-    train(recipe)
+        steps = read_json(plan, "demo LM plan").get("steps", [])
+        if len(steps) != len(recipe.stages):
+            raise OmnitokError(
+                f"{plan} plans {len(steps)} stages but recipe {cfg.recipe} has {len(recipe.stages)}: "
+                f"use the recipe this demo started with, or remove {plan} and {out / 'lm'} to train the LM afresh"
+            )
+        train(replace(recipe, stages=[replace(s, steps=n) for s, n in zip(recipe.stages, steps, strict=True)]))
+        return
+
+    def keep(planned: Any, speed: float) -> None:
+        steps = [s.steps for s in planned.stages]
+        atomic_write_json(plan, {"positions_per_s": round(speed, 1), "steps": steps})
+        print(f"LM plan: {sum(steps)} steps ({' / '.join(map(str, steps))}) at {speed:,.0f} positions/s")
+
+    # No plan yet: whatever OUT/lm holds is an interrupted calibration (a few dozen steps), timed again.
+    shutil.rmtree(out / "lm", ignore_errors=True)
+    train_for_seconds(recipe, seconds, speed=cfg.lm_tokens_per_s, on_plan=keep)
 
 
-def _demo_recipe(
-    tokens: Path, out: Path, cfg: DemoConfig, speed: float | None = None, seconds: float | None = None
-) -> tuple[Any, float]:
-    """The toyworld recipe with its data/out paths set and its steps scaled to ``seconds`` (default: the LM's share).
-
-    ``speed`` (training positions/s): ``cfg.lm_tokens_per_s`` wins, then ``speed``, else it is measured here.
-    Returns the recipe and the speed it was planned with.
-    """
-    from omnitok.train.loop import measure_throughput
+def _demo_recipe(tokens: Path, out: Path, cfg: DemoConfig) -> Any:
+    """The demo's LM recipe (``cfg.recipe``) reading ``tokens`` and writing ``out``, before its steps are planned."""
     from omnitok.train.recipe import ValidationConfig, load_recipe
 
     recipe = load_recipe(cfg.recipe)
     # Validation once per stage on 32 documents a task: ~4 s each on CPU-2, and the per-task curves show which
     # task the budget was too short for.
-    recipe = replace(recipe, data=tokens, out=out, device=cfg.device, validation=ValidationConfig(docs=32))
-    speed = cfg.lm_tokens_per_s or speed or measure_throughput(recipe)
-    tokens_per_step = recipe.batch.seq_len * recipe.batch.micro_batch * recipe.batch.grad_accum
-    # The validations and the final save come out of the same share: plan on 90 % of it for the steps.
-    seconds = cfg.budget("lm") * 60 if seconds is None else seconds
-    total_steps = max(20, int(0.9 * seconds * speed / tokens_per_step))
-    planned = sum(s.steps for s in recipe.stages)
-    stages = [replace(s, steps=max(5, round(s.steps * total_steps / planned))) for s in recipe.stages]
-    return replace(recipe, stages=stages), speed
+    return replace(recipe, data=tokens, out=out, device=cfg.device, validation=ValidationConfig(docs=32))
 
 
 def demo_command(

@@ -24,6 +24,9 @@ def train(
         None, "--resume/--no-resume", help="Continue from OUT's newest checkpoint (default: if there is one)."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", min=1, help="Stop after this many steps overall, with a checkpoint; rerun to continue."
+    ),
 ) -> None:
     """Train a model through the stages of RECIPE on pretokenized data."""
     from transformers.utils import logging as hf_logging
@@ -44,8 +47,11 @@ def train(
         for row in rows:
             table.add_row(*(str(v) for v in row.values()))
         console.print(table)
-    result = run(r, resume=resume, progress=progress)
+    result = run(r, resume=resume, progress=progress, max_steps=max_steps)
     if main:
         last = result["log"][-1] if result["log"] else {}
-        loss = f", final loss {last['loss']:.4f}" if last else ""
-        console.print(f"trained {result['step']} steps{loss}; model in {result['final']}")
+        loss = f", loss {last['loss']:.4f}" if last else ""
+        if result["final"] is None:
+            console.print(f"stopped at step {result['step']}{loss} (--max-steps); rerun without it to continue")
+        else:
+            console.print(f"trained {result['step']} steps{loss} at the end; model in {result['final']}")

@@ -555,10 +555,9 @@ def _validate(
 def measure_throughput(recipe: Recipe, steps: int = 6, warmup: int = 2) -> float:
     """Training positions per second of ``recipe`` on this machine: ``steps`` timed updates after ``warmup``.
 
-    What a time budget turns into a step count (``omnitok demo``): the speed of the very model, batch shape, data
-    and precision that will train, not a planning figure that is wrong on every other machine. The warm-up matters:
-    one warm-up and three timed steps read 2,980 positions/s in a demo whose training then averaged ~3,900, because
-    the first bf16 steps build kernels for each new head shape.
+    A throwaway model and optimizer, nothing written: a quick reading for benchmarks that compare where or how a
+    recipe trains. It is not what plans a time-boxed run: on a 2-core CPU it read up to 30 % below the speed the
+    run then trained at (docs/BENCHMARKS.md), so ``omnitok.train.budget`` times the run's own first steps instead.
     """
     vocab_size = check_data(recipe)
     rt = _runtime(recipe)
@@ -588,10 +587,17 @@ def measure_throughput(recipe: Recipe, steps: int = 6, warmup: int = 2) -> float
 # --- the loop ------------------------------------------------------------------------------------------------
 
 
-def train(recipe: Recipe, *, resume: bool | None = None, progress: bool = True) -> dict[str, Any]:
+def train(
+    recipe: Recipe, *, resume: bool | None = None, progress: bool = True, max_steps: int | None = None
+) -> dict[str, Any]:
     """Run every stage of ``recipe``. ``resume``: None continues from the newest checkpoint if there is one.
 
-    Returns ``{"step", "final", "log", "validation"}``: the train and validation records this process logged.
+    ``max_steps`` stops the run after that many updates overall with a checkpoint there and no final model: a
+    later call continues exactly where it stopped (a time-boxed job, or ``omnitok.train.budget`` timing the
+    run's first steps before it plans the rest).
+
+    Returns ``{"step", "final", "log", "validation"}``: the train and validation records this process logged;
+    ``final`` is None when ``max_steps`` stopped the run before its end.
     """
     # Everything that can be wrong with the recipe or the data fails here, before the model is built.
     vocab_size = check_data(recipe)
@@ -638,10 +644,14 @@ def train(recipe: Recipe, *, resume: bool | None = None, progress: bool = True) 
     bar.start()
     t_start = time.perf_counter()
     tokens_seen = int(saved.get("tokens", 0)) if saved else 0
+    stopped, final = False, None
     try:
         for si, stage in enumerate(recipe.stages):
             if si < start_stage:
                 continue
+            if max_steps is not None and step >= max_steps:
+                stopped = True
+                break
             first = start_in_stage if si == start_stage else 0
             b, o = stage.batch(recipe.batch), stage.optim(recipe.optim)
             hooks = _select_trainable(model, stage.trainable, base_vocab)
@@ -661,6 +671,9 @@ def train(recipe: Recipe, *, resume: bool | None = None, progress: bool = True) 
             t_window = time.perf_counter()
 
             for k in range(first, stage.steps):
+                if max_steps is not None and step >= max_steps:
+                    stopped = True
+                    break
                 plan = sampler.plan(step, rows)
                 micro = _micro_batches(plan, datasets, b, rt)
                 lr = lr_at(k, stage.steps, o)
@@ -674,7 +687,8 @@ def train(recipe: Recipe, *, resume: bool | None = None, progress: bool = True) 
                 window_loss += loss_sum
                 window_targets += targets
                 last = k == stage.steps - 1
-                save = bool(recipe.checkpoint.every and step % recipe.checkpoint.every == 0) or last
+                every = recipe.checkpoint.every
+                save = bool(every and step % every == 0) or last or step == max_steps
                 # Logging at every checkpoint too keeps a resumed run's log windows identical to the original's.
                 if (k + 1) % recipe.log.every == 0 or save:
                     now = time.perf_counter()
@@ -726,16 +740,19 @@ def train(recipe: Recipe, *, resume: bool | None = None, progress: bool = True) 
             for h in hooks:
                 h.remove()
             del wrapped, optimizer
+            if stopped:
+                break
 
-        final = _save_final(model, recipe, rt)
-        if rt.main:
-            _write_bundle(final, recipe)
+        if not stopped:
+            final = _save_final(model, recipe, rt)
+            if rt.main:
+                _write_bundle(final, recipe)
     finally:
         bar.stop()
         logger.close()
         if rt.owns_group:
             dist.destroy_process_group()
-    return {"step": step, "final": str(final), "log": history, "validation": validations}
+    return {"step": step, "final": str(final) if final else None, "log": history, "validation": validations}
 
 
 def stage_summary(recipe: Recipe) -> list[dict[str, Any]]:

@@ -1,0 +1,141 @@
+"""Fit a recipe's curriculum into a wall-clock budget: time the run's own steps, scale the stages still to come.
+
+A budget in seconds (``omnitok demo --minutes``) has to become step counts before a stage's learning-rate schedule
+can be laid out, and the right counts differ by machine, model, batch shape and precision. They also drift within
+a run: on a 2-core CPU the same steps trained between 4,840 and 5,720 positions/s from one minute to the next, and
+a throwaway copy of the model timed for a few steps read 0.84-1.14x the speed the run then trained at
+(docs/BENCHMARKS.md). So the speed comes from the run itself, twice over:
+
+1. its first steps (the first stage's warm-up) are trained for real and timed from the trainer's log, and every
+   stage is scaled to the time left at that speed;
+2. at the end of each stage, the stages still to come are scaled again to the time left, at the speed that stage
+   trained at.
+
+A stage's length is fixed before the stage starts, and the calibration ends inside the first stage's warm-up, where
+the learning rate does not depend on the stage's length; every stage therefore runs its own schedule exactly as a
+run planned with those steps from the start would (``train(max_steps=...)`` stops at a checkpoint, the next call
+continues from it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from omnitok.errors import OmnitokError
+from omnitok.train.recipe import Recipe
+
+# The share of the time left that is planned for optimizer steps; validations, checkpoints and the final save
+# take the rest.
+STEP_SHARE = 0.9
+
+
+def positions_per_step(recipe: Recipe) -> int:
+    b = recipe.batch
+    return b.seq_len * b.micro_batch * b.grad_accum
+
+
+def calibration_steps(recipe: Recipe) -> int:
+    """How many of the run's first steps to time: the first stage's warm-up, and at least two log windows.
+
+    The first log window is not timed (it holds the first steps' kernel builds), so two windows are the least that
+    gives a speed. Past the warm-up the learning rate already depends on the stage's planned length, so a
+    calibration longer than the warm-up (a recipe logging rarely) makes the run differ very slightly from one
+    planned with the measured speed from the start.
+    """
+    first = recipe.stages[0]
+    return max(first.optim(recipe.optim).warmup_steps, 2 * recipe.log.every)
+
+
+def logged_speed(log: list[dict[str, Any]], recipe: Recipe) -> float | None:
+    """Positions/s between the first and the last of one ``train`` call's log records (None: fewer than two)."""
+    if len(log) < 2 or log[-1]["elapsed_s"] <= log[0]["elapsed_s"]:
+        return None
+    steps = log[-1]["step"] - log[0]["step"]
+    return steps * positions_per_step(recipe) / (log[-1]["elapsed_s"] - log[0]["elapsed_s"])
+
+
+def plan_for_speed(recipe: Recipe, seconds: float, speed: float, *, trained: int = 0, from_stage: int = 0) -> Recipe:
+    """Scale ``recipe.stages[from_stage:]`` to ``seconds`` more of training at ``speed`` positions/s.
+
+    Stages before ``from_stage`` keep their steps (they are trained). ``trained`` steps overall are done already;
+    those inside ``stages[from_stage]`` (a calibration) are kept inside it. The stages scaled keep their
+    proportions, and at least 5 steps each.
+    """
+    done_before = sum(s.steps for s in recipe.stages[:from_stage])
+    inside = max(0, trained - done_before)
+    rest = recipe.stages[from_stage:]
+    total = inside + int(STEP_SHARE * max(seconds, 0.0) * speed / positions_per_step(recipe))
+    planned = sum(s.steps for s in rest)
+    scaled = [replace(s, steps=max(5, round(s.steps * total / planned))) for s in rest]
+    if inside:
+        scaled[0] = replace(scaled[0], steps=max(scaled[0].steps, inside + 1))
+    return replace(recipe, stages=[*recipe.stages[:from_stage], *scaled])
+
+
+def calibrate(recipe: Recipe, *, progress: bool = True) -> tuple[float, int]:
+    """Train the first :func:`calibration_steps` steps of ``recipe`` in ``recipe.out``; return (positions/s, steps).
+
+    The speed is read from the trainer's log between its first and last record of these steps, so it counts
+    optimizer steps only: not building the model, loading the data, the first kernel builds or the checkpoint.
+    ``recipe.out`` must hold no checkpoints yet: a run that already trained cannot be timed from its start.
+    """
+    from omnitok.train.loop import train
+
+    n = calibration_steps(recipe)
+    if sum(s.steps for s in recipe.stages) <= n:
+        raise OmnitokError(
+            f"recipe {recipe.name}: {sum(s.steps for s in recipe.stages)} steps in all, but timing the run needs "
+            f"more than its first {n} (the first stage's warm-up, at least two log windows)"
+        )
+    speed = logged_speed(train(recipe, resume=False, progress=progress, max_steps=n)["log"], recipe)
+    if speed is None:
+        raise OmnitokError(f"recipe {recipe.name}: the trainer logged fewer than 2 records in its first {n} steps")
+    return speed, n
+
+
+def train_for_seconds(
+    recipe: Recipe,
+    seconds: float,
+    *,
+    speed: float | None = None,
+    progress: bool = True,
+    on_plan: Callable[[Recipe, float], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``recipe``'s curriculum in ~``seconds``, its stages scaled to the speed measured as it trains.
+
+    ``speed`` (positions/s) instead plans every stage once from that figure and trains them straight: a given speed
+    is a plan, not an estimate (equal positions for runs compared side by side). ``on_plan(recipe, speed)`` sees
+    every plan before the steps it adds are trained: a caller keeps the newest to resume an interrupted run with
+    ``train(kept plan)``. ``recipe.out`` must hold no checkpoints. Returns the last ``train`` call's result.
+    """
+    from omnitok.train.loop import train
+
+    def plan(r: Recipe, s: float) -> Recipe:
+        if on_plan is not None:
+            on_plan(r, s)
+        return r
+
+    t0 = time.perf_counter()
+    if speed is not None:
+        return train(plan(plan_for_speed(recipe, seconds, speed), speed), resume=False, progress=progress)
+    speed, trained = calibrate(recipe, progress=progress)
+    recipe = plan(plan_for_speed(recipe, seconds - (time.perf_counter() - t0), speed, trained=trained), speed)
+    for i in range(len(recipe.stages) - 1):
+        end = sum(s.steps for s in recipe.stages[: i + 1])
+        speed = logged_speed(train(recipe, progress=progress, max_steps=end)["log"], recipe) or speed
+        left = seconds - (time.perf_counter() - t0)
+        recipe = plan(plan_for_speed(recipe, left, speed, trained=end, from_stage=i + 1), speed)
+    return train(recipe, progress=progress)
+
+
+__all__ = [
+    "calibrate",
+    "calibration_steps",
+    "logged_speed",
+    "plan_for_speed",
+    "positions_per_step",
+    "train_for_seconds",
+]
