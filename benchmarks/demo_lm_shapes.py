@@ -11,7 +11,8 @@ evaluation of the tasks that already move at demo scale (ASR, TTS, captions; ``-
     python benchmarks/demo_lm_shapes.py --demo runs/demo \\
         --arm base: --arm mb4:batch.micro_batch=4 --arm small:model.hidden_size=192,model.intermediate_size=576
 
-An arm is ``NAME:key=value,...`` with dotted recipe keys (``optim.lr=3e-3``); ``NAME:`` alone is the recipe as is.
+An arm is ``NAME:key=value,...`` with dotted recipe keys (``optim.lr=3e-3``, ``stages.3.schedule=constant``);
+``NAME:`` alone is the recipe as is.
 Arms run one after another (never in parallel: they would share the cores they are timed on).
 """
 
@@ -44,19 +45,30 @@ def parse_arm(spec: str) -> tuple[str, dict[str, object]]:
 
 
 def arm_recipe(base: Path, overrides: dict[str, object], out: Path) -> Path:
-    """The base recipe with dotted keys replaced, written next to the arm's outputs (the run's config)."""
+    """The base recipe with dotted keys set, written next to the arm's outputs (the run's config).
+
+    A number in a key indexes a list (``stages.3.lr``); a key may add an optional field the recipe leaves out
+    (a stage's ``schedule``), and the result is parsed as a recipe, so a misspelt key fails before anything trains.
+    """
+    from omnitok.errors import OmnitokError
+    from omnitok.train.recipe import load_recipe
+
     doc = yaml.safe_load(base.read_text())
     for key, value in overrides.items():
         node = doc
         *parents, leaf = key.split(".")
         for p in parents:
-            node = node.setdefault(p, {})
-        if not isinstance(node, dict) or leaf not in node:
-            raise SystemExit(f"recipe {base} has no field {key!r}")
+            node = node[int(p)] if isinstance(node, list) and p.isdigit() else node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise SystemExit(f"recipe {base}: {key!r} does not name a field")
         node[leaf] = value
     out.mkdir(parents=True, exist_ok=True)
     path = out / "recipe.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    try:
+        load_recipe(path)
+    except OmnitokError as e:
+        raise SystemExit(f"--arm overrides {overrides}: {e}") from e
     return path
 
 
