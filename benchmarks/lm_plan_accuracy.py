@@ -9,7 +9,7 @@ estimates (their order alternates by round), then keep training the calibrated r
 each estimate with the speed those steps actually ran at.
 
     omnitok demo --out runs/demo     # any finished demo: its token shards are reused
-    python benchmarks/lm_plan_accuracy.py --demo runs/demo --rounds 3 --dirty-mb 0 400     # ~10 min on CPU-2
+    python benchmarks/lm_plan_accuracy.py --demo runs/demo --rounds 3 --dirty-mb 0 400     # ~9 min on 2 cores
 """
 
 from __future__ import annotations
