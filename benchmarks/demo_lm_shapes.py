@@ -79,7 +79,7 @@ def train_arm(tokens: Path, out: Path, recipe: Path, seconds: float, speed: floa
     """
     from omnitok.demo import DemoConfig, _demo_recipe
     from omnitok.model import build_model
-    from omnitok.train.budget import train_for_seconds
+    from omnitok.train.budget import positions_per_step, train_for_seconds
     from omnitok.train.recipe import check_data
 
     t0 = time.perf_counter()
@@ -93,7 +93,7 @@ def train_arm(tokens: Path, out: Path, recipe: Path, seconds: float, speed: floa
     return {
         "positions_per_s": speed,
         "steps": [s.steps for s in planned.stages],
-        "tokens_per_step": planned.batch.seq_len * planned.batch.micro_batch * planned.batch.grad_accum,
+        "tokens_per_step": positions_per_step(planned),
         "params": params,
         "train_s": train_s,
     }

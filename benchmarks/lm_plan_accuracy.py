@@ -29,7 +29,7 @@ from omnitok.demo import RECIPE
 
 def one_round(recipe_path: str, tokens: str, out: str, dirty_mb: int, throwaway_first: bool, steps: int) -> dict:
     """In a fresh process: dirty the page cache, take both estimates, then train on and time the real steps."""
-    from omnitok.train.budget import calibrate, positions_per_step
+    from omnitok.train.budget import calibrate, logged_speed
     from omnitok.train.loop import measure_throughput, train
     from omnitok.train.recipe import ValidationConfig, load_recipe
 
@@ -52,9 +52,7 @@ def one_round(recipe_path: str, tokens: str, out: str, dirty_mb: int, throwaway_
     log = train(recipe, progress=False, max_steps=done + steps)["log"]
     # From the first log record after the calibration to the last: the resumed run's set-up is not in the window.
     real = [r for r in log if r["step"] > done]
-    steps_timed = real[-1]["step"] - real[0]["step"]
-    trained = steps_timed * positions_per_step(recipe) / (real[-1]["elapsed_s"] - real[0]["elapsed_s"])
-    return {**estimates, "trained": trained, "steps_timed": steps_timed}
+    return {**estimates, "trained": logged_speed(real, recipe), "steps_timed": real[-1]["step"] - real[0]["step"]}
 
 
 def main() -> None:
