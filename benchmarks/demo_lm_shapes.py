@@ -5,7 +5,7 @@ steps, or a smaller batch that takes more updates from the same tokens, may end 
 arm is the demo recipe with a few fields overridden; its steps are planned the way ``omnitok demo`` plans them
 (stages scaled to ``--seconds`` at the speed of its own steps, in its own fresh process), it trains in that process,
 and is then scored on held-out loss per task (the trainer's last validation: 32 documents a task) and on a short
-evaluation of the tasks that already move at demo scale (ASR, TTS, captions; ``--limit`` test examples each).
+evaluation of ASR, TTS, captions and text-to-image (``--limit`` test examples each).
 
     omnitok demo --out runs/demo       # any finished demo: its world, tokenizers and token shards are reused
     python benchmarks/demo_lm_shapes.py --demo runs/demo \\
@@ -30,7 +30,7 @@ import yaml
 from _common import command, machine, table
 from omnitok.demo import RECIPE
 
-EVAL_TASKS = ["asr", "tts", "caption"]
+EVAL_TASKS = ["asr", "tts", "caption", "t2i"]
 
 
 def parse_arm(spec: str) -> tuple[str, dict[str, object]]:
@@ -169,6 +169,7 @@ def main() -> None:
                 round(m["tts_wer"]["all"], 3),
                 round(m["tts_style_acc"]["all"], 3),
                 round(m["caption_object_f1"]["all"], 3),
+                round(m["t2i_object_f1"]["all"], 3) if "t2i_object_f1" in m else "-",
             ]
         )
     print(f"\n{command()}\n{machine()}; {args.seconds:.0f} s of LM training per arm\n")
@@ -192,6 +193,7 @@ def main() -> None:
                 "tts_wer",
                 "style",
                 "caption F1",
+                "t2i F1",
             ],
             rows,
         )

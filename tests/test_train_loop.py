@@ -267,6 +267,35 @@ def test_max_steps_stops_with_a_checkpoint_and_a_later_run_continues_exactly(tok
         assert losses(out) == pytest.approx(losses(full), abs=1e-6, rel=0)
 
 
+def test_resuming_with_a_changed_recipe_names_what_changed(tokdir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(recipe(tokdir, out), progress=False, max_steps=3)
+    capsys.readouterr()
+    stages = recipe(tokdir, out).to_dict()["stages"]
+    stages[1]["steps"], stages[1]["lr"] = 5, 1e-3
+    assert train(recipe(tokdir, out, stages=stages), progress=False)["step"] == 9
+    note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert note == [
+        f"note: the recipe changed since {out / 'checkpoints' / 'step-000003'} was written "
+        "(stages.1.lr: 0.005 -> 0.001; stages.1.steps: 3 -> 5); continuing with the new one"
+    ]
+
+
+def test_recipe_changes_lists_every_differing_leaf():
+    from omnitok.train.recipe import recipe_changes
+
+    old = {"a": 1, "b": {"c": [1, 2], "d": "x"}, "gone": 0}
+    new = {"a": 1, "b": {"c": [1, 3], "d": "y"}, "new": 2}
+    assert recipe_changes(old, new) == [
+        "b.c.1: 2 -> 3",
+        "b.d: x -> y",
+        "gone: 0 -> (unset)",
+        "new: (unset) -> 2",
+    ]
+    assert recipe_changes(old, old) == []
+    assert recipe_changes({"s": [1]}, {"s": [1, 2]}) == ["s: [1] -> [1, 2]"]  # a list of another length, whole
+
+
 def test_throughput_measurement_writes_nothing(tokdir, tmp_path):
     from omnitok.train.loop import measure_throughput
 

@@ -57,7 +57,7 @@ from omnitok.errors import OmnitokError
 from omnitok.io import atomic_write_bytes, ensure_writable_dir, write_run_config
 from omnitok.model import base_vocab_size, build_model, init_code_embeddings
 from omnitok.train import checkpoint as ckpt
-from omnitok.train.recipe import BatchConfig, OptimConfig, Recipe, check_data
+from omnitok.train.recipe import BatchConfig, OptimConfig, Recipe, check_data, recipe_changes
 
 FLASH = ("flash_attention_2", "flash_attention_3")
 
@@ -624,7 +624,12 @@ def train(
     if resume_from is not None:
         saved = ckpt.load_trainer_state(resume_from)
         if saved.get("recipe_hash") != recipe.hash() and rt.main:
-            print(f"note: the recipe changed since {resume_from} was written; continuing with the new one")
+            changes = recipe_changes(saved["recipe"], recipe.identity()) if "recipe" in saved else []
+            shown = "; ".join(changes[:6]) + ("; ..." if len(changes) > 6 else "")
+            print(
+                f"note: the recipe changed since {resume_from} was written ({shown or 'details not kept'}); "
+                "continuing with the new one"
+            )
         model.load_state_dict(ckpt.load_model_state(resume_from))
         step = int(saved["step"])
         drawn = dict(saved["sampler"]["drawn"])
@@ -733,6 +738,7 @@ def train(
                         "base_vocab_size": base_vocab,
                         "world_size": rt.world,
                         "recipe_hash": recipe.hash(),
+                        "recipe": recipe.identity(),
                     }
                     _save(wrapped, optimizer, recipe, rt, state)
 

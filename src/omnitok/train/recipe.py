@@ -154,12 +154,34 @@ class Recipe:
 
         return plain(dataclasses.asdict(self))
 
-    def hash(self) -> str:
-        """Identity of what is trained: everything but where it is written and how it is logged."""
+    def identity(self) -> dict[str, Any]:
+        """What is trained: everything but where it is written and how it is logged."""
         d = self.to_dict()
         for k in ("out", "log", "checkpoint"):
             d.pop(k)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return d
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recipe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two ``Recipe.identity()`` dicts (dotted keys).
+
+    A resumed run says what changed rather than only that something did: a run re-planned by
+    ``omnitok.train.budget`` changes its stages' steps, a changed learning rate or mixture is worth seeing.
+    """
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            if k not in old or k not in new:
+                out.append(f"{prefix}{k}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}")
+            else:
+                out += recipe_changes(old[k], new[k], f"{prefix}{k}.")
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [c for i, (a, b) in enumerate(zip(old, new, strict=True)) for c in recipe_changes(a, b, f"{prefix}{i}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old} -> {new}"]
 
 
 # --- parsing -------------------------------------------------------------------------------------------------
