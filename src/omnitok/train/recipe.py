@@ -162,6 +162,7 @@ class Recipe:
         return d
 
     def hash(self) -> str:
+        """A short fingerprint of ``identity()``: what a checkpoint records to tell a resumed run it changed."""
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
 
