@@ -318,6 +318,23 @@ def test_plan_for_a_speed_scales_the_stages_still_to_come(tokdir, tmp_path):
     assert [s.steps for s in plan_for_speed(r, 100.0, 1000.0, trained=4, from_stage=1).stages] == [4, 351]
 
 
+def test_a_stage_with_a_larger_batch_costs_its_steps_more_time(tokdir, tmp_path):
+    from omnitok.train.budget import logged_speed, plan_for_speed, positions_per_step
+
+    stages = recipe(tokdir, tmp_path).to_dict()["stages"]
+    stages[1]["micro_batch"] = 4  # 512 positions a step against the recipe's 256
+    r = recipe(tokdir, tmp_path / "lm", stages=stages)
+    assert [positions_per_step(r, i) for i in (0, 1)] == [256, 512]
+    # 252 s x 90 % x 1000 positions/s = 226,800 positions: 4:3 in steps, stage two's at twice the positions
+    planned = plan_for_speed(r, 252.0, 1000.0)
+    assert [s.steps for s in planned.stages] == [354, 266]
+    positions = sum(s.steps * positions_per_step(planned, i) for i, s in enumerate(planned.stages))
+    assert positions == pytest.approx(226_800, rel=1e-3)
+    # steps 3-4 in stage one, 5-6 in stage two: 2 x 256 + 2 x 512 positions in 2 s
+    log = [{"step": 2, "elapsed_s": 1.0}, {"step": 6, "elapsed_s": 3.0}]
+    assert logged_speed(log, r) == 768.0
+
+
 def test_a_run_fitted_to_seconds_equals_its_last_plan_trained_straight(tokdir, tmp_path):
     from omnitok.train.budget import calibration_steps, train_for_seconds
 

@@ -32,9 +32,20 @@ from omnitok.train.recipe import Recipe
 STEP_SHARE = 0.9
 
 
-def positions_per_step(recipe: Recipe) -> int:
-    b = recipe.batch
+def positions_per_step(recipe: Recipe, stage: int = 0) -> int:
+    """Positions one optimizer step of ``recipe.stages[stage]`` trains in this process (a stage may set its batch)."""
+    b = recipe.stages[stage].batch(recipe.batch)
     return b.seq_len * b.micro_batch * b.grad_accum
+
+
+def _positions_between(recipe: Recipe, lo: int, hi: int) -> int:
+    """Positions trained by steps ``lo + 1 .. hi`` (global step numbers), each at its own stage's batch."""
+    total, start = 0, 0
+    for i, stage in enumerate(recipe.stages):
+        end = start + stage.steps
+        total += max(0, min(hi, end) - max(lo, start)) * positions_per_step(recipe, i)
+        start = end
+    return total
 
 
 def calibration_steps(recipe: Recipe) -> int:
@@ -53,8 +64,8 @@ def logged_speed(log: list[dict[str, Any]], recipe: Recipe) -> float | None:
     """Positions/s between the first and the last of one ``train`` call's log records (None: fewer than two)."""
     if len(log) < 2 or log[-1]["elapsed_s"] <= log[0]["elapsed_s"]:
         return None
-    steps = log[-1]["step"] - log[0]["step"]
-    return steps * positions_per_step(recipe) / (log[-1]["elapsed_s"] - log[0]["elapsed_s"])
+    positions = _positions_between(recipe, log[0]["step"], log[-1]["step"])
+    return positions / (log[-1]["elapsed_s"] - log[0]["elapsed_s"])
 
 
 def plan_for_speed(recipe: Recipe, seconds: float, speed: float, *, trained: int = 0, from_stage: int = 0) -> Recipe:
@@ -62,13 +73,16 @@ def plan_for_speed(recipe: Recipe, seconds: float, speed: float, *, trained: int
 
     Stages before ``from_stage`` keep their steps (they are trained). ``trained`` steps overall are done already;
     those inside ``stages[from_stage]`` (a calibration) are kept inside it. The stages scaled keep their
-    proportions, and at least 5 steps each.
+    proportions, and at least 5 steps each; a stage whose batch holds more positions costs its steps more time.
     """
     done_before = sum(s.steps for s in recipe.stages[:from_stage])
     inside = max(0, trained - done_before)
     rest = recipe.stages[from_stage:]
-    total = inside + int(STEP_SHARE * max(seconds, 0.0) * speed / positions_per_step(recipe))
-    planned = sum(s.steps for s in rest)
+    # Counted in steps of the first stage scaled; the others weigh by their positions per step.
+    unit = positions_per_step(recipe, from_stage)
+    total = inside + int(STEP_SHARE * max(seconds, 0.0) * speed / unit)
+    weight = [positions_per_step(recipe, from_stage + j) / unit for j in range(len(rest))]
+    planned = sum(s.steps * w for s, w in zip(rest, weight, strict=True))
     scaled = [replace(s, steps=max(5, round(s.steps * total / planned))) for s in rest]
     if inside:
         scaled[0] = replace(scaled[0], steps=max(scaled[0].steps, inside + 1))
