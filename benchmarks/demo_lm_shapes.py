@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import time
@@ -77,10 +78,10 @@ def train_arm(tokens: Path, out: Path, recipe: Path, seconds: float, speed: floa
 
     ``speed``: positions/s to plan with instead of measuring (arms of one model then train equal positions).
     """
+    from safetensors import safe_open
+
     from omnitok.demo import DemoConfig, _demo_recipe
-    from omnitok.model import build_model
     from omnitok.train.budget import positions_per_step, train_for_seconds
-    from omnitok.train.recipe import check_data
 
     t0 = time.perf_counter()
     shutil.rmtree(out / "lm", ignore_errors=True)  # an arm interrupted before its result: trained again from the start
@@ -89,7 +90,10 @@ def train_arm(tokens: Path, out: Path, recipe: Path, seconds: float, speed: floa
     train_for_seconds(base, seconds, speed=speed, on_plan=lambda r, s: plans.append((r, s)))
     planned, speed = plans[-1]
     train_s = time.perf_counter() - t0
-    params = sum(p.numel() for p in build_model(planned.model, check_data(planned)).parameters())
+    # Counted from the saved weights' shapes (tied embeddings are stored once), not by building the model again.
+    with safe_open(str(Path(planned.out) / "final" / "model.safetensors"), "pt") as f:
+        names = f.keys()  # a safe_open handle is not iterable itself
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in names)
     return {
         "positions_per_s": speed,
         "steps": [s.steps for s in planned.stages],
