@@ -178,7 +178,7 @@ def test_loss_on_target_positions_equals_full_logits_loss(monkeypatch):
     batch = pack_rows([[("a", 0), ("a", 1)], [("a", 2)]], {"a": list(zip(ids, masks, strict=True))}, seq_len=64)
     rt = Runtime(rank=0, world=1, device=torch.device("cpu"), bf16=False, owns_group=False)
 
-    loss = _forward_loss(model, batch, rt, flash=False)
+    loss = _forward_loss(model, batch, rt, attention="mask")
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()

@@ -4,8 +4,8 @@ Read it top to bottom: :func:`train` checks the recipe against the data, builds 
 in order. Each optimizer step:
 
 1. plans one *global* batch (every rank, every micro-step) with the stage's :class:`MixtureSampler`;
-2. packs this rank's rows, several whole documents per row, with a block-diagonal causal mask so documents
-   never attend to each other (position ids restart at 0 for each document);
+2. packs this rank's rows, several whole documents per row; documents never attend to each other (position ids
+   restart at 0 for each document; attention runs per document, or under a block-diagonal mask: ``_attention``);
 3. runs ``grad_accum`` forward/backward passes, each loss a *sum* over target tokens divided by the number of
    target tokens in the whole global batch, so the gradient is the same mean over tokens whether the batch
    is split over micro-steps, ranks, or neither;
@@ -57,6 +57,8 @@ from omnitok.errors import OmnitokError
 from omnitok.io import atomic_write_bytes, ensure_writable_dir, write_run_config
 from omnitok.model import base_vocab_size, build_model, init_code_embeddings
 from omnitok.train import checkpoint as ckpt
+from omnitok.train.attention import NAME as PACKED_ATTENTION
+from omnitok.train.attention import DocumentSpans
 from omnitok.train.recipe import BatchConfig, OptimConfig, Recipe, check_data, recipe_changes
 
 FLASH = ("flash_attention_2", "flash_attention_3")
@@ -109,6 +111,29 @@ def _runtime(recipe: Recipe) -> Runtime:
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and _bf16_is_fast(cuda))
     return Runtime(rank=rank, world=world, device=device, bf16=bf16, owns_group=owns_group)
+
+
+def _attention(model: torch.nn.Module, recipe: Recipe, rt: Runtime) -> str:
+    """How the documents packed into a row are kept from attending to each other: ``flash``, ``packed`` or ``mask``.
+
+    ``flash``: a flash-attention model finds them from the position ids. ``packed`` (``auto`` on a CPU): attention
+    runs per document (``omnitok.train.attention``), which trained the toyworld model 1.19x faster on a 2-core CPU
+    than ``mask``, a dense block-diagonal mask for SDPA (docs/BENCHMARKS.md; ``auto`` on a GPU, where the packed
+    kernel is unmeasured).
+    """
+    implementation = model.config._attn_implementation
+    if implementation in FLASH:
+        if recipe.attention != "auto":
+            raise OmnitokError(
+                f"attention: {recipe.attention!r} is for sdpa or eager models; this model uses {implementation}, "
+                "which keeps packed documents apart by itself: leave attention at auto"
+            )
+        return "flash"
+    mode = recipe.attention if recipe.attention != "auto" else ("packed" if rt.device.type == "cpu" else "mask")
+    if mode == "packed":
+        # Only the training forward passes document spans; anything else the model runs falls back to SDPA.
+        model.config._attn_implementation = PACKED_ATTENTION
+    return mode
 
 
 def _all_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
@@ -244,13 +269,18 @@ def _micro_batches(
     return out
 
 
-def _forward_loss(model: torch.nn.Module, batch: Batch, rt: Runtime, flash: bool) -> torch.Tensor:
+def _forward_loss(model: torch.nn.Module, batch: Batch, rt: Runtime, attention: str) -> torch.Tensor:
     """Summed next-token cross-entropy over the batch's target tokens."""
     input_ids = batch.input_ids.to(rt.device, non_blocking=True)
     labels = batch.labels.to(rt.device, non_blocking=True)
     position_ids = batch.position_ids.to(rt.device, non_blocking=True)
-    # Flash attention finds document boundaries from position ids resetting to 0; other kernels need the mask.
-    mask = None if flash else block_causal_mask(batch.doc_ids.to(rt.device, non_blocking=True))
+    # How documents packed into one row are kept apart (see _attention): flash attention finds the boundaries from
+    # position ids resetting to 0, the packed kernel from the documents' spans, other kernels need the dense mask.
+    mask, spans = None, {}
+    if attention == "packed":
+        spans = {"document_spans": DocumentSpans(batch.doc_ids.to(rt.device, non_blocking=True))}
+    elif attention == "mask":
+        mask = block_causal_mask(batch.doc_ids.to(rt.device, non_blocking=True))
     # Position i predicts token i+1: shift the labels (cheap) rather than the logits (a copy of [B, L, vocab]).
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     keep = _bucketed(targets != IGNORE)
@@ -259,7 +289,12 @@ def _forward_loss(model: torch.nn.Module, batch: Batch, rt: Runtime, flash: bool
         # images given as input and padding masked out, that is about half the positions, and the head is the
         # largest matmul of a small model with a multimodal vocabulary.
         out = model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False, logits_to_keep=keep
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=mask,
+            use_cache=False,
+            logits_to_keep=keep,
+            **spans,
         )
     logits = out.logits
     if logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
@@ -276,7 +311,7 @@ def _optimizer_step(
     lr: float,
     o: OptimConfig,
     rt: Runtime,
-    flash: bool,
+    attention: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One update from this rank's micro-batches; returns (this rank's loss sum, global targets, grad norm)."""
     targets = _all_sum(torch.tensor(float(sum(b.targets for b in micro)), device=rt.device), rt)
@@ -284,7 +319,7 @@ def _optimizer_step(
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     for m, batch in enumerate(micro):
         with _grad_sync(model, sync=m == len(micro) - 1):
-            loss = _forward_loss(model, batch, rt, flash)
+            loss = _forward_loss(model, batch, rt, attention)
             (loss * scale).backward()
         loss_sum += loss.detach()
     for g in optimizer.param_groups:
@@ -535,7 +570,7 @@ def _validation_rows(recipe: Recipe) -> dict[str, tuple[TokenDataset, list[list[
 
 @torch.no_grad()
 def _validate(
-    model: torch.nn.Module, sets: dict[str, Any], recipe: Recipe, rt: Runtime, flash: bool
+    model: torch.nn.Module, sets: dict[str, Any], recipe: Recipe, rt: Runtime, attention: str
 ) -> dict[str, float]:
     """Mean loss per target token of each task's validation rows (every rank computes all: it is small)."""
     was_training = model.training
@@ -545,7 +580,7 @@ def _validate(
         total, targets = 0.0, 0
         for lo in range(0, len(rows), recipe.batch.micro_batch):
             batch = pack_rows(rows[lo : lo + recipe.batch.micro_batch], {task: ds}, recipe.batch.seq_len)
-            total += float(_forward_loss(model, batch, rt, flash))
+            total += float(_forward_loss(model, batch, rt, attention))
             targets += batch.targets
         losses[task] = total / max(targets, 1)
     model.train(was_training)
@@ -563,7 +598,7 @@ def measure_throughput(recipe: Recipe, steps: int = 6, warmup: int = 2) -> float
     rt = _runtime(recipe)
     torch.manual_seed(recipe.seed)
     model = build_model(recipe.model, vocab_size).to(rt.device)
-    flash = model.config._attn_implementation in FLASH
+    attention = _attention(model, recipe, rt)
     stage = recipe.stages[0]
     b, o = stage.batch(recipe.batch), stage.optim(recipe.optim)
     datasets = {t: TokenDataset(recipe.data, recipe.split, t) for t in stage.mixture}
@@ -578,7 +613,7 @@ def measure_throughput(recipe: Recipe, steps: int = 6, warmup: int = 2) -> float
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
         micro = _micro_batches(sampler.plan(k, rows), datasets, b, rt)
-        _optimizer_step(model, optimizer, params, micro, o.lr, o, rt, flash)
+        _optimizer_step(model, optimizer, params, micro, o.lr, o, rt, attention)
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
     return steps * rows * b.seq_len / (time.perf_counter() - t0)
@@ -613,7 +648,7 @@ def train(
     if recipe.code_embeddings == "codec" and resume_from is None:
         init_code_embeddings(model, _codec_vectors(recipe), seed=recipe.seed)
     base_vocab = base_vocab_size(model)
-    flash = model.config._attn_implementation in FLASH
+    attention = _attention(model, recipe, rt)
     if recipe.distributed.strategy == "fsdp" and any(s.trainable != "all" for s in recipe.stages) and rt.world > 1:
         raise OmnitokError("stages[].trainable: new_embeddings is not supported with distributed.strategy fsdp")
     datasets = {t: TokenDataset(recipe.data, recipe.split, t) for t in recipe.tasks}
@@ -682,7 +717,7 @@ def train(
                 plan = sampler.plan(step, rows)
                 micro = _micro_batches(plan, datasets, b, rt)
                 lr = lr_at(k, stage.steps, o)
-                loss_sum, targets, grad_norm = _optimizer_step(wrapped, optimizer, params, micro, lr, o, rt, flash)
+                loss_sum, targets, grad_norm = _optimizer_step(wrapped, optimizer, params, micro, lr, o, rt, attention)
                 step += 1
 
                 real = sum(int(sampler.lengths[t][i]) for row in plan for t, i in row)
@@ -719,7 +754,11 @@ def train(
                 bar.update(task, completed=k + 1)
 
                 if val_sets and (last or (recipe.validation.every and step % recipe.validation.every == 0)):
-                    val = {"step": step, "stage": stage.name, "loss": _validate(wrapped, val_sets, recipe, rt, flash)}
+                    val = {
+                        "step": step,
+                        "stage": stage.name,
+                        "loss": _validate(wrapped, val_sets, recipe, rt, attention),
+                    }
                     logger.write_validation(val)
                     validations.append(val)
                     if progress and rt.main:

@@ -34,6 +34,7 @@ CODE_EMBEDDINGS = ("random", "codec")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("ddp", "fsdp")
+ATTENTIONS = ("auto", "packed", "mask")
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,8 @@ class Recipe:
     seed: int = 0
     split: str = "train"
     precision: str = "auto"  # auto: bf16 autocast on a bf16 GPU or a CPU with AMX/AVX512-BF16
+    # How packed documents are kept apart in a non-flash model: auto = packed (per document) on a CPU, else mask
+    attention: str = "auto"
     # "codec": codebook embedding rows start with a projection of the tokenizers' code vectors (model.py)
     code_embeddings: str = "random"
     device: str = "auto"
@@ -281,6 +284,7 @@ def _check(recipe: Recipe) -> None:
     if not all(0 <= x < 1 for x in o.betas):
         raise OmnitokError(f"optim.betas: each must be in [0, 1), got {list(o.betas)}")
     _choice(recipe.precision, PRECISIONS, "precision")
+    _choice(recipe.attention, ATTENTIONS, "attention")
     _choice(recipe.code_embeddings, CODE_EMBEDDINGS, "code_embeddings")
     _choice(recipe.device, DEVICES, "device")
     _choice(recipe.distributed.strategy, STRATEGIES, "distributed.strategy")
