@@ -8,10 +8,11 @@ process: a step returns its memory to the system when it ends, and the LM trains
 steps are planned with) in a clean heap, not in the 1.5 GB fragmented one the speech tokenizer's training leaves
 behind, which slowed it by 15-25 % on CPU-2 (docs/BENCHMARKS.md).
 
-The budget (``--minutes``) is split across the steps by fixed shares; the LM's share shrinks by what the steps
-before it overran, and its step counts come from ``recipes/toyworld.yaml`` scaled to the time its stages get, at
-the speed its own steps train at, re-planned at each stage's end (``omnitok.train.budget``). The same code with a
-larger budget (or ``--recipe recipes/toyworld_gpu.yaml --device cuda``) is the "longer run".
+The budget (``--minutes``) caps the tokenizers and the evaluation at fixed shares; the LM gets what the steps
+before it left (less the evaluation's share and a margin), and its step counts come from ``recipes/toyworld.yaml``
+scaled to the time its stages get, at the speed its own steps train at, re-planned at each stage's end
+(``omnitok.train.budget``). The same code with a larger budget (or ``--recipe recipes/toyworld_gpu.yaml --device
+cuda``) is the "longer run".
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "toyworld.yaml"
 # ceiling (92.5 % of test scenes exact vs 97.5 %); 240 codes cost more (86.5 %) for no more speed (BENCHMARKS).
 IMAGE_LEVELS = (8, 5, 5, 5)
 
-# Shares of the budget; the world build and pretokenization are fixed-size work (1.1-1.5 min for the default
-# 2,000 scenes) and take what they take, so the shares add up to 0.86, not 1. The LM keeps to its seconds within
-# ~2 % (it re-plans at each stage's end), so its share is what the others leave on an idle 2-core machine.
-SHARES = {"image_tokenizer": 0.16, "speech_tokenizer": 0.16, "lm": 0.46, "eval": 0.08}
-# The LM's share shrinks when the steps before it ran long (a slow machine, a speech tokenizer's feature pass), so
-# that its training, the evaluation and this margin still end within the budget.
+# Caps on the budget's shares for the steps that can stop early: the tokenizers train at most this long, the
+# evaluation scores what fits in its share. The world build and pretokenization are fixed-size work (1.1-1.5 min
+# for the default 2,000 scenes) and take what they take. The LM gets the rest: whatever the steps before it left,
+# less the evaluation's share and a margin (it keeps to its seconds within ~2 %, re-planning at each stage's end).
+# So a tokenizer that finishes its steps early (the image tokenizer, ~40 s inside its share here) or a faster
+# machine gives the LM more time, and a slow step before it gives it less, never the budget more.
+SHARES = {"image_tokenizer": 0.16, "speech_tokenizer": 0.16, "eval": 0.08}
 MARGIN_S = 60.0
 
 
@@ -151,7 +153,7 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
     if not _done(bundle / "omnitok.json"):
         console.rule("train")
         left = cfg.minutes * 60 - (time.perf_counter() - t0) - cfg.budget("eval") * 60 - MARGIN_S
-        in_fresh_process(_train_lm, tokens, out, cfg, min(cfg.budget("lm") * 60, left))
+        in_fresh_process(_train_lm, tokens, out, cfg, left)
         if bundle.exists():
             shutil.rmtree(bundle)
         os.replace(out / "lm" / "bundle", bundle)
