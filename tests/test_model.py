@@ -3,15 +3,7 @@ import torch
 
 from omnitok.errors import OmnitokError
 from omnitok.model import base_vocab_size, build_model, check_model_spec, init_code_embeddings
-
-TINY = {
-    "arch": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
+from tiny_models import TINY_LLAMA as TINY
 
 
 def test_build_from_config():

@@ -5,25 +5,9 @@ import torch.nn.functional as F
 
 from omnitok.data.packing import IGNORE, MixtureSampler, block_causal_mask, pack_rows
 from omnitok.model import build_model
+from tiny_models import TINY_LLAMA as TINY
 
-TINY = {
-    "arch": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI machine is small and shared: one thread avoids oversubscription stalls in tiny matmuls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _source(docs):

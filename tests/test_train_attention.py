@@ -15,25 +15,11 @@ from omnitok.train.attention import NAME, DocumentSpans, packed_attention
 from omnitok.train.loop import Runtime, _attention, _forward_loss, train
 from omnitok.train.recipe import parse_recipe
 from omnitok.train.synthetic import write_synthetic_tokens
+from tiny_models import TINY_LLAMA as TINY
 
-TINY = {
-    "arch": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,  # grouped-query attention: two query heads share each key/value head
-    "max_position_embeddings": 64,
-}
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CPU = Runtime(rank=0, world=1, device=torch.device("cpu"), bf16=False, owns_group=False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def packed_batch(lengths_by_row, seq_len=64, vocab=96):

@@ -15,24 +15,9 @@ from omnitok.train.checkpoint import list_checkpoints, load_trainer_state
 from omnitok.train.loop import lr_at, train
 from omnitok.train.recipe import OptimConfig, parse_recipe
 from omnitok.train.synthetic import write_synthetic_tokens
+from tiny_models import TINY_LLAMA as TINY
 
-TINY = {
-    "arch": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
