@@ -234,7 +234,7 @@ def demo_command(
     lm_tokens_per_s: float | None = typer.Option(
         None,
         "--lm-tokens-per-s",
-        help="Training positions/s the LM's steps are planned with; default: measured here before training.",
+        help="Positions/s to plan the LM's steps with, once; default: its own steps' speed, re-planned by stage.",
     ),
 ) -> None:
     """The main job: world -> tokenizers -> LM through four stages -> bundle -> evaluation report."""
