@@ -64,6 +64,9 @@ def test_document_spans_group_documents_by_padded_length():
     assert spans.positions == 16
     got = {g.length: (g.n, sorted(g.dest.tolist())) for g in spans.groups}
     assert got == {4: (3, [0, 1, 2, 3, 4, 5, 6, 7]), 8: (1, list(range(8, 16)))}
+    # grouped where the ids are (the host), indices handed to the model's device
+    on_meta = DocumentSpans(doc_ids, granularity=4, device=torch.device("meta"))
+    assert {t.device.type for g in on_meta.groups for t in (g.gather, g.real, g.dest)} == {"meta"}
     # ids restart in every row: a row that ends in document 0 and the next that starts with it are two documents
     spans = DocumentSpans(torch.zeros(2, 8, dtype=torch.long), granularity=4)
     assert [(g.length, g.n) for g in spans.groups] == [(8, 2)]

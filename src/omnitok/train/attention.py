@@ -42,7 +42,14 @@ class _Group:
 class DocumentSpans:
     """Where the documents of a packed batch lie, grouped by padded length; built once per batch for all layers."""
 
-    def __init__(self, doc_ids: torch.Tensor, granularity: int = GRANULARITY) -> None:
+    def __init__(
+        self, doc_ids: torch.Tensor, granularity: int = GRANULARITY, device: torch.device | None = None
+    ) -> None:
+        """``doc_ids`` ``[rows, length]`` as packed; index tensors go to ``device`` (default: ``doc_ids``'s).
+
+        Give the ids on the CPU and the model's device here: the grouping (``nonzero``, ``unique``) then never
+        waits on a GPU.
+        """
         if doc_ids.dim() != 2:
             raise OmnitokError(f"doc_ids: expected [rows, length], got shape {list(doc_ids.shape)}")
         rows, length = doc_ids.shape
@@ -63,8 +70,15 @@ class DocumentSpans:
             idx = starts[sel, None] + offsets[None, :]
             real = offsets[None, :] < lens[sel, None]
             gather = torch.where(real, idx, torch.full_like(idx, self.positions))
+            to = device or dev
             self.groups.append(
-                _Group(gather.reshape(-1), real.reshape(-1).nonzero().squeeze(1), idx[real], len(sel), size)
+                _Group(
+                    gather.reshape(-1).to(to, non_blocking=True),
+                    real.reshape(-1).nonzero().squeeze(1).to(to, non_blocking=True),
+                    idx[real].to(to, non_blocking=True),
+                    len(sel),
+                    size,
+                )
             )
 
 

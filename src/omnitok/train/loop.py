@@ -278,7 +278,7 @@ def _forward_loss(model: torch.nn.Module, batch: Batch, rt: Runtime, attention: 
     # position ids resetting to 0, the packed kernel from the documents' spans, other kernels need the dense mask.
     mask, spans = None, {}
     if attention == "packed":
-        spans = {"document_spans": DocumentSpans(batch.doc_ids.to(rt.device, non_blocking=True))}
+        spans = {"document_spans": DocumentSpans(batch.doc_ids, device=rt.device)}  # grouped on the host
     elif attention == "mask":
         mask = block_causal_mask(batch.doc_ids.to(rt.device, non_blocking=True))
     # Position i predicts token i+1: shift the labels (cheap) rather than the logits (a copy of [B, L, vocab]).
