@@ -54,7 +54,7 @@ class DocumentSpans:
             raise OmnitokError(f"doc_ids: expected [rows, length], got shape {list(doc_ids.shape)}")
         rows, length = doc_ids.shape
         self.positions = rows * length
-        dev = doc_ids.device
+        dev, to = doc_ids.device, device or doc_ids.device
         flat = doc_ids.reshape(-1)
         # A document starts where the id changes or a new row begins (ids restart in every row).
         start = torch.ones_like(flat, dtype=torch.bool)
@@ -70,7 +70,6 @@ class DocumentSpans:
             idx = starts[sel, None] + offsets[None, :]
             real = offsets[None, :] < lens[sel, None]
             gather = torch.where(real, idx, torch.full_like(idx, self.positions))
-            to = device or dev
             self.groups.append(
                 _Group(
                     gather.reshape(-1).to(to, non_blocking=True),
