@@ -68,6 +68,26 @@ def test_text_and_image_outputs(bundle_dir):
     assert all(isinstance(r[0], Image) and r[0].pixels.shape == (64, 64, 3) for r in batch)
 
 
+def test_guided_images_keep_the_pictures_of_the_prompt(bundle_dir):
+    """Editing a picture with guidance on (the API default): the unconditional row holds the picture, coded."""
+    model = omnitok.load(str(bundle_dir / "bundle"))
+    picture = np.zeros((64, 64, 3), np.uint8)
+    request = [Image(pixels=picture), Text("make it red")]
+    coded, encode_media = [], model.media  # count the pictures tokenized: the request's copy, the unconditional's
+
+    def media(batch):
+        coded.extend(s for segs in batch for s in segs if isinstance(s, Image))
+        return encode_media(batch)
+
+    model.media = media
+    out = model.generate(request, output="image", seed=0, cfg_scale=3.0)
+    assert [type(s) for s in out] == [Image] and out[0].pixels.shape == (64, 64, 3)
+    assert len(coded) == 2 and all(s.codes is not None for s in coded) and request[0].codes is None
+    doc = [Text("step one", role=None), Image(pixels=picture, role=None), Text("step two", role=None)]
+    (img,) = model.generate(doc, output="image", continuation=True, seed=0, cfg_scale=2.0)
+    assert img.pixels.shape == (64, 64, 3)
+
+
 def test_stream_yields_events(bundle_dir):
     model = omnitok.load(str(bundle_dir / "bundle"))
     events = list(model.stream([Text("draw a small star")], output="image", seed=0))

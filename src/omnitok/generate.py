@@ -125,9 +125,19 @@ class OmniModel:
         return torch.tensor(ids, dtype=torch.long), constraint
 
     def _uncond(self, sample: Sequence[Segment], opts: GenerateOptions) -> torch.Tensor:
-        """The training-time prompt drop: the same request with the user's text removed."""
-        kept = [s for s in sample if not isinstance(s, Text)] or [Text("", role="user")]
-        ids = list(prompt([replace(s, role=s.role or "user") for s in kept], self.vocab, self.bundle.text))
+        """The training-time prompt drop: the same request with the user's text removed.
+
+        Pictures and speech stay, so editing a given picture is guided by its instruction; they are tokenized here
+        as in :meth:`_request` (the request's own copies carry their codes, the caller's segments do not).
+        """
+        role = (lambda s: None) if opts.continuation else (lambda s: s.role or "user")
+        kept = [replace(s, role=role(s)) for s in sample if not isinstance(s, Text)]
+        kept = kept or [Text("", role=None if opts.continuation else "user")]
+        self.media([kept])
+        if opts.continuation:
+            ids = list(encode(kept, self.vocab, self.bundle.text, LossPolicy(roles=frozenset()), add_eos=False).ids)
+        else:
+            ids = list(prompt(kept, self.vocab, self.bundle.text))
         return torch.tensor([*ids, self.vocab.special(SPAN_TOKENS["image"][0])], dtype=torch.long)
 
     def _config(self, opts: GenerateOptions) -> DecodeConfig:
