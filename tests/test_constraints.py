@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from omnitok.constraints import DONE, OUTSIDE, ModalityConstraint
+from omnitok.constraints import DONE, IMAGE_CODE, OUTSIDE, ModalityConstraint
 from omnitok.errors import OmnitokError
 from omnitok.sequence import Audio, Image, Video, decode
 from omnitok.vocab import Vocabulary
@@ -111,3 +111,31 @@ def test_speech_without_speech_codebook_is_not_offered():
     c = ModalityConstraint(v, image_tokens=4)
     assert not c.mask(c.initial(1))[0, v.special("<speech>")]
     assert np.isfinite(c.apply(torch.zeros(1, v.size), c.initial(1))[0, 0].item())
+
+
+def test_a_reply_of_one_media_modality_holds_one_span(vocab):
+    """After the requested picture or speech closes, only end of turn and EOS are left; the prompt's spans and
+    replies that may hold text are not limited."""
+    img0 = vocab.code_range("image").start
+    picture = [vocab.special("<image>"), *[img0] * 4, vocab.special("</image>")]
+    c = ModalityConstraint(vocab, image_tokens=4, outputs=["image"])
+    # an edit request: the user's picture and text, then the forced opener of the reply's picture
+    prompt = [vocab.special("<|user|>"), *picture, 65, 66, vocab.special("<|end|>"), vocab.special("<image>")]
+    st = c.after_prompt(torch.tensor([prompt]))
+    assert int(st["state"][0]) == IMAGE_CODE
+    for _ in range(4):
+        st = c.advance(st, torch.tensor([img0]))
+    st = c.advance(st, torch.tensor([vocab.special("</image>")]))
+    allowed = c.mask(st)[0].nonzero().flatten().tolist()
+    assert allowed == sorted([vocab.special("<|end|>"), vocab.special("<|eos|>")])
+    st = c.advance(c.advance(st, torch.tensor([vocab.special("<|end|>")])), torch.tensor([vocab.special("<|eos|>")]))
+    assert int(st["state"][0]) == DONE
+    speech = ModalityConstraint(vocab, outputs=["speech"])
+    st = speech.after_prompt(torch.tensor([[vocab.special("<speech>")]]))
+    for level in range(vocab.levels("speech")):
+        st = speech.advance(st, torch.tensor([vocab.code_range("speech", level).start]))
+    st = speech.advance(st, torch.tensor([vocab.special("</speech>")]))
+    assert not speech.mask(st)[0, vocab.special("<speech>")] and speech.mask(st)[0, vocab.special("<|eos|>")]
+    both = ModalityConstraint(vocab, image_tokens=4, outputs=["text", "image"])
+    st = both.after_prompt(torch.tensor([picture]))
+    assert int(st["state"][0]) == OUTSIDE and both.mask(st)[0, vocab.special("<image>")]

@@ -7,7 +7,9 @@ image span makes the whole picture undecodable. So decoding is constrained per r
 - inside ``<image>``: exactly the tokenizer's grid of image codes, then ``</image>`` is forced;
 - inside ``<speech>``: style tokens first (optional), then speech codes cycling through the codec's levels
   (level q at position q mod Q), ``</speech>`` only on a frame boundary, forced at ``max_speech_frames``;
-- inside ``<video>``: ``<frame>`` + one image grid, repeated, then ``</video>``.
+- inside ``<video>``: ``<frame>`` + one image grid, repeated, then ``</video>``;
+- a reply without text (``outputs`` of one media modality, e.g. a requested picture) holds one span: once it
+  closes only end of turn and EOS are left, so a model that would open a second one cannot leave a cut-off span.
 
 States are small integers and each has a precomputed boolean mask over the vocabulary, so applying the
 constraint to a batch is one gather and one ``masked_fill``.
@@ -22,8 +24,8 @@ import torch
 from omnitok.errors import OmnitokError
 from omnitok.vocab import END, EOS, FRAME, PAD, SPAN_TOKENS, Vocabulary
 
-OUTSIDE, IMAGE_CODE, IMAGE_CLOSE, SPEECH_START, VIDEO_FRAME, VIDEO_CODE, DONE = range(7)
-SPEECH_CODE0 = 7  # SPEECH_CODE0 + q: the next speech token must be a level-q code
+OUTSIDE, IMAGE_CODE, IMAGE_CLOSE, SPEECH_START, VIDEO_FRAME, VIDEO_CODE, DONE, ENDING = range(8)
+SPEECH_CODE0 = 8  # SPEECH_CODE0 + q: the next speech token must be a level-q code
 
 
 class ModalityConstraint:
@@ -50,6 +52,7 @@ class ModalityConstraint:
         if {"image", "video"} & self.outputs and not image_tokens:
             raise OmnitokError("image_tokens (the image tokenizer's tokens per image) is needed to generate images")
         self.image_tokens = int(image_tokens or 0)
+        self.one_span = "text" not in self.outputs
         self.levels = vocab.levels("speech") if "speech" in vocab.modalities else 1
         self.max_speech_frames = max_speech_frames
         self.max_video_frames = max_video_frames
@@ -78,6 +81,7 @@ class ModalityConstraint:
             if m in self.outputs:
                 outside[self.ids[f"open_{m}"]] = True
         outside[self.ids["end"]] = outside[self.ids["eos"]] = True
+        table[ENDING, self.ids["end"]] = table[ENDING, self.ids["eos"]] = True
         if "image" in v.modalities:
             img = torch.from_numpy(v.allowed_ids("image"))
             table[IMAGE_CODE, img] = True
@@ -127,8 +131,14 @@ class ModalityConstraint:
         single = m.sum(-1) == 1
         return torch.where(single, m.float().argmax(-1), torch.full_like(st["state"], -1))
 
-    def advance(self, st: dict[str, torch.Tensor], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Consume one sampled id per row; returns the new state (inputs are not modified)."""
+    def advance(
+        self, st: dict[str, torch.Tensor], tokens: torch.Tensor, prompt: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Consume one sampled id per row; returns the new state (inputs are not modified).
+
+        ``prompt``: the ids are the request's own (its pictures and speech), so a span that closes there does not
+        count as the reply's one span.
+        """
         s, count, frames = st["state"].clone(), st["count"].clone(), st["frames"].clone()
         t = tokens.to(s.device)
         ids = self.ids
@@ -138,10 +148,10 @@ class ModalityConstraint:
 
         # outside: openers enter spans, EOS ends the row
         o = at(OUTSIDE)
+        s[(o | at(ENDING)) & (t == ids["eos"])] = DONE
         s[o & (t == ids["open_image"])] = IMAGE_CODE
         s[o & (t == ids["open_speech"])] = SPEECH_START
         s[o & (t == ids["open_video"])] = VIDEO_FRAME
-        s[o & (t == ids["eos"])] = DONE
         entered = o & ((t == ids["open_image"]) | (t == ids["open_speech"]) | (t == ids["open_video"]))
         count[entered] = 0
         frames[entered] = 0
@@ -149,7 +159,8 @@ class ModalityConstraint:
         ic = at(IMAGE_CODE)
         count[ic] += 1
         s[ic & (count >= self.image_tokens)] = IMAGE_CLOSE
-        s[at(IMAGE_CLOSE)] = OUTSIDE
+        after_span = ENDING if self.one_span and not prompt else OUTSIDE
+        s[at(IMAGE_CLOSE)] = after_span
         # speech: optional style tokens, then codes cycling through levels
         if self.levels:
             is_style = torch.zeros_like(t, dtype=torch.bool)
@@ -160,13 +171,13 @@ class ModalityConstraint:
             coding = in_speech & ~closing & ~(at(SPEECH_START) & is_style)
             count[coding] += 1
             s[coding] = SPEECH_CODE0 + (count[coding] % self.levels)
-            s[closing] = OUTSIDE
+            s[closing] = after_span
         # video: <frame> opens a grid of image codes
         vf = at(VIDEO_FRAME)
         s[vf & (t == ids["frame"])] = VIDEO_CODE
         frames[vf & (t == ids["frame"])] += 1
         count[vf & (t == ids["frame"])] = 0
-        s[vf & (t == ids["close_video"])] = OUTSIDE
+        s[vf & (t == ids["close_video"])] = after_span
         vc = at(VIDEO_CODE)
         count[vc] += 1
         s[vc & (count >= self.image_tokens)] = VIDEO_FRAME
@@ -176,5 +187,5 @@ class ModalityConstraint:
         """State after a (possibly span-opening) prompt, e.g. one ending in ``<image>`` or a style prefix."""
         st = self.initial(prompt_ids.shape[0], prompt_ids.device)
         for j in range(prompt_ids.shape[1]):
-            st = self.advance(st, prompt_ids[:, j])
+            st = self.advance(st, prompt_ids[:, j], prompt=True)
         return st
