@@ -157,13 +157,20 @@ def test_generate_cli_writes_reply_files(bundle_dir, tmp_path):
     assert json.loads(r.stdout)["files"] == [str(out / "image_0.png")]
     assert PILImage.open(out / "image_0.png").size == (64, 64)
     assert json.loads((out / "request.json").read_text())["output"] == "image"
+    r = _cli("generate", bundle, "--text", "draw", "--output", "image", "--temperature", "image=0.9", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "request.json").read_text())["sampling"] == {
+        "image": {"temperature": 0.9, "top_k": 64, "top_p": 1.0}
+    }
+    r = _cli("generate", bundle, "--text", "draw", "--temperature", "pixels=1", "--out", str(out))
+    assert r.returncode == 2 and "MODALITY one of" in r.stderr
     r = _cli("generate", bundle, "--image", str(tmp_path / "big.png"), "--out", str(out))
     assert r.returncode == 2 and "80x80 pixels" in r.stderr and "--resize" in r.stderr
 
     def run(bundle_path, **kw):
         defaults = {"text": None, "image": None, "audio": None, "output": "text", "out": out, "voice": None,
                     "pitch": None, "rate": None, "reference": None, "max_new_tokens": 4, "cfg_scale": 3.0, "seed": 0,
-                    "resize": False, "device": "cpu"}  # fmt: skip
+                    "temperature": None, "top_k": None, "top_p": None, "resize": False, "device": "cpu"}  # fmt: skip
         generate_command(bundle_path, **{**defaults, **kw})
 
     run(bundle_dir / "bundle", image=[tmp_path / "big.png"], resize=True, text="what is this?")

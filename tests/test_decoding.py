@@ -118,3 +118,23 @@ def test_top_k_and_top_p_filters():
     assert kept.tolist() == [[True, True, False, False]]
     with pytest.raises(OmnitokError):
         Sampling(top_p=0.0)
+
+
+def test_sampling_overrides_start_from_each_modalitys_default():
+    from omnitok.decoding import IMAGE_SAMPLING, sampling_overrides
+
+    got = sampling_overrides(["image=0.7", "speech=0"], ["image=16"], ["text=0.9"])
+    assert got["image"] == Sampling(temperature=0.7, top_k=16) and got["speech"].temperature == 0.0
+    assert got["speech"].top_k == 32 and got["text"] == Sampling(temperature=0.0, top_p=0.9)
+    assert sampling_overrides(["image=1"])["image"].top_k == IMAGE_SAMPLING.top_k  # the default's top-k stays
+    assert sampling_overrides() == {}
+    for args, msg in (
+        ((["video=1"],), "MODALITY one of"),
+        ((["image"],), "MODALITY=VALUE"),
+        ((["image=hot"],), "'hot' is not a number"),
+        (([], ["image=2.5"]), "not an integer"),
+        ((["image=-1"],), "image sampling: bad sampling settings"),
+        (([], [], ["speech=0"]), "speech sampling"),
+    ):
+        with pytest.raises(OmnitokError, match=msg):
+            sampling_overrides(*args)

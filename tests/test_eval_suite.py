@@ -104,3 +104,20 @@ def test_time_box_scores_a_prefix_of_each_task(setup, tmp_path):
     # the share is spent at once, so each task scores exactly its first batch and says so
     assert metrics["caption_acc"]["n"]["all"] == 2 and metrics["t2i_acc"]["n"]["all"] == 2
     assert metrics["_meta"]["max_minutes"] == 1e-6 and metrics["_meta"]["seconds"] >= 0
+
+
+def test_sampling_overrides_reach_generation_and_the_run_record(setup, tmp_path):
+    from omnitok.decoding import Sampling
+
+    model = omnitok.load(str(setup / "bundle"))
+    seen = []
+    generate_batch = model.generate_batch
+    model.generate_batch = lambda prompts, **kw: seen.append(kw) or generate_batch(prompts, **kw)
+    hot = Sampling(temperature=0.9, top_k=8)
+    cfg = EvalConfig(limit=2, tasks=["caption", "t2i"], sampling={"image": hot})
+    evaluate(model, setup / "world", tmp_path / "out", cfg)
+    assert len(seen) == 2 and all(kw["image"] == hot for kw in seen)
+    recorded = json.loads((tmp_path / "out" / "config.json").read_text())["config"]["sampling"]
+    assert recorded == {"image": {"temperature": 0.9, "top_k": 8, "top_p": 1.0}}
+    with pytest.raises(OmnitokError, match="eval sampling"):
+        evaluate(model, setup / "world", tmp_path / "o2", EvalConfig(tasks=["t2i"], sampling={"pixels": hot}))

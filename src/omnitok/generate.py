@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 
 from omnitok.bundle import Bundle, load_bundle
 from omnitok.constraints import DONE, SPEECH_CODE0, ModalityConstraint
-from omnitok.decoding import DecodeConfig, Sampling, iter_decode
+from omnitok.decoding import IMAGE_SAMPLING, SPEECH_SAMPLING, TEXT_SAMPLING, DecodeConfig, Sampling, iter_decode
 from omnitok.errors import OmnitokError
 from omnitok.sequence import Audio, Image, LossPolicy, MediaEncoder, Segment, Text, Video, decode, encode, prompt
 from omnitok.vocab import SPAN_TOKENS, style_token
@@ -51,9 +51,9 @@ class GenerateOptions:
     style: dict[str, str] | list[dict[str, str] | None] | None = None  # a list: one style per batched request
     max_new_tokens: int | None = None
     cfg_scale: float = 3.0
-    text: Sampling = field(default_factory=lambda: Sampling(temperature=0.0))
-    image: Sampling = field(default_factory=lambda: Sampling(temperature=1.0, top_k=64))
-    speech: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_k=32))
+    text: Sampling = TEXT_SAMPLING
+    image: Sampling = IMAGE_SAMPLING
+    speech: Sampling = SPEECH_SAMPLING
     seed: int | None = None
     speech_chunk_frames: int = 10
     reference: np.ndarray | list[np.ndarray | None] | None = None  # 16 kHz clip(s) giving the voice to speak in

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -114,14 +115,22 @@ def generate_command(
     max_new_tokens: Annotated[int | None, typer.Option(help="cap on generated tokens")] = None,
     cfg_scale: Annotated[float, typer.Option(help="classifier-free guidance for images (1 = off)")] = 3.0,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = 0,
+    temperature: Annotated[
+        list[str] | None,
+        typer.Option(help="MODALITY=T, repeatable (text, image, speech; 0 = greedy): instead of the default"),
+    ] = None,
+    top_k: Annotated[list[str] | None, typer.Option(help="MODALITY=K, repeatable")] = None,
+    top_p: Annotated[list[str] | None, typer.Option(help="MODALITY=P, repeatable")] = None,
     resize: Annotated[bool, typer.Option(help="scale input pictures to the tokenizer's size")] = False,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
 ) -> None:
     """Run one request against a bundle and write the reply's text, images and speech to --out."""
+    from omnitok.decoding import sampling_overrides
     from omnitok.generate import load
 
     if output not in OUTPUTS:
         raise OmnitokError(f"--output must be one of {list(OUTPUTS)}, got {output!r}")
+    sampling = sampling_overrides(temperature, top_k, top_p)  # checked before the bundle loads
     model = load(bundle, device=device)
     if image and model.bundle.image is None:
         raise OmnitokError(f"{bundle} has no image tokenizer, so it cannot read --image")
@@ -137,6 +146,7 @@ def generate_command(
         options["reference"] = read_audio(reference)
     if max_new_tokens is not None:
         options["max_new_tokens"] = max_new_tokens
+    options |= sampling
     ensure_writable_dir(out)
     t0 = time.perf_counter()
     reply = model.generate(sample, **options)
@@ -148,7 +158,8 @@ def generate_command(
         "image": [str(p) for p in image or []],
         "audio": [str(p) for p in audio or []],
         "reference": str(reference) if reference else None,
-        **{k: v for k, v in options.items() if k != "reference"},
+        **{k: v for k, v in options.items() if k != "reference" and k not in sampling},
+        "sampling": {m: asdict(s) for m, s in sampling.items()},
         "seconds": round(seconds, 3),
     }
     atomic_write_json(out / "request.json", request)

@@ -35,15 +35,27 @@ def eval_command(
     max_minutes: float | None = typer.Option(
         None, "--max-minutes", help="Wall-clock cap, split over the tasks; each reports how many it scored."
     ),
+    temperature: list[str] | None = typer.Option(
+        None, "--temperature", help="MODALITY=T (text, image, speech; repeatable): sampling other than the default."
+    ),
+    top_k: list[str] | None = typer.Option(None, "--top-k", help="MODALITY=K (repeatable)."),
+    top_p: list[str] | None = typer.Option(None, "--top-p", help="MODALITY=P (repeatable)."),
 ) -> None:
     """Run every task on the held-out test split; write metrics.json and an HTML report."""
     import omnitok
     from omnitok.data.cli import _csv
+    from omnitok.decoding import sampling_overrides
     from omnitok.eval.suite import TASKS, EvalConfig, evaluate
 
     if max_minutes is not None and max_minutes <= 0:
         raise OmnitokError(f"--max-minutes must be positive, got {max_minutes}")
-    cfg = EvalConfig(limit=limit, tasks=_csv(tasks, "--tasks") or list(TASKS), seed=seed, max_minutes=max_minutes)
+    cfg = EvalConfig(
+        limit=limit,
+        tasks=_csv(tasks, "--tasks") or list(TASKS),
+        seed=seed,
+        max_minutes=max_minutes,
+        sampling=sampling_overrides(temperature, top_k, top_p),
+    )
     model = omnitok.load(str(bundle))
     with console.status("evaluating") as status:
         metrics = evaluate(model, data, out, cfg, progress=lambda t: status.update(f"evaluating {t}"))

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from omnitok.decoding import SAMPLED_MODALITIES, Sampling
 from omnitok.errors import OmnitokError
 from omnitok.eval import metrics as M
 from omnitok.io import atomic_write_json, ensure_writable_dir, write_run_config
@@ -43,6 +44,9 @@ class EvalConfig:
     batch_size: int = 16
     seed: int = 0
     cfg_scale: float = 3.0
+    # Per-modality sampling instead of the generation defaults (omnitok.decoding), e.g. {"speech": Sampling(0.7)}:
+    # the metrics depend on it, so it is part of the run's recorded config.
+    sampling: dict[str, Sampling] = field(default_factory=dict)
     examples_in_report: int = 6
     # Wall-clock cap for the whole suite (None = none). Split evenly over the tasks still to run; a task stops
     # starting new batches once its share is spent (after at least one batch), and reports how many it scored.
@@ -129,7 +133,7 @@ class Suite:
         for chunk in _batches(prompts, self.cfg.batch_size):
             if not self._time_left(bool(out)):
                 break
-            out += self.model.generate_batch(chunk, seed=self.cfg.seed, **opts)
+            out += self.model.generate_batch(chunk, seed=self.cfg.seed, **self.cfg.sampling, **opts)
         return out
 
     # --- tasks ------------------------------------------------------------------------------------
@@ -199,7 +203,12 @@ class Suite:
                 break
             hi = lo + self.cfg.batch_size
             outs += self.model.generate_batch(
-                prompts[lo:hi], output="speech", style=lm_styles[lo:hi], reference=refs[lo:hi], seed=self.cfg.seed
+                prompts[lo:hi],
+                output="speech",
+                style=lm_styles[lo:hi],
+                reference=refs[lo:hi],
+                seed=self.cfg.seed,
+                **self.cfg.sampling,
             )
         for s, style, o in zip(samples, styles, outs, strict=False):  # outs: a prefix if the time share ran out
             sp = s["meta"]["speech"]
@@ -346,6 +355,9 @@ def evaluate(
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise OmnitokError(f"--tasks: unknown task(s) {unknown}; known: {list(TASKS)}")
+    bad = {k: v for k, v in cfg.sampling.items() if k not in SAMPLED_MODALITIES or not isinstance(v, Sampling)}
+    if bad:
+        raise OmnitokError(f"eval sampling: expected {{modality: Sampling}} for {list(SAMPLED_MODALITIES)}, got {bad}")
     tasks = [t for t in cfg.tasks if t not in SPEECH_TASKS or model.bundle.speech is not None]
     tasks = [t for t in tasks if t not in SPEECH_TASKS or wm["config"].get("speech", True)]
     write_run_config(out_dir, "omnitok eval", {**asdict(cfg), "world": str(world), "tasks_run": tasks})
