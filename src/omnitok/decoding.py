@@ -41,7 +41,8 @@ class Sampling:
 TEXT_SAMPLING = Sampling(temperature=0.0)
 IMAGE_SAMPLING = Sampling(temperature=0.0, top_k=64)
 SPEECH_SAMPLING = Sampling(temperature=0.5, top_k=32)
-SAMPLED_MODALITIES = ("text", "image", "speech")
+DEFAULT_SAMPLING = {"text": TEXT_SAMPLING, "image": IMAGE_SAMPLING, "speech": SPEECH_SAMPLING}
+SAMPLED_MODALITIES = tuple(DEFAULT_SAMPLING)
 
 
 @dataclass
@@ -61,7 +62,6 @@ def sampling_overrides(
     Returns only the modalities that were named, so callers pass them as keyword options (``image=...``) and leave
     the rest at their defaults.
     """
-    defaults = {"text": TEXT_SAMPLING, "image": IMAGE_SAMPLING, "speech": SPEECH_SAMPLING}
     changes: dict[str, dict[str, float | int]] = {}
     for flag, field_name, cast, values in (
         ("--temperature", "temperature", float, temperature),
@@ -71,9 +71,10 @@ def sampling_overrides(
         for item in values or []:
             modality, sep, raw = item.partition("=")
             modality = modality.strip()
-            if not sep or modality not in defaults:
+            if not sep or modality not in DEFAULT_SAMPLING:
                 raise OmnitokError(
-                    f"{flag} {item!r}: expected MODALITY=VALUE with MODALITY one of {list(defaults)}, e.g. image=0.7"
+                    f"{flag} {item!r}: expected MODALITY=VALUE with MODALITY one of {list(SAMPLED_MODALITIES)}, "
+                    "e.g. image=0.7"
                 )
             try:
                 value = cast(raw.strip())
@@ -84,7 +85,7 @@ def sampling_overrides(
     out = {}
     for modality, fields in changes.items():
         try:
-            out[modality] = replace(defaults[modality], **fields)
+            out[modality] = replace(DEFAULT_SAMPLING[modality], **fields)
         except OmnitokError as e:
             raise OmnitokError(f"{modality} sampling: {e}") from None
     return out
