@@ -5,7 +5,7 @@ arm, each arm overriding some modalities with the same ``MODALITY=VALUE`` syntax
 --temperature/--top-k``, and prints one table of the metrics side by side. Same bundle, test examples and seed in
 every arm, so only the sampling differs.
 
-    python benchmarks/sampling.py BUNDLE --data WORLD --tasks t2i,edit,interleaved --limit 50 \\
+    python benchmarks/sampling.py BUNDLE --data WORLD --tasks t2i,tts --limit 50 \\
         --arm "before:image.temperature=1,speech.temperature=0.7" --arm "shipped:" --arm "greedy:speech.temperature=0"
 """
 
@@ -22,7 +22,7 @@ from omnitok.decoding import sampling_overrides
 from omnitok.errors import OmnitokError
 from omnitok.eval.suite import EvalConfig, evaluate
 
-FLAGS = {"temperature": "temperature", "top_k": "top-k", "top_p": "top-p"}
+FIELDS = ("temperature", "top_k", "top_p")
 
 
 def parse_arm(spec: str) -> tuple[str, dict]:
@@ -30,12 +30,12 @@ def parse_arm(spec: str) -> tuple[str, dict]:
     name, sep, rest = spec.partition(":")
     if not sep or not name:
         raise OmnitokError(f"--arm {spec!r}: expected NAME:[MODALITY.FIELD=VALUE,...]")
-    values: dict[str, list[str]] = {f: [] for f in FLAGS}
+    values: dict[str, list[str]] = {f: [] for f in FIELDS}
     for item in filter(None, (x.strip() for x in rest.split(","))):
         key, _, value = item.partition("=")
         modality, _, field_name = key.partition(".")
-        if field_name not in FLAGS:
-            raise OmnitokError(f"--arm {spec!r}: {key!r} is not MODALITY.FIELD with FIELD one of {list(FLAGS)}")
+        if field_name not in FIELDS:
+            raise OmnitokError(f"--arm {spec!r}: {key!r} is not MODALITY.FIELD with FIELD one of {list(FIELDS)}")
         values[field_name].append(f"{modality}={value}")
     return name, sampling_overrides(values["temperature"], values["top_k"], values["top_p"])
 
