@@ -68,21 +68,34 @@ def test_text_and_image_outputs(bundle_dir):
     assert all(isinstance(r[0], Image) and r[0].pixels.shape == (64, 64, 3) for r in batch)
 
 
-def test_guided_images_keep_the_pictures_of_the_prompt(bundle_dir):
-    """Editing a picture with guidance on (the API default): the unconditional row holds the picture, coded."""
+def test_guided_images_keep_the_pictures_of_the_prompt(bundle_dir, monkeypatch):
+    """Editing a picture with guidance on (the API default): the unconditional row holds the picture, coded once."""
+    import omnitok.generate as generate
+
     model = omnitok.load(str(bundle_dir / "bundle"))
     picture = np.zeros((64, 64, 3), np.uint8)
     request = [Image(pixels=picture), Text("make it red")]
-    coded, encode_media = [], model.media  # count the pictures tokenized: the request's copy, the unconditional's
+    coded, encode_media = [], model.media  # count the pictures tokenized
 
     def media(batch):
         coded.extend(s for segs in batch for s in segs if isinstance(s, Image))
         return encode_media(batch)
 
+    rows, decode = [], generate.iter_decode
+
+    def iter_decode(lm, prompts, constraint, cfg, uncond, gen):
+        rows.append((prompts, uncond))
+        return decode(lm, prompts, constraint, cfg, uncond, gen)
+
     model.media = media
+    monkeypatch.setattr(generate, "iter_decode", iter_decode)
     out = model.generate(request, output="image", seed=0, cfg_scale=3.0)
     assert [type(s) for s in out] == [Image] and out[0].pixels.shape == (64, 64, 3)
-    assert len(coded) == 2 and all(s.codes is not None for s in coded) and request[0].codes is None
+    assert len(coded) == 1 and coded[0].codes is not None and request[0].codes is None
+    (cond,), (uncond,) = rows[0]
+    codes = [t for t in uncond.tolist() if model.vocab.kind(t) == "image"]
+    assert len(codes) == model.image_tokens and len(uncond) < len(cond)  # the picture, not the instruction's text
+    assert codes == [t for t in cond.tolist() if model.vocab.kind(t) == "image"]
     doc = [Text("step one", role=None), Image(pixels=picture, role=None), Text("step two", role=None)]
     (img,) = model.generate(doc, output="image", continuation=True, seed=0, cfg_scale=2.0)
     assert img.pixels.shape == (64, 64, 3)

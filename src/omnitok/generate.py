@@ -92,7 +92,11 @@ class OmniModel:
             ids.append(self.vocab.specials[name])
         return ids
 
-    def _request(self, sample: Sequence[Segment], opts: GenerateOptions) -> tuple[torch.Tensor, ModalityConstraint]:
+    def _coded(self, sample: Sequence[Segment], opts: GenerateOptions) -> list[Segment]:
+        """The request's own copies of its segments: roles set, pictures and speech tokenized and checked.
+
+        Made once per request; the prompt and, with guidance, the unconditional row are both built from it.
+        """
         if not sample:
             raise OmnitokError("empty prompt: give at least one text, image or audio segment")
         if all(isinstance(s, Text) and not s.text.strip() for s in sample):
@@ -109,10 +113,16 @@ class OmniModel:
                         f"input image {shape} gives {len(codes)} tokens; this model reads images of "
                         f"{self.image_tokens} tokens (the size its image tokenizer was trained on)"
                     )
+        return segs
+
+    def _prompt_ids(self, segs: list[Segment], opts: GenerateOptions) -> list[int]:
         if opts.continuation:
-            ids = list(encode(segs, self.vocab, self.bundle.text, LossPolicy(roles=frozenset()), add_eos=False).ids)
-        else:
-            ids = list(prompt(segs, self.vocab, self.bundle.text))
+            return list(encode(segs, self.vocab, self.bundle.text, LossPolicy(roles=frozenset()), add_eos=False).ids)
+        return list(prompt(segs, self.vocab, self.bundle.text))
+
+    def _request(self, segs: list[Segment], opts: GenerateOptions) -> tuple[torch.Tensor, ModalityConstraint]:
+        """Prompt ids (with the forced opener of the requested output) and the automaton, from :meth:`_coded`."""
+        ids = self._prompt_ids(segs, opts)
         outputs: set[str] = {"text", "image", "speech"} if opts.output == "auto" else set(opts.output.split("+"))
         outputs &= {"text"} | {m for m in ("image", "speech") if m in self.vocab.modalities}
         if opts.output == "image":
@@ -124,21 +134,14 @@ class OmniModel:
         )
         return torch.tensor(ids, dtype=torch.long), constraint
 
-    def _uncond(self, sample: Sequence[Segment], opts: GenerateOptions) -> torch.Tensor:
-        """The training-time prompt drop: the same request with the user's text removed.
+    def _uncond(self, segs: list[Segment], opts: GenerateOptions) -> torch.Tensor:
+        """The training-time prompt drop: the same request (from :meth:`_coded`) with the user's text removed.
 
-        Pictures and speech stay, so editing a given picture is guided by its instruction; they are tokenized here
-        as in :meth:`_request` (the request's own copies carry their codes, the caller's segments do not).
+        Pictures and speech stay, so editing a given picture is guided by its instruction.
         """
-        role = (lambda s: None) if opts.continuation else (lambda s: s.role or "user")
-        kept = [replace(s, role=role(s)) for s in sample if not isinstance(s, Text)]
-        kept = kept or [Text("", role=None if opts.continuation else "user")]
-        self.media([kept])
-        if opts.continuation:
-            ids = list(encode(kept, self.vocab, self.bundle.text, LossPolicy(roles=frozenset()), add_eos=False).ids)
-        else:
-            ids = list(prompt(kept, self.vocab, self.bundle.text))
-        return torch.tensor([*ids, self.vocab.special(SPAN_TOKENS["image"][0])], dtype=torch.long)
+        kept = [s for s in segs if not isinstance(s, Text)] or [Text("", role=None if opts.continuation else "user")]
+        ids = [*self._prompt_ids(kept, opts), self.vocab.special(SPAN_TOKENS["image"][0])]
+        return torch.tensor(ids, dtype=torch.long)
 
     def _config(self, opts: GenerateOptions) -> DecodeConfig:
         if opts.max_new_tokens is not None:
@@ -197,11 +200,12 @@ class OmniModel:
         refs = opts.reference if isinstance(opts.reference, list) else [opts.reference] * len(samples)
         if len(styles) != len(samples) or len(refs) != len(samples):
             raise OmnitokError(f"style/reference: need one per request ({len(samples)}), got {len(styles)}/{len(refs)}")
-        requests = [self._request(s, replace(opts, style=st)) for s, st in zip(samples, styles, strict=True)]
+        coded = [self._coded(s, opts) for s in samples]
+        requests = [self._request(c, replace(opts, style=st)) for c, st in zip(coded, styles, strict=True)]
         constraint = requests[0][1]
         prompts = [r[0] for r in requests]
         cfg = self._config(opts)
-        uncond = [self._uncond(s, opts) for s in samples] if opts.output == "image" and opts.cfg_scale != 1 else None
+        uncond = [self._uncond(c, opts) for c in coded] if opts.output == "image" and opts.cfg_scale != 1 else None
         gen = torch.Generator().manual_seed(opts.seed) if opts.seed is not None else None
         new: list[list[int]] = [[] for _ in samples]
         finished = [False] * len(samples)
@@ -218,7 +222,7 @@ class OmniModel:
     def stream(self, sample: Sequence[Segment], **options: Any) -> Iterator[TextDelta | AudioChunk | ImageOut]:
         """Yield text as it is written and speech as audio chunks every ``speech_chunk_frames`` frames."""
         opts = GenerateOptions(**options)
-        ids, constraint = self._request(sample, opts)
+        ids, constraint = self._request(self._coded(sample, opts), opts)
         gen = torch.Generator().manual_seed(opts.seed) if opts.seed is not None else None
         speech_tok = self.bundle.speech
         levels = self.vocab.levels("speech") if "speech" in self.vocab.modalities else 1
