@@ -81,6 +81,35 @@ def test_resume_continues_exactly(tokdir, tmp_path, log_every):
             torch.testing.assert_close(final_b[k], final_a[k], atol=1e-6, rtol=0)
 
 
+def test_muon_moves_the_hidden_matrices_and_resumes_exactly(tokdir, tmp_path):
+    full = tmp_path / "full"
+    muon = {"name": "muon", "lr": 1e-2, "weight_decay": 0.1, "warmup_steps": 1}
+    train(recipe(tokdir, full, optim=muon), progress=False)
+    reference = losses(full)
+    assert reference[4] < reference[1]  # it learns
+
+    # Muon's momentum for the decoder's matrices, AdamW's moments for the embedding and the norms, in one checkpoint.
+    saved = load_file(list_checkpoints(full)[-1] / "optimizer.safetensors")
+    muon_keys = {k for k in saved if k.endswith("/momentum_buffer")}
+    adam_keys = {k for k in saved if k.endswith("/exp_avg")}
+    assert any("q_proj" in k for k in muon_keys) and any("down_proj" in k for k in muon_keys)
+    assert not any("embed_tokens" in k or "norm" in k for k in muon_keys)
+    assert any("embed_tokens" in k for k in adam_keys) and not any("q_proj" in k for k in adam_keys)
+
+    adamw = tmp_path / "adamw"
+    train(recipe(tokdir, adamw), progress=False)
+    assert losses(adamw)[7] != pytest.approx(reference[7], abs=1e-4)  # the option changes what trains
+
+    out = tmp_path / "resumed"
+    shutil.copytree(full, out)
+    shutil.rmtree(out / "final")
+    for ckpt in list_checkpoints(out):
+        if int(ckpt.name.split("-")[1]) > 6:
+            shutil.rmtree(ckpt)
+    train(recipe(tokdir, out, optim=muon), progress=False)
+    assert losses(out)[7] == pytest.approx(reference[7], abs=1e-6, rel=0)
+
+
 def test_checkpoint_and_final_layout(tokdir, tmp_path):
     out = tmp_path / "run"
     r = recipe(tokdir, out, checkpoint={"every": 1, "keep": 2}, log={"every": 1, "tensorboard": True})

@@ -96,6 +96,8 @@ def _edit(raw, path, value):
         (("stages", 1, "name"), "a", r"^stages\[1\]\.name: 'a' is used by more than one stage"),
         (("stages",), [], r"^stages: at least one stage"),
         (("optim", "schedule"), "step", r"^optim\.schedule: expected one of"),
+        (("optim", "name"), "sgd", r"^optim\.name: expected one of \['adamw', 'muon'\], got 'sgd'"),
+        (("distributed",), {"strategy": "fsdpp"}, r"^distributed\.strategy: expected one of"),
         (("model", "hidden_sise"), 8, r"^model\.hidden_sise: not a field of LlamaConfig"),
         (("name",), KeyError, r"^name: required"),
         (("precision",), "fp8", r"^precision: expected one of"),
@@ -104,6 +106,14 @@ def _edit(raw, path, value):
 def test_shape_errors_name_the_field(raw, path, value, message):
     with pytest.raises(OmnitokError, match=message):
         parse_recipe(_edit(raw, path, value))
+
+
+def test_muon_needs_whole_matrices(raw):
+    raw["optim"]["name"] = "muon"
+    parse_recipe(raw)
+    raw["distributed"] = {"strategy": "fsdp"}
+    with pytest.raises(OmnitokError, match=r"^optim\.name: 'muon' needs whole weight matrices.*strategy ddp"):
+        parse_recipe(raw)
 
 
 def test_unknown_task_is_named(raw):

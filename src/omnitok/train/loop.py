@@ -180,15 +180,33 @@ def _select_trainable(model: torch.nn.Module, mode: str, base_vocab: int) -> lis
     return handles
 
 
-def _optimizer(model: torch.nn.Module, o: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    no_decay = {id(w) for w in _vocab_matrices(model)}
-    decay, rest = [], []
+def _optimizers(model: torch.nn.Module, o: OptimConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """AdamW for every parameter, or (``optim.name: muon``) Muon for the hidden matrices and AdamW for the rest.
+
+    Muon orthogonalises each matrix's momentum before the update, so every direction of a weight matrix moves at
+    the same rate; it is meant for hidden matrices only, which is why the embeddings, the head, norms and biases
+    stay with AdamW. Its update is scaled to AdamW's RMS (``match_rms_adamw``), so one ``lr`` and one schedule
+    serve both. A list, because checkpointing (``get_optimizer_state_dict``) handles several optimizers by name.
+    """
+    vocab = {id(w) for w in _vocab_matrices(model)}
+    hidden, decay, rest = [], [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (rest if p.ndim < 2 or id(p) in no_decay else decay).append(p)
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or id(p) in vocab:
+            rest.append(p)
+        else:
+            (hidden if o.name == "muon" else decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     fused = True if device.type == "cuda" else None  # one kernel for all parameters on GPU
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=o.betas, eps=o.eps, fused=fused)
+    opts: list[torch.optim.Optimizer] = []
+    if any(g["params"] for g in groups):
+        opts.append(
+            torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=o.betas, eps=o.eps, fused=fused)
+        )
+    if hidden:
+        opts.append(torch.optim.Muon(hidden, lr=o.lr, weight_decay=o.weight_decay, adjust_lr_fn="match_rms_adamw"))
+    return opts
 
 
 def lr_at(step: int, total: int, o: OptimConfig) -> float:
@@ -305,7 +323,7 @@ def _forward_loss(model: torch.nn.Module, batch: Batch, rt: Runtime, attention: 
 
 def _optimizer_step(
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizers: list[torch.optim.Optimizer],
     params: list[torch.nn.Parameter],
     micro: list[Batch],
     lr: float,
@@ -322,11 +340,12 @@ def _optimizer_step(
             loss = _forward_loss(model, batch, rt, attention)
             (loss * scale).backward()
         loss_sum += loss.detach()
-    for g in optimizer.param_groups:
-        g["lr"] = lr
     grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     return loss_sum, targets, grad_norm
 
 
@@ -432,7 +451,7 @@ def _progress(enabled: bool):  # -> rich Progress (imported lazily: the CLI's st
 
 def _save(
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizers: list[torch.optim.Optimizer],
     recipe: Recipe,
     rt: Runtime,
     trainer_state: dict[str, Any],
@@ -440,7 +459,7 @@ def _save(
     # Collective under FSDP (every rank gathers), so every rank calls this; only rank 0 writes.
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=opts)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
+    optim_state = get_optimizer_state_dict(model, optimizers, options=opts)
     rngs = [ckpt.rng_state()]
     if rt.world > 1:
         rngs = [None] * rt.world
@@ -603,7 +622,7 @@ def measure_throughput(recipe: Recipe, steps: int = 6, warmup: int = 2) -> float
     b, o = stage.batch(recipe.batch), stage.optim(recipe.optim)
     datasets = {t: TokenDataset(recipe.data, recipe.split, t) for t in stage.mixture}
     sampler = MixtureSampler({t: d.lengths for t, d in datasets.items()}, stage.mixture, b.seq_len, recipe.seed)
-    optimizer = _optimizer(model, o, rt.device)
+    optimizers = _optimizers(model, o, rt.device)
     params = [p for p in model.parameters() if p.requires_grad]
     rows = b.micro_batch * b.grad_accum * rt.world
     t0 = 0.0
@@ -613,7 +632,7 @@ def measure_throughput(recipe: Recipe, steps: int = 6, warmup: int = 2) -> float
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
         micro = _micro_batches(sampler.plan(k, rows), datasets, b, rt)
-        _optimizer_step(model, optimizer, params, micro, o.lr, o, rt, attention)
+        _optimizer_step(model, optimizers, params, micro, o.lr, o, rt, attention)
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
     return steps * rows * b.seq_len / (time.perf_counter() - t0)
@@ -696,12 +715,12 @@ def train(
             b, o = stage.batch(recipe.batch), stage.optim(recipe.optim)
             hooks = _select_trainable(model, stage.trainable, base_vocab)
             wrapped = _wrap(model, recipe, rt)
-            optimizer = _optimizer(model, o, rt.device)
+            optimizers = _optimizers(model, o, rt.device)
             sampler = MixtureSampler(lengths, stage.mixture, b.seq_len, recipe.seed)
             sampler.load_state_dict({"drawn": drawn, "pending": []})
             if saved is not None and first > 0:  # resuming inside this stage: its optimizer and sampler too
                 sampler.load_state_dict(saved["sampler"])
-                set_optimizer_state_dict(wrapped, optimizer, ckpt.load_optimizer_state(resume_from))
+                set_optimizer_state_dict(wrapped, optimizers, ckpt.load_optimizer_state(resume_from))
             rows = b.micro_batch * b.grad_accum * rt.world
             params = [p for p in model.parameters() if p.requires_grad]
             task = bar.add_task(stage.name, total=stage.steps, completed=first, loss="-", speed="")
@@ -717,7 +736,7 @@ def train(
                 plan = sampler.plan(step, rows)
                 micro = _micro_batches(plan, datasets, b, rt)
                 lr = lr_at(k, stage.steps, o)
-                loss_sum, targets, grad_norm = _optimizer_step(wrapped, optimizer, params, micro, lr, o, rt, attention)
+                loss_sum, targets, grad_norm = _optimizer_step(wrapped, optimizers, params, micro, lr, o, rt, attention)
                 step += 1
 
                 real = sum(int(sampler.lengths[t][i]) for row in plan for t, i in row)
@@ -779,12 +798,12 @@ def train(
                         "recipe_hash": recipe.hash(),
                         "recipe": recipe.identity(),
                     }
-                    _save(wrapped, optimizer, recipe, rt, state)
+                    _save(wrapped, optimizers, recipe, rt, state)
 
             drawn.update(sampler.drawn)
             for h in hooks:
                 h.remove()
-            del wrapped, optimizer
+            del wrapped, optimizers
             if stopped:
                 break
 

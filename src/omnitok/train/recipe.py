@@ -29,6 +29,7 @@ from omnitok.errors import OmnitokError
 from omnitok.model import check_model_spec
 
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "muon")
 TRAINABLE = ("all", "new_embeddings")
 CODE_EMBEDDINGS = ("random", "codec")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -46,9 +47,10 @@ class BatchConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with warmup then decay, restarted for every stage (see the loop's docstring)."""
+    """The optimizer with warmup then decay, restarted for every stage (see the loop's docstring)."""
 
     lr: float
+    name: str = "adamw"  # "muon": Muon for the decoder's hidden matrices, AdamW for the rest (loop._optimizers)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -279,6 +281,7 @@ def _check(recipe: Recipe) -> None:
     _positive(o.grad_clip, "optim.grad_clip", zero_ok=True)
     _positive(o.warmup_steps, "optim.warmup_steps", zero_ok=True)
     _choice(o.schedule, SCHEDULES, "optim.schedule")
+    _choice(o.name, OPTIMIZERS, "optim.name")
     if not 0 <= o.min_lr_ratio <= 1:
         raise OmnitokError(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
     if not all(0 <= x < 1 for x in o.betas):
@@ -288,6 +291,9 @@ def _check(recipe: Recipe) -> None:
     _choice(recipe.code_embeddings, CODE_EMBEDDINGS, "code_embeddings")
     _choice(recipe.device, DEVICES, "device")
     _choice(recipe.distributed.strategy, STRATEGIES, "distributed.strategy")
+    if o.name == "muon" and recipe.distributed.strategy == "fsdp":
+        # Muon orthogonalises whole matrices; FSDP gives each rank a shard of each.
+        raise OmnitokError("optim.name: 'muon' needs whole weight matrices on each rank; use distributed.strategy ddp")
     _positive(recipe.checkpoint.every, "checkpoint.every", zero_ok=True)
     _positive(recipe.checkpoint.keep, "checkpoint.keep")
     _positive(recipe.log.every, "log.every")
