@@ -9,21 +9,22 @@ in order. Each optimizer step:
 3. runs ``grad_accum`` forward/backward passes, each loss a *sum* over target tokens divided by the number of
    target tokens in the whole global batch, so the gradient is the same mean over tokens whether the batch
    is split over micro-steps, ranks, or neither;
-4. clips the global gradient norm, sets the learning rate for this step and steps AdamW.
+4. clips the global gradient norm, sets the learning rate for this step and steps the optimizers (AdamW, or
+   Muon for the hidden matrices and AdamW for the rest: ``_optimizers``).
 
 Choices a reader should know:
 
 - The learning-rate schedule is per stage: linear warmup, then cosine (or linear, or constant) decay to
   ``min_lr_ratio * lr`` at the stage's last step. The lr is a pure function of the step, so there is no
   scheduler state to save.
-- Every stage starts a fresh AdamW (moments at zero). Stages change what trains, and a stage that trains only
+- Every stage starts fresh optimizers (moments at zero). Stages change what trains, and a stage that trains only
   the new embedding rows then really leaves the old rows bit-identical: their gradient is masked to zero, and
   the vocabulary matrices (like norms and biases) get no weight decay.
 - Weights stay float32; the forward/backward runs under bf16 autocast when ``precision`` says so (``auto``: on
   GPUs that support it and on CPUs with AMX or AVX512-BF16). Only target positions are projected onto the vocabulary.
 - Under ``torchrun`` the model is wrapped in DDP (gloo on CPU, NCCL on GPU), or sharded with FSDP2 when the
   recipe says ``distributed.strategy: fsdp`` (GPU only).
-- A checkpoint holds everything the next step depends on (weights, AdamW moments, sampler position, RNG), so a
+- A checkpoint holds everything the next step depends on (weights, optimizer moments, sampler position, RNG), so a
   resumed run reproduces the uninterrupted run's losses exactly.
 """
 
