@@ -14,7 +14,7 @@ from omnitok.train.recipe import load_recipe
 from omnitok.train.synthetic import write_synthetic_tokens
 
 
-def _recipe(tmp_path, tokdir, name, micro_batch):
+def _recipe(tmp_path, tokdir, name, micro_batch, optimizer):
     raw = {
         "name": name,
         "seed": 1,
@@ -30,7 +30,7 @@ def _recipe(tmp_path, tokdir, name, micro_batch):
             "max_position_embeddings": 64,
         },
         "batch": {"seq_len": 64, "micro_batch": micro_batch, "grad_accum": 2},
-        "optim": {"lr": 1e-2, "warmup_steps": 1, "weight_decay": 0.1},
+        "optim": {"name": optimizer, "lr": 1e-2, "warmup_steps": 1, "weight_decay": 0.1},
         "checkpoint": {"every": 0, "keep": 1},
         "log": {"every": 1, "tensorboard": False},
         "precision": "fp32",  # exact equality across rank layouts; bf16 rounds differently per batch split
@@ -45,12 +45,13 @@ def _losses(out):
     return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def test_two_gloo_ranks_match_one_process(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_gloo_ranks_match_one_process(tmp_path, optimizer):
     tokdir = tmp_path / "tokens"
     write_synthetic_tokens(tokdir, vocab_size=64, tasks={"caption": (4, 20), "asr": (10, 50)}, docs=40)
     # Same global batch: 1 process x 4 rows x 2 micro-steps == 2 ranks x 2 rows x 2 micro-steps.
-    single = _recipe(tmp_path, tokdir, "single", micro_batch=4)
-    ddp = _recipe(tmp_path, tokdir, "ddp", micro_batch=2)
+    single = _recipe(tmp_path, tokdir, "single", micro_batch=4, optimizer=optimizer)
+    ddp = _recipe(tmp_path, tokdir, "ddp", micro_batch=2, optimizer=optimizer)
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
