@@ -295,6 +295,19 @@ def test_resuming_with_a_changed_recipe_names_what_changed(tokdir, tmp_path, cap
     ]
 
 
+def test_resuming_under_another_optimizer_starts_its_moments_fresh(tokdir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(recipe(tokdir, out), progress=False, max_steps=3)  # AdamW, stopped inside stage one
+    capsys.readouterr()
+    muon = {"name": "muon", "lr": 1e-2, "weight_decay": 0.1, "warmup_steps": 1}
+    assert train(recipe(tokdir, out, optim=muon), progress=False)["step"] == 7
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes[-1] == (
+        f"note: {out / 'checkpoints' / 'step-000003'} holds adamw's state and the recipe now says optim.name "
+        "'muon': stage 'one' continues with fresh optimizer moments"
+    )
+
+
 def test_recipe_changes_lists_every_differing_leaf():
     from omnitok.train.recipe import recipe_changes
 

@@ -721,7 +721,14 @@ def train(
             sampler.load_state_dict({"drawn": drawn, "pending": []})
             if saved is not None and first > 0:  # resuming inside this stage: its optimizer and sampler too
                 sampler.load_state_dict(saved["sampler"])
-                set_optimizer_state_dict(wrapped, optimizers, ckpt.load_optimizer_state(resume_from))
+                was = saved.get("recipe", {}).get("optim", {}).get("name", "adamw")  # older checkpoints: AdamW
+                if was == o.name:
+                    set_optimizer_state_dict(wrapped, optimizers, ckpt.load_optimizer_state(resume_from))
+                elif rt.main:  # one optimizer's moments mean nothing to another
+                    print(
+                        f"note: {resume_from} holds {was}'s state and the recipe now says optim.name {o.name!r}: "
+                        f"stage {stage.name!r} continues with fresh optimizer moments"
+                    )
             rows = b.micro_batch * b.grad_accum * rt.world
             params = [p for p in model.parameters() if p.requires_grad]
             task = bar.add_task(stage.name, total=stage.steps, completed=first, loss="-", speed="")

@@ -50,7 +50,9 @@ class OptimConfig:
     """The optimizer with warmup then decay, restarted for every stage (see the loop's docstring)."""
 
     lr: float
-    name: str = "adamw"  # "muon": Muon for the decoder's hidden matrices, AdamW for the rest (loop._optimizers)
+    # "muon": Muon (torch's momentum 0.95, Nesterov) for the decoder's hidden matrices, AdamW with ``betas`` for
+    # the rest (loop._optimizers)
+    name: str = "adamw"
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
