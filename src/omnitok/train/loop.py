@@ -819,6 +819,9 @@ def train(
             final = _save_final(model, recipe, rt)
             if rt.main:
                 _write_bundle(final, recipe)
+        # Every rank leaves together: a rank that tore its gloo connections down and exited while rank 0 was still
+        # writing the bundle was once seen to abort at exit ("terminate called without an active exception").
+        _barrier(rt)
     finally:
         bar.stop()
         logger.close()
