@@ -199,12 +199,11 @@ def _optimizers(model: torch.nn.Module, o: OptimConfig, device: torch.device) ->
         else:
             (hidden if o.name == "muon" else decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
     fused = True if device.type == "cuda" else None  # one kernel for all parameters on GPU
     opts: list[torch.optim.Optimizer] = []
-    if any(g["params"] for g in groups):
-        opts.append(
-            torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=o.betas, eps=o.eps, fused=fused)
-        )
+    if groups:
+        opts.append(torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused))
     if hidden:
         opts.append(torch.optim.Muon(hidden, lr=o.lr, weight_decay=o.weight_decay, adjust_lr_fn="match_rms_adamw"))
     return opts
