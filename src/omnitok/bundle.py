@@ -52,7 +52,9 @@ def save_bundle(
                 raise OmnitokError(f"LM directory {lm} has no config.json (expected a transformers save_pretrained)")
             shutil.copytree(lm, tmp / "lm")
         else:
-            lm.save_pretrained(tmp / "lm", safe_serialization=True)
+            from omnitok import image_positions
+
+            image_positions.save(lm, tmp / "lm")
         tokenizers: dict[str, str] = {}
         for name, src in (("text", text_tokenizer), ("image", image_tokenizer), ("speech", speech_tokenizer)):
             if src is None:
@@ -137,7 +139,11 @@ def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> Bundle:
     lm_dir = p / "lm"
     if not (lm_dir / "config.json").is_file():
         raise OmnitokError(f"bundle: {lm_dir} has no config.json")
-    lm = AutoModelForCausalLM.from_pretrained(lm_dir, local_files_only=True).to(device).eval()
+    from omnitok import image_positions
+
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir, local_files_only=True)
+    image_positions.restore(lm, lm_dir)
+    lm = lm.to(device).eval()
     rows = lm.get_input_embeddings().weight.shape[0]
     if rows < vocab.size:
         raise OmnitokError(f"bundle: the LM has {rows} embedding rows but the vocabulary has {vocab.size} ids")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from omnitok import image_positions
 from omnitok.constraints import DONE, IMAGE_CODE, SPEECH_CODE0, SPEECH_START, VIDEO_CODE, ModalityConstraint
 from omnitok.errors import OmnitokError
 
@@ -183,13 +184,19 @@ def _decode_steps(
         for k in st:
             st[k][i] = one[k][0]
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    # An LM with image position embeddings needs each cached step's index inside its picture (omnitok.image_positions).
+    table = image_positions.get(model)
+    where: dict[str, torch.Tensor] = {}
+    last_opener = None
+    if table is not None:
+        where["image_positions"], last_opener = table.positions(ids)
     # only the last prompt position's logits are used: skip the LM head (the largest matmul) for the others
     params = inspect.signature(model.forward).parameters
     extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     # transformers 5 renamed the KV cache argument and output field ``past_key_values`` -> ``cache`` (the old name
     # warns, and goes in 5.40); older releases only know the old one. The output field has the argument's name.
     cache_arg = "cache" if "cache" in params else "past_key_values"
-    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=True, **extra)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=True, **extra, **where)
     past = getattr(out, cache_arg)
     logits = out.logits[:, -1, :].float()
     for step in range(cfg.max_new_tokens):
@@ -219,12 +226,17 @@ def _decode_steps(
         step_tokens = torch.cat([tokens, tokens]) if use_cfg else tokens
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         position_ids = position_ids[:, -1:] + 1
+        if table is not None:
+            where["image_positions"], last_opener = table.positions(
+                step_tokens.view(-1, 1), start=attn.shape[1] - 1, last_opener=last_opener
+            )
         out = model(
             input_ids=step_tokens.view(-1, 1),
             attention_mask=attn,
             position_ids=position_ids,
             use_cache=True,
             **{cache_arg: past},
+            **where,
         )
         past = getattr(out, cache_arg)
         logits = out.logits[:, -1, :].float()

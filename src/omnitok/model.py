@@ -22,7 +22,10 @@ from omnitok.errors import OmnitokError
 
 DEFAULT_ARCH = "llama"
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
-_PRETRAINED_KEYS = {"pretrained", "attn_implementation"}
+# Keys of a recipe's ``model`` that omnitok reads itself; every other key is a field of the transformers config.
+# ``image_positions``: add a learned raster-position embedding to image codes (omnitok.image_positions).
+_OWN_KEYS = ("arch", "attn_implementation", "image_positions")
+_PRETRAINED_KEYS = {"pretrained", "attn_implementation", "image_positions"}
 
 
 def _config_class(arch: str, field: str) -> type:
@@ -43,6 +46,8 @@ def check_model_spec(spec: Mapping[str, Any], field: str = "model") -> None:
     attn = spec.get("attn_implementation", "sdpa")
     if attn not in ATTN_IMPLEMENTATIONS:
         raise OmnitokError(f"{field}.attn_implementation: expected one of {list(ATTN_IMPLEMENTATIONS)}, got {attn!r}")
+    if not isinstance(spec.get("image_positions", False), bool):
+        raise OmnitokError(f"{field}.image_positions: expected true or false, got {spec['image_positions']!r}")
     if "vocab_size" in spec:
         raise OmnitokError(f"{field}.vocab_size: set by the token directory's vocab.json; remove it from the recipe")
     if "pretrained" in spec:
@@ -59,7 +64,7 @@ def check_model_spec(spec: Mapping[str, Any], field: str = "model") -> None:
     cls = _config_class(arch, field)
     known = set(inspect.signature(cls.__init__).parameters) | set(vars(cls()))
     for key in spec:
-        if key not in known and key not in ("arch", "attn_implementation"):
+        if key not in known and key not in _OWN_KEYS:
             raise OmnitokError(f"{field}.{key}: not a field of {cls.__name__}")
 
 
@@ -89,7 +94,7 @@ def build_model(spec: Mapping[str, Any], vocab_size: int) -> PreTrainedModel:
         if vocab_size > base:
             model.resize_token_embeddings(vocab_size, mean_resizing=True)
     else:
-        kwargs = {k: v for k, v in spec.items() if k not in ("arch", "attn_implementation")}
+        kwargs = {k: v for k, v in spec.items() if k not in _OWN_KEYS}
         config = AutoConfig.for_model(spec.get("arch", DEFAULT_ARCH), vocab_size=vocab_size, **kwargs)
         config._attn_implementation = attn
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)

@@ -52,6 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
+from omnitok import image_positions
 from omnitok.data.packing import IGNORE, Batch, MixtureSampler, block_causal_mask, pack_rows
 from omnitok.data.shards import TokenDataset, load_manifest
 from omnitok.errors import OmnitokError
@@ -178,6 +179,9 @@ def _select_trainable(model: torch.nn.Module, mode: str, base_vocab: int) -> lis
     for w in _vocab_matrices(model):
         w.requires_grad_(True)
         handles.append(w.register_hook(keep_old_rows))
+    table = image_positions.get(model)
+    if table is not None:  # new with the image codes, like their rows
+        table.weight.requires_grad_(True)
     return handles
 
 
@@ -190,6 +194,9 @@ def _optimizers(model: torch.nn.Module, o: OptimConfig, device: torch.device) ->
     serve both. A list, because checkpointing (``get_optimizer_state_dict``) handles several optimizers by name.
     """
     vocab = {id(w) for w in _vocab_matrices(model)}
+    table = image_positions.get(model)
+    if table is not None:  # an embedding table too: AdamW without decay, not Muon
+        vocab.add(id(table.weight))
     hidden, decay, rest = [], [], []
     for p in model.parameters():
         if not p.requires_grad:
@@ -484,7 +491,7 @@ def _save_final(model: torch.nn.Module, recipe: Recipe, rt: Runtime) -> Path:
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
-            plain.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            image_positions.save(plain, tmp, state)
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
@@ -538,6 +545,34 @@ def _codec_vectors(recipe: Recipe) -> list[tuple[int, torch.Tensor]]:
             )
         out.append((r.start, v))
     return out
+
+
+def _build(recipe: Recipe, vocab_size: int) -> torch.nn.Module:
+    """The recipe's model, with image position embeddings when ``model.image_positions`` asks for them."""
+    model = build_model(recipe.model, vocab_size)
+    if recipe.model.get("image_positions"):
+        tokens, codes, openers = _image_layout(recipe)
+        image_positions.add_image_positions(model, tokens, codes, openers)
+    return model
+
+
+def _image_layout(recipe: Recipe) -> tuple[int, tuple[int, int], list[int]]:
+    """Codes per image (from the image tokenizer pretokenize recorded), the image code ids, and the span openers."""
+    from omnitok.tokenizers.base import load_image_tokenizer
+    from omnitok.vocab import FRAME, SPAN_TOKENS, Vocabulary
+
+    record, made_by = _made_by(recipe)
+    vocab = Vocabulary.load(recipe.data)
+    if "image" not in vocab.modalities or not made_by.get("image_tokenizer"):
+        raise OmnitokError(
+            f"model.image_positions: needs image codes and the image tokenizer that made {recipe.data}, "
+            f"but {record} names none; set model.image_positions: false"
+        )
+    if vocab.levels("image") != 1:
+        raise OmnitokError("model.image_positions: supports one image code level, vocab.json has several")
+    r = vocab.code_range("image", 0)
+    tokens = int(load_image_tokenizer(made_by["image_tokenizer"]).tokens_per_item)
+    return tokens, (r.start, r.stop), [vocab.special(SPAN_TOKENS["image"][0]), vocab.special(FRAME)]
 
 
 def _write_bundle(final: Path, recipe: Recipe) -> Path | None:
@@ -616,7 +651,7 @@ def measure_throughput(recipe: Recipe, steps: int = 6, warmup: int = 2) -> float
     vocab_size = check_data(recipe)
     rt = _runtime(recipe)
     torch.manual_seed(recipe.seed)
-    model = build_model(recipe.model, vocab_size).to(rt.device)
+    model = _build(recipe, vocab_size).to(rt.device)
     attention = _attention(model, recipe, rt)
     stage = recipe.stages[0]
     b, o = stage.batch(recipe.batch), stage.optim(recipe.optim)
@@ -663,7 +698,7 @@ def train(
     _barrier(rt)
 
     torch.manual_seed(recipe.seed)
-    model = build_model(recipe.model, vocab_size)
+    model = _build(recipe, vocab_size)
     if recipe.code_embeddings == "codec" and resume_from is None:
         init_code_embeddings(model, _codec_vectors(recipe), seed=recipe.seed)
     base_vocab = base_vocab_size(model)
@@ -684,7 +719,13 @@ def train(
                 f"note: the recipe changed since {resume_from} was written ({shown or 'details not kept'}); "
                 "continuing with the new one"
             )
-        model.load_state_dict(ckpt.load_model_state(resume_from))
+        try:
+            model.load_state_dict(ckpt.load_model_state(resume_from))
+        except RuntimeError as e:  # e.g. model.image_positions turned on or off since the checkpoint was written
+            raise OmnitokError(
+                f"{resume_from}: its weights do not fit the recipe's model ({str(e).splitlines()[0]} ...); "
+                "restore the model section it was trained with, or start in a new out directory"
+            ) from e
         step = int(saved["step"])
         drawn = dict(saved["sampler"]["drawn"])
         if len(saved["rng"]) == rt.world:  # same RNG stream as the uninterrupted run (dropout, if any)
