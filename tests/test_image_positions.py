@@ -30,7 +30,7 @@ def vocab():
     return Vocabulary.build(40, {"image": 16, "speech": 8})
 
 
-def _model(vocab, table=True, seed=0):
+def _model(vocab, table=True, seed=0, tie=False):
     torch.manual_seed(seed)
     lm = LlamaForCausalLM(
         LlamaConfig(
@@ -41,6 +41,7 @@ def _model(vocab, table=True, seed=0):
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=256,
+            tie_word_embeddings=tie,
         )
     ).eval()
     if table:
@@ -135,12 +136,16 @@ def test_bundle_round_trip_keeps_the_table_and_refuses_a_missing_file(vocab, tmp
     img = ImageTokenizer(ImageTokenizerConfig(widths=(8, 8, 8, 8), depths=(1, 1, 1, 1), levels=(4, 4, 4)))
     img.save(tmp_path / "image")
     v = Vocabulary.build(text.vocab_size, {"image": img.codebook_size})
-    lm = _model(v)
+    lm = _model(v, tie=True)  # the demo's LM ties its head to the embedding: saved once, restored tied
     save_bundle(tmp_path / "b", lm, v, tmp_path / "text", tmp_path / "image")
     assert (tmp_path / "b" / "lm" / image_positions.FILENAME).is_file()
     loaded = omnitok.load(str(tmp_path / "b"))
     assert torch.equal(image_positions.get(loaded.lm).weight, image_positions.get(lm).weight)
     assert len([k for k in loaded.lm.state_dict() if "image_positions" in k]) == 1
+    assert loaded.lm.get_output_embeddings().weight is loaded.lm.get_input_embeddings().weight
+    ids = torch.tensor([[1, v.special("<image>"), *_codes(v, 3, 4, 5)]])
+    with torch.no_grad():
+        assert torch.allclose(loaded.lm(ids).logits, lm(ids).logits)
     (tmp_path / "b" / "lm" / image_positions.FILENAME).unlink()
     with pytest.raises(OmnitokError, match=r"image_positions\.safetensors is missing"):
         omnitok.load(str(tmp_path / "b"))

@@ -1,0 +1,106 @@
+"""Where text-to-image loses its scenes: the codec's ceiling, the LM with the true codes before it, and generation.
+
+Three readings of the same test captions, each scored by the scene parser (exact scene, and F1 per attribute
+anchored on the grid cell, ``omnitok.world.parser.score_scene``):
+
+- **ceiling**: the image tokenizer's reconstruction of the true picture (what a perfect LM could reach);
+- **teacher-forced**: the LM's most likely code at every position given the caption and the *true* codes before
+  it (what it knows locally: errors here are knowledge, not drift);
+- **generated**: what the bundle draws, greedy, at each ``--cfg`` scale (drift and guidance on top of that).
+
+    python benchmarks/image_writing.py runs/demo/bundle --world runs/demo/world --limit 64 --cfg 1 3 6
+
+A gap between teacher-forced and generated is decoding (errors compound along the raster); a gap between the
+ceiling and teacher-forced is what the LM has not learned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _common import command, machine, table
+
+KEYS = ("exact", "count", "cell_f1", "color_f1", "shape_f1", "size_f1", "object_f1")
+
+
+def _scores(preds: list, truth: list) -> list[float]:
+    from omnitok.world.parser import score_scene
+
+    graded = [score_scene(p, t) for p, t in zip(preds, truth, strict=True)]
+    return [round(statistics.mean(g[k] for g in graded), 3) for k in KEYS]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--world", type=Path, required=True, help="the world the bundle was trained on (its test split)")
+    ap.add_argument("--limit", type=int, default=64, help="test scenes")
+    ap.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales to generate with")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import omnitok
+    from omnitok.sequence import Image, Text, encode
+    from omnitok.vocab import SPAN_TOKENS
+    from omnitok.world.parser import parse_scene
+    from omnitok.world.read import iter_samples
+    from omnitok.world.scene import scene_from_json
+
+    model = omnitok.load(str(args.bundle))
+    if model.bundle.image is None:
+        raise SystemExit(f"{args.bundle}: this bundle has no image tokenizer")
+    tok, vocab, lm = model.bundle.image, model.vocab, model.lm
+    samples = [s for _, s in zip(range(args.limit), iter_samples(args.world, "test", "scene"), strict=False)]
+    if not samples:
+        raise SystemExit(f"{args.world}: no test scenes")
+    captions = [s["meta"]["captions"][0] for s in samples]  # the canonical wording, as omnitok eval's t2i asks
+    truth = [scene_from_json(s["meta"]["scene"]) for s in samples]
+    codes = tok.encode(torch.as_tensor(np.stack([s["png"] for s in samples])))
+    rows = [
+        [
+            "ceiling (tokenizer reconstruction)",
+            "-",
+            *_scores([parse_scene(tok.decode(c).numpy()) for c in codes], truth),
+        ]
+    ]
+
+    r = vocab.code_range("image")
+    opener = vocab.special(SPAN_TOKENS["image"][0])
+    forced, nll, right = [], [], []
+    with torch.inference_mode():
+        for caption, c in zip(captions, codes, strict=True):
+            enc = encode(
+                [Text(caption, role="user"), Image(codes=c.numpy(), role="assistant")], vocab, model.bundle.text
+            )
+            at = int(np.flatnonzero(enc.ids == opener)[0])
+            logits = lm(torch.as_tensor(enc.ids)[None]).logits[0, at : at + len(c), r.start : r.stop].float()
+            nll.append(float(torch.nn.functional.cross_entropy(logits, c)))
+            best = logits.argmax(-1)
+            right.append(float((best == c).float().mean()))
+            forced.append(parse_scene(tok.decode(best).numpy()))
+    tf = f"nll {statistics.mean(nll):.3f}/code, argmax = true code {statistics.mean(right):.3f}"
+    rows.append(["teacher-forced (true codes before each)", tf, *_scores(forced, truth)])
+
+    for scale in args.cfg:
+        t0 = time.perf_counter()
+        drawn = []
+        for lo in range(0, len(captions), 16):
+            outs = model.generate_batch([[Text(c)] for c in captions[lo : lo + 16]], output="image", cfg_scale=scale)
+            for out in outs:
+                img = next((s for s in out if isinstance(s, Image) and s.pixels is not None), None)
+                drawn.append(parse_scene(img.pixels) if img is not None else ())
+        rows.append([f"generated, greedy, cfg {scale:g}", f"{time.perf_counter() - t0:.0f} s", *_scores(drawn, truth)])
+
+    print(f"{command()}\n{machine()}; {len(samples)} test scenes\n")
+    print(table(["reading", "note", *KEYS], rows))
+
+
+if __name__ == "__main__":
+    main()
