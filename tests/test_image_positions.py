@@ -21,6 +21,7 @@ from omnitok.train.loop import _optimizers, train
 from omnitok.train.recipe import OptimConfig, load_recipe
 from omnitok.vocab import FRAME, Vocabulary
 from omnitok.world.build import WorldConfig, build_world
+from tiny_models import TINY_LLAMA
 
 GRID = 4  # codes per picture in these tests
 
@@ -32,18 +33,8 @@ def vocab():
 
 def _model(vocab, table=True, seed=0, tie=False):
     torch.manual_seed(seed)
-    lm = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=vocab.size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            tie_word_embeddings=tie,
-        )
-    ).eval()
+    shape = {k: v for k, v in TINY_LLAMA.items() if k != "arch"}
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab.size, **shape, tie_word_embeddings=tie)).eval()
     if table:
         r = vocab.code_range("image")
         t = image_positions.add_image_positions(
@@ -166,16 +157,7 @@ def test_training_with_image_positions_ends_with_a_bundle_that_draws(tmp_path):
         "name": "positions",
         "data": str(tmp_path / "tokens"),
         "out": str(tmp_path / "run"),
-        "model": {
-            "arch": "llama",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "max_position_embeddings": 512,
-            "image_positions": True,
-        },
+        "model": {**TINY_LLAMA, "num_hidden_layers": 1, "max_position_embeddings": 512, "image_positions": True},
         "batch": {"seq_len": 256, "micro_batch": 2, "grad_accum": 1},
         "optim": {"lr": 1e-2, "warmup_steps": 1},
         "checkpoint": {"every": 2, "keep": 1},
