@@ -39,12 +39,12 @@ class ImagePositions(nn.Module):
         super().__init__()
         if tokens < 1 or codes[0] >= codes[1] or not openers:
             raise OmnitokError(f"image positions: need tokens >= 1, a code range and openers, got {tokens}, {codes}")
-        self.tokens, self.codes, self.opener_ids = int(tokens), (int(codes[0]), int(codes[1])), list(openers)
+        self.tokens, self.codes = int(tokens), (int(codes[0]), int(codes[1]))
         self.weight = nn.Parameter(torch.zeros(self.tokens, hidden))
-        self.register_buffer("openers", torch.tensor(self.opener_ids, dtype=torch.long), persistent=False)
+        self.register_buffer("openers", torch.tensor(list(openers), dtype=torch.long), persistent=False)
 
     def spec(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "codes": list(self.codes), "openers": self.opener_ids}
+        return {"tokens": self.tokens, "codes": list(self.codes), "openers": self.openers.tolist()}
 
     def positions(
         self, ids: torch.Tensor, start: int = 0, last_opener: torch.Tensor | None = None
