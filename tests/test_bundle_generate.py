@@ -66,6 +66,11 @@ def test_text_and_image_outputs(bundle_dir):
     assert len(images) == 1 and images[0].pixels.shape == (64, 64, 3) and images[0].pixels.dtype == np.uint8
     batch = model.generate_batch([[Text("draw a small star")], [Text("a large red circle")]], output="image", seed=1)
     assert all(isinstance(r[0], Image) and r[0].pixels.shape == (64, 64, 3) for r in batch)
+    # a seed draws on the LM's device (CUDA's sampler refuses a CPU generator), and repeats its output there
+    assert model._generator(None) is None
+    assert model._generator(3).device == next(model.lm.parameters()).device
+    again = model.generate_batch([[Text("draw a small star")], [Text("a large red circle")]], output="image", seed=1)
+    assert all(np.array_equal(a[0].pixels, b[0].pixels) for a, b in zip(batch, again, strict=True))
 
 
 def test_guided_images_keep_the_pictures_of_the_prompt(bundle_dir, monkeypatch):

@@ -62,3 +62,29 @@ def test_world_to_bundle_to_eval(tmp_path):
     assert all(isinstance(s, Text) for s in out)
     metrics = evaluate(model, tmp_path / "world", tmp_path / "eval", EvalConfig(limit=2, tasks=["caption", "t2i"]))
     assert metrics["caption_acc"]["n"]["all"] == 2 and (tmp_path / "eval" / "report.html").exists()
+
+    # The command line evaluates on a named device, and runs where the serving extras are not installed (a GPU
+    # training machine's image has no FastAPI): `omnitok.serve` is imported only when `serve` runs.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('fastapi', 'uvicorn', 'starlette', 'multipart'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from omnitok.cli import main\n"
+        "sys.argv = ['omnitok', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    args = [str(bundle), "--data", str(tmp_path / "world"), "--out", str(tmp_path / "eval-cli"), "--limit", "1"]
+    done = subprocess.run(
+        [sys.executable, "-c", code, "eval", *args, "--tasks", "caption", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "eval-cli" / "metrics.json").read_text())["caption_acc"]["n"]["all"] == 1

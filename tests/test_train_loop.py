@@ -396,6 +396,42 @@ def test_codec_code_embeddings_need_the_tokenizers(tokdir, tmp_path):
         train(recipe(tokdir, tmp_path / "c", code_embeddings="codec"), progress=False)
 
 
+def test_loss_falls_back_where_transformers_refuses_a_mask_for_logits_to_keep(monkeypatch):
+    """Older transformers (5.17's Llama, seen on a GPU machine) index the sequence axis with ``logits_to_keep`` and
+    raise on a [B, L] mask: the loss then comes from every position's logits, the same number, and later steps
+    skip the attempt."""
+    from omnitok.data.packing import pack_rows
+    from omnitok.train import loop
+    from omnitok.train.loop import Runtime, _forward_loss
+
+    torch.manual_seed(0)
+    model = build_model(TINY, vocab_size=96)
+    ids = [torch.randint(0, 96, (n,)).numpy() for n in (20, 30)]
+    masks = [(torch.arange(len(x)) >= len(x) // 2).to(torch.uint8).numpy() for x in ids]
+    batch = pack_rows([[("a", 0)], [("a", 1)]], {"a": list(zip(ids, masks, strict=True))}, seq_len=32)
+    rt = Runtime(rank=0, world=1, device=torch.device("cpu"), bf16=False, owns_group=False)
+    fast = _forward_loss(model, batch, rt, attention="mask").item()
+
+    seen = []
+
+    class OldHead(torch.nn.Module):  # what such a release does with a tensor logits_to_keep
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, logits_to_keep=0, **kw):
+            seen.append(type(logits_to_keep).__name__)
+            if isinstance(logits_to_keep, torch.Tensor):
+                raise IndexError("too many indices for tensor of dimension 3")
+            return self.inner(logits_to_keep=logits_to_keep, **kw)
+
+    monkeypatch.setattr(loop, "_BOOL_KEEP", True)
+    old = OldHead(model)
+    assert _forward_loss(old, batch, rt, attention="mask").item() == pytest.approx(fast, rel=1e-5)
+    assert _forward_loss(old, batch, rt, attention="mask").item() == pytest.approx(fast, rel=1e-5)
+    assert seen == ["Tensor", "int", "int"] and loop._BOOL_KEEP is False
+
+
 def test_demo_lm_step_runs_in_a_fresh_process(tokdir, tmp_path):
     import os
 

@@ -193,6 +193,13 @@ class OmniModel:
         """One request; see :class:`GenerateOptions` for ``output``, ``style``, sampling and CFG."""
         return self.generate_batch([sample], **options)[0]
 
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        """A seeded generator on the LM's device: sampling draws on the device the logits are on (CUDA refuses a
+        CPU generator there), so a seed repeats its output on one device, not across devices."""
+        if seed is None:
+            return None
+        return torch.Generator(device=next(self.lm.parameters()).device).manual_seed(seed)
+
     def generate_batch(self, samples: Sequence[Sequence[Segment]], **options: Any) -> list[list[Segment]]:
         """Several requests with the same options, decoded together in one batch."""
         opts = GenerateOptions(**options)
@@ -206,7 +213,7 @@ class OmniModel:
         prompts = [r[0] for r in requests]
         cfg = self._config(opts)
         uncond = [self._uncond(c, opts) for c in coded] if opts.output == "image" and opts.cfg_scale != 1 else None
-        gen = torch.Generator().manual_seed(opts.seed) if opts.seed is not None else None
+        gen = self._generator(opts.seed)
         new: list[list[int]] = [[] for _ in samples]
         finished = [False] * len(samples)
         for tokens, st in iter_decode(self.lm, prompts, constraint, cfg, uncond, gen):
@@ -223,7 +230,7 @@ class OmniModel:
         """Yield text as it is written and speech as audio chunks every ``speech_chunk_frames`` frames."""
         opts = GenerateOptions(**options)
         ids, constraint = self._request(self._coded(sample, opts), opts)
-        gen = torch.Generator().manual_seed(opts.seed) if opts.seed is not None else None
+        gen = self._generator(opts.seed)
         speech_tok = self.bundle.speech
         levels = self.vocab.levels("speech") if "speech" in self.vocab.modalities else 1
         text_ids: list[int] = []

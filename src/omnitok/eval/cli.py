@@ -40,6 +40,7 @@ def eval_command(
     ),
     top_k: list[str] | None = typer.Option(None, "--top-k", help="MODALITY=K (repeatable)."),
     top_p: list[str] | None = typer.Option(None, "--top-p", help="MODALITY=P (repeatable)."),
+    device: str = typer.Option("cpu", "--device", help="torch device for the LM (cpu, cuda); tokenizers stay on cpu."),
 ) -> None:
     """Run every task on the held-out test split; write metrics.json and an HTML report."""
     import omnitok
@@ -56,7 +57,7 @@ def eval_command(
         max_minutes=max_minutes,
         sampling=sampling_overrides(temperature, top_k, top_p),
     )
-    model = omnitok.load(str(bundle))
+    model = omnitok.load(str(bundle), device)
     with console.status("evaluating") as status:
         metrics = evaluate(model, data, out, cfg, progress=lambda t: status.update(f"evaluating {t}"))
     console.print(metrics_table(metrics))

@@ -294,6 +294,9 @@ def _micro_batches(
     return out
 
 
+_BOOL_KEEP = True  # this transformers takes a boolean logits_to_keep (cleared at the first forward that refuses it)
+
+
 def _forward_loss(model: torch.nn.Module, batch: Batch, rt: Runtime, attention: str) -> torch.Tensor:
     """Summed next-token cross-entropy over the batch's target tokens."""
     input_ids = batch.input_ids.to(rt.device, non_blocking=True)
@@ -309,18 +312,21 @@ def _forward_loss(model: torch.nn.Module, batch: Batch, rt: Runtime, attention: 
     # Position i predicts token i+1: shift the labels (cheap) rather than the logits (a copy of [B, L, vocab]).
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     keep = _bucketed(targets != IGNORE)
+    global _BOOL_KEEP
     with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.bf16):
         # Only target positions go through the vocabulary head (a boolean ``logits_to_keep``): with prompts,
         # images given as input and padding masked out, that is about half the positions, and the head is the
         # largest matmul of a small model with a multimodal vocabulary.
-        out = model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=mask,
-            use_cache=False,
-            logits_to_keep=keep,
-            **spans,
-        )
+        args = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask, "use_cache": False}
+        try:
+            out = model(**args, logits_to_keep=keep if _BOOL_KEEP else 0, **spans)
+        except IndexError:
+            if not _BOOL_KEEP:
+                raise
+            # Some transformers releases (5.17's Llama) index the hidden states with logits_to_keep as a slice
+            # over the sequence only, which a [B, L] mask cannot be: keep every position from now on.
+            _BOOL_KEEP = False
+            out = model(**args, logits_to_keep=0, **spans)
     logits = out.logits
     if logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
         return F.cross_entropy(logits.float(), targets[keep], ignore_index=IGNORE, reduction="sum")
