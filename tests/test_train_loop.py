@@ -466,6 +466,18 @@ def test_demo_lm_step_runs_in_a_fresh_process(tokdir, tmp_path):
         _train_lm(tokdir, tmp_path, replace(cfg, recipe=str(other)), 60.0)
 
 
+def test_demo_evaluation_minutes_replace_its_share(tmp_path):
+    from omnitok.demo import DemoConfig, run_demo
+
+    assert DemoConfig(minutes=10).budget("eval") == pytest.approx(0.8)
+    assert DemoConfig(minutes=10, eval_minutes=2.5).budget("eval") == 2.5
+    assert DemoConfig(minutes=10, eval_minutes=2.5).budget("image_tokenizer") == pytest.approx(1.6)
+    for bad in (0.0, 10.0):
+        with pytest.raises(OmnitokError, match="--eval-minutes must be above 0 and below --minutes"):
+            run_demo(tmp_path / "demo", DemoConfig(minutes=10, eval_minutes=bad))
+    assert not (tmp_path / "demo").exists()  # refused before anything is written
+
+
 def test_demo_lm_timed_on_its_first_steps(tokdir, tmp_path):
     import yaml
 
