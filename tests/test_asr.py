@@ -59,6 +59,20 @@ def test_domain_lm_transcribes_espeak_speech(transcriber: Transcriber, speaker: 
     assert transcriber.vocabulary is not None and "triangle" in transcriber.vocabulary
 
 
+def test_many_clips_in_worker_processes_hear_what_one_at_a_time_hears(
+    transcriber: Transcriber, speaker: Speaker
+) -> None:
+    clips = [speaker.synthesize(t, Style("us_m1", "mid", "normal")) for t in CORPUS[:3]]
+    clips.insert(1, np.zeros(16000, np.float32))  # silence: heard as nothing, not sent to a worker
+    one_by_one = [transcriber.transcribe(c, SAMPLE_RATE) for c in clips]
+    assert one_by_one[1] == "" and all(one_by_one[i] for i in (0, 2, 3))
+    assert transcriber.transcribe_many(clips, SAMPLE_RATE, workers=2) == one_by_one  # a pool of two
+    assert transcriber.transcribe_many(clips, SAMPLE_RATE, workers=1) == one_by_one  # here, in order
+    assert transcriber.transcribe_many([], SAMPLE_RATE) == []
+    with pytest.raises(OmnitokError, match="mono audio"):
+        transcriber.transcribe_many([np.zeros((2, 100), np.float32)], SAMPLE_RATE)
+
+
 def test_resamples_and_is_deterministic(transcriber: Transcriber, speaker: Speaker) -> None:
     audio = speaker.synthesize(CORPUS[1], Style("us_m1", "mid", "normal"))
     at_16k = transcriber.transcribe(audio, SAMPLE_RATE)

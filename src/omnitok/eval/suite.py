@@ -210,12 +210,22 @@ class Suite:
                 seed=self.cfg.seed,
                 **self.cfg.sampling,
             )
-        for s, style, o in zip(samples, styles, outs, strict=False):  # outs: a prefix if the time share ran out
-            sp = s["meta"]["speech"]
+        wavs = []
+        for o in outs:
             audio = _first(o, Audio)
-            wav = audio.samples if audio is not None and audio.samples is not None else np.zeros(1600, np.float32)
-            heard = self.transcriber.transcribe(wav, 16000) if len(wav) > 160 else ""
-            ref_heard = self.transcriber.transcribe(s["wav"], 16000)
+            wavs.append(
+                audio.samples if audio is not None and audio.samples is not None else np.zeros(1600, np.float32)
+            )
+        # the generated clips and eSpeak's own for the same texts, all heard in one parallel pass
+        spoken = [i for i, w in enumerate(wavs) if len(w) > 160]
+        heard_all = self.transcriber.transcribe_many(
+            [wavs[i] for i in spoken] + [s["wav"] for s in samples[: len(outs)]], 16000
+        )
+        heard_by = dict(zip(spoken, heard_all, strict=False))  # heard_all: the generated clips, then the references
+        for k, (s, style, wav) in enumerate(zip(samples, styles, wavs, strict=False)):
+            sp = s["meta"]["speech"]
+            heard = heard_by.get(k, "")
+            ref_heard = heard_all[len(spoken) + k]
             g = _group(sp["heldout_voice"])
             wer_recs.append(Record(g, (sp["text"], heard), {"input": sp["text"], "audio": wav, "output": heard}))
             ref_recs.append(Record(g, (sp["text"], ref_heard)))
@@ -298,13 +308,12 @@ class Suite:
         prompts = [[Image(pixels=s["png"]), Audio(samples=s["question.wav"], sample_rate=16000)] for s in samples]
         outs = self._gen(prompts, output="text+speech", style=None)
         recs = []
-        for s, o in zip(samples, outs, strict=False):  # outs: a prefix if the time share ran out
-            audio = _first(o, Audio)
-            heard = (
-                self.transcriber.transcribe(audio.samples, 16000)
-                if audio is not None and audio.samples is not None and len(audio.samples) > 160
-                else ""
-            )
+        audios = [_first(o, Audio) for o in outs]
+        spoken = [i for i, a in enumerate(audios) if a is not None and a.samples is not None and len(a.samples) > 160]
+        texts = self.transcriber.transcribe_many([audios[i].samples for i in spoken], 16000)
+        heard_by = dict(zip(spoken, texts, strict=True))
+        for k, (s, o, audio) in enumerate(zip(samples, outs, audios, strict=False)):  # outs: a prefix if time ran out
+            heard = heard_by.get(k, "")
             ok = M.answer_correct(heard, s["meta"]["answer"])
             flag = s["meta"]["heldout_combo"] or s["meta"]["question_speech"]["heldout_voice"]
             recs.append(
