@@ -257,12 +257,12 @@ def decode_tokens(
     enables classifier-free guidance with ``cfg.cfg_scale``.
     """
     new: list[list[int]] = [[] for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool)
+    done = [False] * len(prompts)
     for tokens, st in iter_decode(model, prompts, constraint, cfg, uncond_prompts, generator):
-        for i in range(len(prompts)):
+        for i, t in enumerate(tokens.tolist()):  # one device read a step, not one per row
             if not done[i]:
-                new[i].append(int(tokens[i]))
-        done = (st["state"] == DONE).cpu()
+                new[i].append(t)
+        done = (st["state"] == DONE).tolist()
         if on_token is not None:
             on_token(tokens, st["state"])
     return new

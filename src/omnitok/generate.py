@@ -220,7 +220,7 @@ class OmniModel:
             for i, t in enumerate(tokens.tolist()):
                 if not finished[i]:
                     new[i].append(t)
-            finished = [bool(s == DONE) for s in st["state"]]
+            finished = (st["state"] == DONE).tolist()  # one device read a step, not one per row
         out = []
         for p, ids, st, ref in zip(prompts, new, styles, refs, strict=True):
             out.append(self._render(ids, replace(opts, style=st, reference=ref), self._forced_prefix(p)))
