@@ -1,7 +1,8 @@
 """Where text-to-image loses its scenes: the codec's ceiling, the LM with the true codes before it, and generation.
 
-Three readings of the same test captions, each scored by the scene parser (exact scene, and F1 per attribute
-anchored on the grid cell, ``omnitok.world.parser.score_scene``):
+Three readings of the same captions (a split's scenes: ``--split val`` to choose decoding settings, test to report
+them), each scored by the scene parser (exact scene, and F1 per attribute anchored on the grid cell,
+``omnitok.world.parser.score_scene``):
 
 - **ceiling**: the image tokenizer's reconstruction of the true picture (what a perfect LM could reach);
 - **teacher-forced**: the LM's most likely code at every position given the caption and the *true* codes before
@@ -39,8 +40,9 @@ def _scores(preds: list, truth: list) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", type=Path)
-    ap.add_argument("--world", type=Path, required=True, help="the world the bundle was trained on (its test split)")
-    ap.add_argument("--limit", type=int, default=64, help="test scenes")
+    ap.add_argument("--world", type=Path, required=True, help="the world the bundle was trained on")
+    ap.add_argument("--split", default="test", help="val to choose decoding settings, test to report them")
+    ap.add_argument("--limit", type=int, default=64, help="scenes of the split")
     ap.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales to generate with")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -57,9 +59,9 @@ def main() -> None:
     if model.bundle.image is None:
         raise SystemExit(f"{args.bundle}: this bundle has no image tokenizer")
     tok, vocab, lm = model.bundle.image, model.vocab, model.lm
-    samples = [s for _, s in zip(range(args.limit), iter_samples(args.world, "test", "scene"), strict=False)]
+    samples = [s for _, s in zip(range(args.limit), iter_samples(args.world, args.split, "scene"), strict=False)]
     if not samples:
-        raise SystemExit(f"{args.world}: no test scenes")
+        raise SystemExit(f"{args.world}: no {args.split} scenes")
     captions = [s["meta"]["captions"][0] for s in samples]  # the canonical wording, as omnitok eval's t2i asks
     truth = [scene_from_json(s["meta"]["scene"]) for s in samples]
     codes = tok.encode(torch.as_tensor(np.stack([s["png"] for s in samples])))
@@ -98,7 +100,7 @@ def main() -> None:
                 drawn.append(parse_scene(img.pixels) if img is not None else ())
         rows.append([f"generated, greedy, cfg {scale:g}", f"{time.perf_counter() - t0:.0f} s", *_scores(drawn, truth)])
 
-    print(f"{command()}\n{machine()}; {len(samples)} test scenes\n")
+    print(f"{command()}\n{machine()}; {len(samples)} {args.split} scenes\n")
     print(table(["reading", "note", *KEYS], rows))
 
 

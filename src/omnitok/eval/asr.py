@@ -264,7 +264,8 @@ class Transcriber:
         """``[transcribe(a, sample_rate) for a in audios]``, the clips decoded in parallel worker processes.
 
         Why processes: pocketsphinx holds the GIL while it decodes (two threads took as long as one on 16 clips),
-        and at ~0.35 s a clip the evaluation's spoken tasks spent about half its time here. Each clip is still a
+        and at ~0.35 s a clip hearing was some two fifths of an evaluation (demo60p's: 88.8 s one clip after
+        another, 70.8 s with two workers; docs/BENCHMARKS.md). Each clip is still a
         fresh decoder on the same PCM, so the words heard are those ``transcribe`` hears. ``workers``: at most
         this many processes (default: the CPUs, up to 8); 1, one clip, or a pool that cannot start (a
         ``__main__`` that spawned processes cannot import) decodes here, one clip after another.
