@@ -42,6 +42,10 @@ class Sampling:
 TEXT_SAMPLING = Sampling(temperature=0.0)
 IMAGE_SAMPLING = Sampling(temperature=0.0, top_k=64)
 SPEECH_SAMPLING = Sampling(temperature=0.5, top_k=32)
+# Classifier-free guidance for text-to-image. Chosen on the val split of two 60-minute bundles (200 scenes):
+# exact scenes 0.27 / 0.19 at 2 against 0.235 / 0.19 at 3, and on test the right object count 0.80 against 0.58-0.61
+# (BENCHMARKS "Guidance for pictures"): a stronger scale draws objects that are not asked for, or drops some.
+IMAGE_CFG_SCALE = 2.0
 DEFAULT_SAMPLING = {"text": TEXT_SAMPLING, "image": IMAGE_SAMPLING, "speech": SPEECH_SAMPLING}
 SAMPLED_MODALITIES = tuple(DEFAULT_SAMPLING)
 

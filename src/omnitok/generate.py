@@ -19,7 +19,15 @@ import torch
 
 from omnitok.bundle import Bundle, load_bundle
 from omnitok.constraints import DONE, SPEECH_CODE0, ModalityConstraint
-from omnitok.decoding import IMAGE_SAMPLING, SPEECH_SAMPLING, TEXT_SAMPLING, DecodeConfig, Sampling, iter_decode
+from omnitok.decoding import (
+    IMAGE_CFG_SCALE,
+    IMAGE_SAMPLING,
+    SPEECH_SAMPLING,
+    TEXT_SAMPLING,
+    DecodeConfig,
+    Sampling,
+    iter_decode,
+)
 from omnitok.errors import OmnitokError
 from omnitok.sequence import Audio, Image, LossPolicy, MediaEncoder, Segment, Text, Video, decode, encode, prompt
 from omnitok.vocab import SPAN_TOKENS, style_token
@@ -50,7 +58,7 @@ class GenerateOptions:
     output: str = "auto"
     style: dict[str, str] | list[dict[str, str] | None] | None = None  # a list: one style per batched request
     max_new_tokens: int | None = None
-    cfg_scale: float = 3.0
+    cfg_scale: float = IMAGE_CFG_SCALE
     text: Sampling = TEXT_SAMPLING
     image: Sampling = IMAGE_SAMPLING
     speech: Sampling = SPEECH_SAMPLING

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
+from omnitok.decoding import IMAGE_CFG_SCALE
 from omnitok.errors import OmnitokError
 from omnitok.generate import OUTPUTS
 from omnitok.io import atomic_path, atomic_write_json, ensure_writable_dir
@@ -113,7 +114,7 @@ def generate_command(
     rate: Annotated[str | None, typer.Option(help="speech style: rate class (slow, normal, fast)")] = None,
     reference: Annotated[Path | None, typer.Option(help="speak in the voice of this clip")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="cap on generated tokens")] = None,
-    cfg_scale: Annotated[float, typer.Option(help="classifier-free guidance for images (1 = off)")] = 3.0,
+    cfg_scale: Annotated[float, typer.Option(help="classifier-free guidance for images (1 = off)")] = IMAGE_CFG_SCALE,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = 0,
     temperature: Annotated[
         list[str] | None,

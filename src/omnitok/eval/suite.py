@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from omnitok.decoding import SAMPLED_MODALITIES, Sampling
+from omnitok.decoding import IMAGE_CFG_SCALE, SAMPLED_MODALITIES, Sampling
 from omnitok.errors import OmnitokError
 from omnitok.eval import metrics as M
 from omnitok.io import atomic_write_json, ensure_writable_dir, write_run_config
@@ -43,7 +43,7 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     batch_size: int = 16
     seed: int = 0
-    cfg_scale: float = 3.0
+    cfg_scale: float = IMAGE_CFG_SCALE
     # Per-modality sampling instead of the generation defaults (omnitok.decoding), e.g. {"speech": Sampling(0.7)}:
     # the metrics depend on it, so it is part of the run's recorded config.
     sampling: dict[str, Sampling] = field(default_factory=dict)

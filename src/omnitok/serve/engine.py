@@ -4,7 +4,7 @@ Each HTTP endpoint becomes a :class:`Task` (segments in, one output kind); tasks
 :attr:`Task.key` can be decoded together in one ``generate_batch`` call. The prompts match the training
 tasks (``omnitok.data.tasks``) and the evaluation suite: ASR asks "Transcribe the speech.", speech synthesis
 is "Say this: <text>" with the style forced as tokens, text-to-image is the bare caption with classifier-free
-guidance 3.0. A spoken chat answer is written as text first and then spoken by the same model with the requested
+guidance (2.0). A spoken chat answer is written as text first and then spoken by the same model with the requested
 voice (two passes), so the voice is always the one asked for and the transcript is exact.
 
 Everything here runs on the batcher's worker thread except the bundle inspection helpers.
@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from omnitok.decoding import Sampling
+from omnitok.decoding import IMAGE_CFG_SCALE, Sampling
 from omnitok.generate import AudioChunk, ImageOut, OmniModel, TextDelta
 from omnitok.sequence import Audio, Image, Segment, Text
 
 ASR_PROMPT = "Transcribe the speech."
 TTS_PROMPT = "Say this: "
-IMAGE_CFG = 3.0  # text-to-image guidance, as in the evaluation suite
+IMAGE_CFG = IMAGE_CFG_SCALE  # text-to-image guidance, as in the evaluation suite
 EDIT_CFG = 1.0  # image editing (a picture in the prompt) is evaluated without guidance
 OUTPUTS = ("text", "speech_answer", "speech", "image")
 
