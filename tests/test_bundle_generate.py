@@ -106,6 +106,32 @@ def test_guided_images_keep_the_pictures_of_the_prompt(bundle_dir, monkeypatch):
     assert img.pixels.shape == (64, 64, 3)
 
 
+def test_best_of_keeps_the_picture_read_back_likeliest(bundle_dir):
+    from omnitok.generate import BEST_OF_SAMPLING
+
+    model = omnitok.load(str(bundle_dir / "bundle"))
+    requests = [[Text("a large red circle in the top left")], [Text("draw a small star")]]
+    best = model.generate_batch(requests, output="image", seed=5, best_of=3)
+    # the candidates it chose among: the plain drawing, then samples seeded after it
+    rounds = [model.generate_batch(requests, output="image", seed=5)]
+    rounds += [model.generate_batch(requests, output="image", seed=5 + k, image=BEST_OF_SAMPLING) for k in (1, 2)]
+    captions = ["a large red circle in the top left", "draw a small star"]
+    scores = [model._read_back(r, captions) for r in rounds]
+    for i, reply in enumerate(best):
+        chosen = max(range(3), key=lambda r, i=i: scores[r][i])
+        assert np.array_equal(reply[0].codes, rounds[chosen][i][0].codes)
+        assert all(np.isfinite(scores[r][i]) and scores[r][i] < 0 for r in range(3))
+
+    with pytest.raises(OmnitokError, match="best_of must be an int >= 1"):
+        model.generate(requests[0], output="image", best_of=0)
+    with pytest.raises(OmnitokError, match="best_of applies to text-to-image"):
+        model.generate(requests[0], output="text", best_of=2)
+    with pytest.raises(OmnitokError, match="cannot stream"):
+        next(model.stream(requests[0], output="image", best_of=2))
+    with pytest.raises(OmnitokError, match="has none"):
+        model.generate([Image(pixels=np.zeros((64, 64, 3), np.uint8))], output="image", best_of=2)
+
+
 def test_stream_yields_events(bundle_dir):
     model = omnitok.load(str(bundle_dir / "bundle"))
     events = list(model.stream([Text("draw a small star")], output="image", seed=0))

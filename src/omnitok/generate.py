@@ -66,6 +66,16 @@ class GenerateOptions:
     speech_chunk_frames: int = 10
     reference: np.ndarray | list[np.ndarray | None] | None = None  # 16 kHz clip(s) giving the voice to speak in
     continuation: bool = False  # continue a role-less document (interleaved pre-training format) instead of chatting
+    # Text-to-image: draw this many pictures (the one these options draw, then samples) and keep the one whose
+    # caption the model itself reads back likeliest (BENCHMARKS "Drawing several pictures": 0.20 -> 0.30 exact
+    # scenes with 7). Costs best_of drawings and as many read-back passes.
+    best_of: int = 1
+
+
+# The extra candidates of best_of: samples (measured there at temperature 0.7 among the 64 likeliest codes), and the
+# question each candidate is read back with (the captioning task's, as trained and evaluated).
+BEST_OF_SAMPLING = Sampling(temperature=0.7, top_k=64)
+READ_BACK_ASK = "Describe the picture."
 
 
 class OmniModel:
@@ -211,6 +221,10 @@ class OmniModel:
     def generate_batch(self, samples: Sequence[Sequence[Segment]], **options: Any) -> list[list[Segment]]:
         """Several requests with the same options, decoded together in one batch."""
         opts = GenerateOptions(**options)
+        if not isinstance(opts.best_of, int) or opts.best_of < 1:
+            raise OmnitokError(f"best_of must be an int >= 1, got {opts.best_of!r}")
+        if opts.best_of > 1:
+            return self._best_of(samples, opts, options)
         styles = opts.style if isinstance(opts.style, list) else [opts.style] * len(samples)
         refs = opts.reference if isinstance(opts.reference, list) else [opts.reference] * len(samples)
         if len(styles) != len(samples) or len(refs) != len(samples):
@@ -234,9 +248,69 @@ class OmniModel:
             out.append(self._render(ids, replace(opts, style=st, reference=ref), self._forced_prefix(p)))
         return out
 
+    def _best_of(
+        self, samples: Sequence[Sequence[Segment]], opts: GenerateOptions, options: dict[str, Any]
+    ) -> list[list[Segment]]:
+        """``opts.best_of`` pictures per request; each reply is the one whose caption reads back likeliest.
+
+        Why: the LM reads pictures far better than it draws them, so reading a drawing back ranks candidates
+        nearly as well as the truth would (0.295 of an oracle 0.300 on 200 test scenes). The caption read back is
+        the request's text; a request without text has nothing to check a picture against.
+        """
+        if opts.output != "image" or opts.continuation:
+            raise OmnitokError(f"best_of applies to text-to-image (output='image'), got output={opts.output!r}")
+        captions = [" ".join(s.text for s in sample if isinstance(s, Text)).strip() for sample in samples]
+        if not all(captions):
+            raise OmnitokError("best_of reads each picture back against the request's text; a request has none")
+        plain = {**options, "best_of": 1}
+        seed = 0 if opts.seed is None else opts.seed
+        rounds = [self.generate_batch(samples, **plain)]
+        for k in range(1, opts.best_of):
+            rounds.append(self.generate_batch(samples, **{**plain, "image": BEST_OF_SAMPLING, "seed": seed + k}))
+        scores = [self._read_back(replies, captions) for replies in rounds]
+        return [rounds[max(range(len(rounds)), key=lambda r, i=i: scores[r][i])][i] for i in range(len(samples))]
+
+    def _read_back(self, replies: list[list[Segment]], captions: list[str]) -> list[float]:
+        """Log-probability of each caption as the LM's answer to READ_BACK_ASK about the reply's picture."""
+        from omnitok.sequence import encode
+
+        requests = []
+        for reply, caption in zip(replies, captions, strict=True):
+            img = next((s for s in reply if isinstance(s, Image) and s.codes is not None), None)
+            if img is None:  # nothing drawn: never preferred
+                requests.append(None)
+                continue
+            segs = [
+                Image(codes=img.codes, role="user"),
+                Text(READ_BACK_ASK, role="user"),
+                Text(caption, role="assistant"),
+            ]
+            requests.append(encode(segs, self.vocab, self.bundle.text))
+        encs = [e for e in requests if e is not None]
+        device = next(self.lm.parameters()).device
+        out: list[float] = []
+        if encs:
+            width = max(len(e.ids) for e in encs)
+            ids = torch.zeros((len(encs), width), dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            keep = torch.zeros((len(encs), width - 1), dtype=torch.bool)
+            for i, e in enumerate(encs):
+                ids[i, : len(e.ids)] = torch.as_tensor(e.ids)
+                attn[i, : len(e.ids)] = 1
+                keep[i, : len(e.ids) - 1] = torch.as_tensor(e.mask[1:], dtype=torch.bool)
+            ids, attn, keep = ids.to(device), attn.to(device), keep.to(device)
+            with torch.inference_mode():
+                logp = self.lm(input_ids=ids, attention_mask=attn).logits[:, :-1].float().log_softmax(-1)
+            tok = logp.gather(-1, ids[:, 1:, None])[..., 0]
+            out = (tok * keep).sum(-1).tolist()
+        it = iter(out)
+        return [float("-inf") if e is None else next(it) for e in requests]
+
     def stream(self, sample: Sequence[Segment], **options: Any) -> Iterator[TextDelta | AudioChunk | ImageOut]:
         """Yield text as it is written and speech as audio chunks every ``speech_chunk_frames`` frames."""
         opts = GenerateOptions(**options)
+        if opts.best_of != 1:
+            raise OmnitokError("best_of picks among finished pictures, so it cannot stream; use generate")
         ids, constraint = self._request(self._coded(sample, opts), opts)
         gen = self._generator(opts.seed)
         speech_tok = self.bundle.speech

@@ -115,6 +115,9 @@ def generate_command(
     reference: Annotated[Path | None, typer.Option(help="speak in the voice of this clip")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="cap on generated tokens")] = None,
     cfg_scale: Annotated[float, typer.Option(help="classifier-free guidance for images (1 = off)")] = IMAGE_CFG_SCALE,
+    best_of: Annotated[
+        int, typer.Option(help="images: draw N, keep the one whose caption the model reads back likeliest")
+    ] = 1,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = 0,
     temperature: Annotated[
         list[str] | None,
@@ -147,6 +150,8 @@ def generate_command(
         options["reference"] = read_audio(reference)
     if max_new_tokens is not None:
         options["max_new_tokens"] = max_new_tokens
+    if best_of != 1:
+        options["best_of"] = best_of
     options |= sampling
     ensure_writable_dir(out)
     t0 = time.perf_counter()

@@ -41,6 +41,9 @@ def eval_command(
     top_k: list[str] | None = typer.Option(None, "--top-k", help="MODALITY=K (repeatable)."),
     top_p: list[str] | None = typer.Option(None, "--top-p", help="MODALITY=P (repeatable)."),
     device: str = typer.Option("cpu", "--device", help="torch device for the LM (cpu, cuda); tokenizers stay on cpu."),
+    t2i_best_of: int = typer.Option(
+        1, "--t2i-best-of", help="Text-to-image: draw N per caption, keep the one the model reads back likeliest."
+    ),
 ) -> None:
     """Run every task on the held-out test split; write metrics.json and an HTML report."""
     import omnitok
@@ -56,6 +59,7 @@ def eval_command(
         seed=seed,
         max_minutes=max_minutes,
         sampling=sampling_overrides(temperature, top_k, top_p),
+        t2i_best_of=t2i_best_of,
     )
     model = omnitok.load(str(bundle), device)
     with console.status("evaluating") as status:

@@ -44,6 +44,7 @@ class EvalConfig:
     batch_size: int = 16
     seed: int = 0
     cfg_scale: float = IMAGE_CFG_SCALE
+    t2i_best_of: int = 1  # text-to-image pictures drawn per caption, the one read back likeliest kept (1: plain)
     # Per-modality sampling instead of the generation defaults (omnitok.decoding), e.g. {"speech": Sampling(0.7)}:
     # the metrics depend on it, so it is part of the run's recorded config.
     sampling: dict[str, Sampling] = field(default_factory=dict)
@@ -150,7 +151,9 @@ class Suite:
     def t2i(self) -> dict[str, list[Record]]:
         samples = _take(self.world, "scene", self.cfg.limit)
         captions = [s["meta"]["captions"][0] for s in samples]
-        outs = self._gen([[Text(c)] for c in captions], output="image", cfg_scale=self.cfg.cfg_scale)
+        outs = self._gen(
+            [[Text(c)] for c in captions], output="image", cfg_scale=self.cfg.cfg_scale, best_of=self.cfg.t2i_best_of
+        )
         recs, graded = [], []
         for s, c, o in zip(samples, captions, outs, strict=False):  # outs: a prefix if the time share ran out
             img = _first(o, Image)
@@ -364,6 +367,8 @@ def evaluate(
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise OmnitokError(f"--tasks: unknown task(s) {unknown}; known: {list(TASKS)}")
+    if not isinstance(cfg.t2i_best_of, int) or cfg.t2i_best_of < 1:
+        raise OmnitokError(f"t2i_best_of must be an int >= 1, got {cfg.t2i_best_of!r}")
     bad = {k: v for k, v in cfg.sampling.items() if k not in SAMPLED_MODALITIES or not isinstance(v, Sampling)}
     if bad:
         raise OmnitokError(f"eval sampling: expected {{modality: Sampling}} for {list(SAMPLED_MODALITIES)}, got {bad}")
