@@ -76,6 +76,7 @@ class GenerateOptions:
 # question each candidate is read back with (the captioning task's, as trained and evaluated).
 BEST_OF_SAMPLING = Sampling(temperature=0.7, top_k=64)
 READ_BACK_ASK = "Describe the picture."
+READ_BACK_ROWS = 8
 
 
 class OmniModel:
@@ -289,12 +290,13 @@ class OmniModel:
         encs = [e for e in requests if e is not None]
         device = next(self.lm.parameters()).device
         out: list[float] = []
-        if encs:
-            width = max(len(e.ids) for e in encs)
-            ids = torch.zeros((len(encs), width), dtype=torch.long)
+        for lo in range(0, len(encs), READ_BACK_ROWS):  # [rows, length, vocabulary] log-probs: bounded rows a pass
+            chunk = encs[lo : lo + READ_BACK_ROWS]
+            width = max(len(e.ids) for e in chunk)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
             attn = torch.zeros_like(ids)
-            keep = torch.zeros((len(encs), width - 1), dtype=torch.bool)
-            for i, e in enumerate(encs):
+            keep = torch.zeros((len(chunk), width - 1), dtype=torch.bool)
+            for i, e in enumerate(chunk):
                 ids[i, : len(e.ids)] = torch.as_tensor(e.ids)
                 attn[i, : len(e.ids)] = 1
                 keep[i, : len(e.ids) - 1] = torch.as_tensor(e.mask[1:], dtype=torch.bool)
@@ -302,7 +304,7 @@ class OmniModel:
             with torch.inference_mode():
                 logp = self.lm(input_ids=ids, attention_mask=attn).logits[:, :-1].float().log_softmax(-1)
             tok = logp.gather(-1, ids[:, 1:, None])[..., 0]
-            out = (tok * keep).sum(-1).tolist()
+            out += torch.where(keep, tok, 0.0).sum(-1).tolist()
         it = iter(out)
         return [float("-inf") if e is None else next(it) for e in requests]
 
