@@ -205,6 +205,10 @@ def test_image_generation(client):
     r = client.images.generate(model=MODEL, prompt="a large red circle", response_format="b64_json", size="32x32")
     im = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
     assert im.format == "PNG" and im.size == (IMAGE_SIZE, IMAGE_SIZE)
+    # omnitok's extension: draw 3, return the one the model reads back likeliest
+    r = client.images.generate(model=MODEL, prompt="a large red circle", extra_body={"best_of": 3, "seed": 1})
+    im = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
+    assert im.format == "PNG" and im.size == (IMAGE_SIZE, IMAGE_SIZE)
 
 
 # ------------------------------------------------------------------------------------------------- refusals
@@ -287,6 +291,8 @@ FUZZ = [
     ("post", "/v1/images/generations", {"json": {"prompt": "a star", "response_format": "url"}}, 400),
     ("post", "/v1/images/generations", {"json": {"prompt": ""}}, 400),
     ("post", "/v1/images/generations", {"json": {"prompt": 3}}, 400),
+    ("post", "/v1/images/generations", {"json": {"prompt": "a star", "best_of": 0}}, 400),
+    ("post", "/v1/images/generations", {"json": {"prompt": "a star", "best_of": 17}}, 400),
     ("post", CHAT, {"json": _chat(modalities=["text", "audio"], audio={"voice": "us_m1", "pitch": "shrill"})}, 400),
     ("post", CHAT, {"json": _chat(modalities=["text", "audio"], audio={"voice": "us_m1", "rate": 3})}, 400),
 ]

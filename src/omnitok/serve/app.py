@@ -49,6 +49,7 @@ log = logging.getLogger("omnitok.serve")
 STATIC = Path(__file__).parent / "static"
 ROLE = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 AUDIO_EXPIRY_S = 3600
+MAX_BEST_OF = 16  # an image request's best_of: each candidate is a full drawing on the shared worker
 
 
 # ------------------------------------------------------------------------------------------------- body limit
@@ -482,7 +483,11 @@ class Server:
             )
         if req.output_format not in (None, "png"):
             raise bad_request(f"output_format: only 'png' is supported, got {req.output_format!r}", "output_format")
-        result = await self.run(Task([Text(req.prompt, role="user")], "image", seed=req.seed))
+        best_of = 1 if req.best_of is None else req.best_of
+        if not 1 <= best_of <= MAX_BEST_OF:
+            raise bad_request(f"best_of: between 1 and {MAX_BEST_OF}, got {req.best_of}", "best_of")
+        task = Task([Text(req.prompt, role="user")], "image", seed=req.seed, best_of=best_of)
+        result = await self.run(task)
         if not result.images:
             raise ApiError(500, "the model did not produce an image", type="server_error")
         data = [{"b64_json": _b64(media.encode_png(p)), "revised_prompt": None} for p in result.images[:1]]

@@ -46,11 +46,12 @@ class Task:
     top_p: float | None = None
     seed: int | None = None
     cfg_scale: float = IMAGE_CFG  # image outputs only
+    best_of: int = 1  # image outputs only: pictures drawn, the one read back likeliest returned
 
     @property
     def key(self) -> Hashable:
         """Tasks with equal keys share one decode call (style may differ: it is passed per row)."""
-        return (self.output, self.max_new_tokens, self.temperature, self.top_p, self.seed, self.cfg_scale)
+        return (self.output, self.max_new_tokens, self.temperature, self.top_p, self.seed, self.cfg_scale, self.best_of)
 
 
 @dataclass
@@ -181,7 +182,9 @@ class Engine:
         prompts = [t.segments for t in tasks]
         if first.output == "image":
             opts = self._options(first, None)
-            outs = self.model.generate_batch(prompts, output="image", cfg_scale=first.cfg_scale, **opts)
+            outs = self.model.generate_batch(
+                prompts, output="image", cfg_scale=first.cfg_scale, best_of=first.best_of, **opts
+            )
             return [Result(images=[s.pixels for s in o if isinstance(s, Image) and s.pixels is not None]) for o in outs]
         if first.output == "speech":
             outs = self.model.generate_batch(

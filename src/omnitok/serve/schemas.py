@@ -95,3 +95,4 @@ class ImageRequest(_Lenient):
     response_format: str | None = None
     output_format: str | None = None  # only "png"
     seed: int | None = None  # omnitok extension
+    best_of: int | None = None  # omnitok extension: draw N, return the one the model reads back likeliest
