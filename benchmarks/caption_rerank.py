@@ -24,35 +24,22 @@ import time
 import numpy as np
 import torch
 
-from _common import command, machine, table
+from _common import command, machine, scene_arguments, scene_split, table
 
 CAPTION_ASK = "Describe the picture."
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bundle")
-    ap.add_argument("--world", required=True)
-    ap.add_argument("--split", default="val", help="val to decide, test to report")
-    ap.add_argument("--limit", type=int, default=200)
+    scene_arguments(ap)
     ap.add_argument("--candidates", type=int, default=6, help="the greedy caption and this many less one samples")
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
 
-    import omnitok
     from omnitok.decoding import Sampling
     from omnitok.eval import metrics as M
-    from omnitok.sequence import Image, Text, encode
-    from omnitok.world.read import iter_samples
-    from omnitok.world.scene import scene_from_json
+    from omnitok.sequence import Image, Text
 
-    model = omnitok.load(args.bundle)
-    vocab, lm = model.vocab, model.lm
-    samples = [s for _, s in zip(range(args.limit), iter_samples(args.world, args.split, "scene"), strict=False)]
-    if not samples:
-        raise SystemExit(f"{args.world}: no {args.split} scenes")
-    truth = [scene_from_json(s["meta"]["scene"]) for s in samples]
+    model, samples, truth = scene_split(args)
     codes = [c.numpy() for c in model.bundle.image.encode(torch.as_tensor(np.stack([s["png"] for s in samples])))]
 
     def write(**opts: object) -> list[str]:
@@ -68,28 +55,10 @@ def main() -> None:
     candidates = [write()] + [write(seed=k, text=sampled) for k in range(1, args.candidates)]
     written_s = time.perf_counter() - t0
 
-    def log_p(requests: list[list[object]]) -> list[float]:
-        """Summed log-probability of each request's assistant tokens (its loss mask), 8 requests a pass."""
-        out: list[float] = []
-        for lo in range(0, len(requests), 8):
-            encs = [encode(r, vocab, model.bundle.text) for r in requests[lo : lo + 8]]
-            width = max(len(e.ids) for e in encs)
-            ids = torch.zeros((len(encs), width), dtype=torch.long)
-            att = torch.zeros_like(ids)
-            keep = torch.zeros((len(encs), width - 1), dtype=torch.bool)
-            for i, e in enumerate(encs):
-                ids[i, : len(e.ids)] = torch.as_tensor(e.ids)
-                att[i, : len(e.ids)] = 1
-                keep[i, : len(e.ids) - 1] = torch.as_tensor(e.mask[1:], dtype=torch.bool)
-            with torch.inference_mode():
-                logp = lm(input_ids=ids, attention_mask=att).logits[:, :-1].float().log_softmax(-1)
-            out += torch.where(keep, logp.gather(-1, ids[:, 1:, None])[..., 0], 0.0).sum(-1).tolist()
-        return out
-
     t0 = time.perf_counter()
     n = len(samples)
     reader = [
-        log_p(
+        model.score(
             [
                 [Image(codes=codes[i], role="user"), Text(CAPTION_ASK, role="user"), Text(c[i], role="assistant")]
                 for i in range(n)
@@ -98,7 +67,7 @@ def main() -> None:
         for c in candidates
     ]
     drawer = [
-        log_p([[Text(c[i], role="user"), Image(codes=codes[i], role="assistant")] for i in range(n)])
+        model.score([[Text(c[i], role="user"), Image(codes=codes[i], role="assistant")] for i in range(n)])
         for c in candidates
     ]
     scored_s = time.perf_counter() - t0

@@ -23,9 +23,8 @@ import argparse
 import time
 
 import numpy as np
-import torch
 
-from _common import command, machine, table
+from _common import command, machine, scene_arguments, scene_split, table
 
 FILTER_ASK = "Does this caption match the picture? "  # omnitok.data.tasks' caption_filter prompt
 CAPTION_ASK = "Describe the picture."  # the evaluation's (and the first training) caption prompt
@@ -33,30 +32,17 @@ CAPTION_ASK = "Describe the picture."  # the evaluation's (and the first trainin
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bundle")
-    ap.add_argument("--world", required=True)
-    ap.add_argument("--split", default="val", help="val to decide, test to report")
-    ap.add_argument("--limit", type=int, default=200)
+    scene_arguments(ap)
     ap.add_argument("--cfg", type=float, nargs="+", default=[1.5, 2.0, 3.0], help="greedy candidates' guidance")
     ap.add_argument("--samples", type=int, default=4, help="sampled candidates (temperature 0.7, top-k 64, cfg 2)")
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
 
-    import omnitok
     from omnitok.decoding import Sampling
     from omnitok.eval.metrics import image_correct
-    from omnitok.sequence import Image, Text, encode
-    from omnitok.world.read import iter_samples
-    from omnitok.world.scene import scene_from_json
+    from omnitok.sequence import Image, Text
 
-    model = omnitok.load(args.bundle)
-    vocab, lm = model.vocab, model.lm
-    samples = [s for _, s in zip(range(args.limit), iter_samples(args.world, args.split, "scene"), strict=False)]
-    if not samples:
-        raise SystemExit(f"{args.world}: no {args.split} scenes")
+    model, samples, truth = scene_split(args)
     captions = [s["meta"]["captions"][0] for s in samples]
-    truth = [scene_from_json(s["meta"]["scene"]) for s in samples]
 
     def draw(**opts: object) -> list[tuple[np.ndarray, np.ndarray]]:
         out = []
@@ -75,37 +61,17 @@ def main() -> None:
     names = list(candidates)
     exact = {n: [image_correct(p, sc) for (_, p), sc in zip(candidates[n], truth, strict=True)] for n in names}
 
-    def log_p(requests: list[list[object]]) -> list[float]:
-        """Summed log-probability of each request's assistant tokens (its loss mask), in batches."""
-        out: list[float] = []
-        for lo in range(0, len(requests), 32):
-            encs = [encode(r, vocab, model.bundle.text) for r in requests[lo : lo + 32]]
-            width = max(len(e.ids) for e in encs)
-            ids = torch.zeros((len(encs), width), dtype=torch.long)
-            att = torch.zeros_like(ids)
-            for i, e in enumerate(encs):
-                ids[i, : len(e.ids)] = torch.as_tensor(e.ids)
-                att[i, : len(e.ids)] = 1
-            with torch.inference_mode():
-                logp = lm(input_ids=ids, attention_mask=att).logits.float().log_softmax(-1)
-            for i, e in enumerate(encs):
-                n = len(e.ids)
-                target = torch.as_tensor(e.ids[1:])
-                keep = torch.as_tensor(e.mask[1:], dtype=torch.bool)
-                out.append(float(logp[i, : n - 1].gather(-1, target[:, None])[:, 0][keep].sum()))
-        return out
-
     t0 = time.perf_counter()
     caption_lp, filter_lp = {}, {}
     for n in names:
         pics = [c for c, _ in candidates[n]]
-        caption_lp[n] = log_p(
+        caption_lp[n] = model.score(
             [
                 [Image(codes=c, role="user"), Text(CAPTION_ASK, role="user"), Text(cap, role="assistant")]
                 for c, cap in zip(pics, captions, strict=True)
             ]
         )
-        filter_lp[n] = log_p(
+        filter_lp[n] = model.score(
             [
                 [Image(codes=c, role="user"), Text(FILTER_ASK + cap, role="user"), Text("Yes.", role="assistant")]
                 for c, cap in zip(pics, captions, strict=True)

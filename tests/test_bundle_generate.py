@@ -1,6 +1,7 @@
 """Bundles save and load whole; generation returns well-formed segments in the requested modality."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -121,6 +122,25 @@ def test_best_of_keeps_the_picture_read_back_likeliest(bundle_dir):
         chosen = max(range(3), key=lambda r, i=i: scores[r][i])
         assert np.array_equal(reply[0].codes, rounds[chosen][i][0].codes)
         assert all(np.isfinite(scores[r][i]) and scores[r][i] < 0 for r in range(3))
+
+    # score: the assistant turn's summed token log-probabilities, the same alone as in a padded batch
+    from omnitok.sequence import encode
+
+    ask = [Image(pixels=np.zeros((64, 64, 3), np.uint8)), Text("Describe the picture.", role="user")]
+    short, long = [*ask, Text("a star", role="assistant")], [*ask, Text("a large red circle", role="assistant")]
+    both = model.score([short, long])
+    coded = [replace(s) for s in long]
+    model.media([coded])
+    enc = encode(coded, model.vocab, model.bundle.text)
+    with torch.no_grad():
+        logp = model.lm(input_ids=torch.as_tensor(enc.ids)[None]).logits[0, :-1].float().log_softmax(-1)
+    by_hand = logp.gather(-1, torch.as_tensor(enc.ids[1:])[:, None])[:, 0][
+        torch.as_tensor(enc.mask[1:], dtype=torch.bool)
+    ]
+    assert both[1] == pytest.approx(float(by_hand.sum()), abs=1e-3) and model.score([short]) == pytest.approx(both[:1])
+    assert short[0].codes is None  # the caller's segments are left as they were
+    with pytest.raises(OmnitokError, match="no segment with role 'assistant'"):
+        model.score([ask])
 
     with pytest.raises(OmnitokError, match="best_of must be an int >= 1"):
         model.generate(requests[0], output="image", best_of=0)

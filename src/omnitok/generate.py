@@ -76,7 +76,7 @@ class GenerateOptions:
 # question each candidate is read back with (the captioning task's, as trained and evaluated).
 BEST_OF_SAMPLING = Sampling(temperature=0.7, top_k=64)
 READ_BACK_ASK = "Describe the picture."
-READ_BACK_ROWS = 8
+SCORE_ROWS = 8  # samples a scoring pass holds
 
 
 class OmniModel:
@@ -273,25 +273,35 @@ class OmniModel:
 
     def _read_back(self, replies: list[list[Segment]], captions: list[str]) -> list[float]:
         """Log-probability of each caption as the LM's answer to READ_BACK_ASK about the reply's picture."""
-        from omnitok.sequence import encode
+        pics = [next((s for s in reply if isinstance(s, Image) and s.codes is not None), None) for reply in replies]
+        asks = [
+            [Image(codes=p.codes, role="user"), Text(READ_BACK_ASK, role="user"), Text(caption, role="assistant")]
+            for p, caption in zip(pics, captions, strict=True)
+            if p is not None
+        ]
+        it = iter(self.score(asks))
+        return [float("-inf") if p is None else next(it) for p in pics]  # nothing drawn: never preferred
 
-        requests = []
-        for reply, caption in zip(replies, captions, strict=True):
-            img = next((s for s in reply if isinstance(s, Image) and s.codes is not None), None)
-            if img is None:  # nothing drawn: never preferred
-                requests.append(None)
-                continue
-            segs = [
-                Image(codes=img.codes, role="user"),
-                Text(READ_BACK_ASK, role="user"),
-                Text(caption, role="assistant"),
-            ]
-            requests.append(encode(segs, self.vocab, self.bundle.text))
-        encs = [e for e in requests if e is not None]
+    def score(self, samples: Sequence[Sequence[Segment]]) -> list[float]:
+        """How likely the model finds each sample's assistant turn: its tokens' log-probabilities, summed.
+
+        Why: to rank answers with the model itself, as ``best_of`` reads a drawing back against its caption, or as
+        ``benchmarks/caption_rerank.py`` asks how likely a picture is drawn from a caption. Samples are tokenized
+        as in training (pictures and speech given as pixels or samples are encoded first); each needs a segment
+        with role "assistant", the part scored.
+        """
+        encs = []
+        for k, sample in enumerate(samples):
+            segs = [replace(s) for s in sample]  # the caller's segments stay as they were; codes go on the copies
+            self.media([segs])
+            enc = encode(segs, self.vocab, self.bundle.text)
+            if not np.any(enc.mask):
+                raise OmnitokError(f"score: sample {k} has no segment with role 'assistant' to score")
+            encs.append(enc)
         device = next(self.lm.parameters()).device
         out: list[float] = []
-        for lo in range(0, len(encs), READ_BACK_ROWS):  # [rows, length, vocabulary] log-probs: bounded rows a pass
-            chunk = encs[lo : lo + READ_BACK_ROWS]
+        for lo in range(0, len(encs), SCORE_ROWS):  # [rows, length, vocabulary] log-probs: bounded rows a pass
+            chunk = encs[lo : lo + SCORE_ROWS]
             width = max(len(e.ids) for e in chunk)
             ids = torch.zeros((len(chunk), width), dtype=torch.long)
             attn = torch.zeros_like(ids)
@@ -305,8 +315,7 @@ class OmniModel:
                 logp = self.lm(input_ids=ids, attention_mask=attn).logits[:, :-1].float().log_softmax(-1)
             tok = logp.gather(-1, ids[:, 1:, None])[..., 0]
             out += torch.where(keep, tok, 0.0).sum(-1).tolist()
-        it = iter(out)
-        return [float("-inf") if e is None else next(it) for e in requests]
+        return out
 
     def stream(self, sample: Sequence[Segment], **options: Any) -> Iterator[TextDelta | AudioChunk | ImageOut]:
         """Yield text as it is written and speech as audio chunks every ``speech_chunk_frames`` frames."""
