@@ -32,11 +32,11 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def scene_arguments(ap: argparse.ArgumentParser, limit: int = 200) -> None:
+def scene_arguments(ap: argparse.ArgumentParser, limit: int = 200, split: str = "val") -> None:
     """The arguments of a benchmark that reads a bundle against one split of its world's scenes."""
     ap.add_argument("bundle")
     ap.add_argument("--world", required=True, help="the world the bundle was trained on")
-    ap.add_argument("--split", default="val", help="val to decide, test to report")
+    ap.add_argument("--split", default=split, help="val to decide, test to report")
     ap.add_argument("--limit", type=int, default=limit, help="scenes of the split")
     ap.add_argument("--threads", type=int, default=2)
 

@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from _common import command, machine, table
+from _common import command, machine, scene_arguments, scene_split, table
 
 KEYS = ("exact", "count", "cell_f1", "color_f1", "shape_f1", "size_f1", "object_f1")
 
@@ -39,31 +38,19 @@ def _scores(preds: list, truth: list) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bundle", type=Path)
-    ap.add_argument("--world", type=Path, required=True, help="the world the bundle was trained on")
-    ap.add_argument("--split", default="test", help="val to choose decoding settings, test to report them")
-    ap.add_argument("--limit", type=int, default=64, help="scenes of the split")
+    scene_arguments(ap, limit=64, split="test")
     ap.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales to generate with")
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
 
-    import omnitok
     from omnitok.sequence import Image, Text, encode
     from omnitok.vocab import SPAN_TOKENS
     from omnitok.world.parser import parse_scene
-    from omnitok.world.read import iter_samples
-    from omnitok.world.scene import scene_from_json
 
-    model = omnitok.load(str(args.bundle))
+    model, samples, truth = scene_split(args)
     if model.bundle.image is None:
         raise SystemExit(f"{args.bundle}: this bundle has no image tokenizer")
     tok, vocab, lm = model.bundle.image, model.vocab, model.lm
-    samples = [s for _, s in zip(range(args.limit), iter_samples(args.world, args.split, "scene"), strict=False)]
-    if not samples:
-        raise SystemExit(f"{args.world}: no {args.split} scenes")
     captions = [s["meta"]["captions"][0] for s in samples]  # the canonical wording, as omnitok eval's t2i asks
-    truth = [scene_from_json(s["meta"]["scene"]) for s in samples]
     codes = tok.encode(torch.as_tensor(np.stack([s["png"] for s in samples])))
     rows = [
         [

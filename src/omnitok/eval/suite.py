@@ -224,7 +224,7 @@ class Suite:
         heard_all = self.transcriber.transcribe_many(
             [wavs[i] for i in spoken] + [s["wav"] for s in samples[: len(outs)]], 16000
         )
-        heard_by = dict(zip(spoken, heard_all, strict=False))  # heard_all: the generated clips, then the references
+        heard_by = dict(zip(spoken, heard_all[: len(spoken)], strict=True))  # then the references, in sample order
         for k, (s, style, wav) in enumerate(zip(samples, styles, wavs, strict=False)):
             sp = s["meta"]["speech"]
             heard = heard_by.get(k, "")
