@@ -18,7 +18,7 @@ from omnitok.sequence import Text
 from omnitok.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 from omnitok.tokenizers.text import TextTokenizer
 from omnitok.train.loop import _optimizers, train
-from omnitok.train.recipe import OptimConfig, load_recipe
+from omnitok.train.recipe import OptimConfig, load_recipe, parse_recipe
 from omnitok.vocab import FRAME, Vocabulary
 from omnitok.world.build import WorldConfig, build_world
 from tiny_models import TINY_LLAMA
@@ -176,3 +176,47 @@ def test_training_with_image_positions_ends_with_a_bundle_that_draws(tmp_path):
     assert table is not None and table.tokens == 64 and float(table.weight.detach().abs().sum()) > 0  # it learned
     out = model.generate([Text("a large red circle in the top left")], output="image", seed=0)
     assert out[0].pixels.shape == (64, 64, 3)
+
+    # Training goes on from the bundle's LM (model.pretrained: a further stage): its learned table and its trained
+    # code rows come with it, not a zero table and a second codec projection on top of trained rows.
+    bundle_lm = model.lm
+    go_on = {
+        **recipe,
+        "out": str(tmp_path / "more"),
+        "model": {"pretrained": str(tmp_path / "run" / "bundle" / "lm")},
+        "code_embeddings": "codec",
+        "optim": {"lr": 1e-12, "warmup_steps": 0, "schedule": "constant"},
+        "stages": [{"name": "more", "steps": 1, "mixture": {"t2i": 1.0}}],
+    }
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump(go_on))
+    train(load_recipe(tmp_path / "more.yaml"), progress=False)
+    more = omnitok.load(str(tmp_path / "more" / "bundle")).lm
+    torch.testing.assert_close(image_positions.get(more).weight, table.weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        more.get_input_embeddings().weight, bundle_lm.get_input_embeddings().weight, atol=1e-6, rtol=0
+    )
+
+
+def test_a_pretrained_lm_with_image_positions_must_fit_the_token_directory(tmp_path, monkeypatch):
+    from omnitok.train import loop
+
+    vocab = Vocabulary.build(40, {"image": 16, "speech": 8})
+    lm = _model(vocab)
+    image_positions.save(lm, tmp_path / "lm")
+    recipe = parse_recipe(
+        {
+            "name": "more",
+            "data": str(tmp_path),
+            "out": str(tmp_path / "run"),
+            "model": {"pretrained": str(tmp_path / "lm")},
+            "batch": {"seq_len": 64, "micro_batch": 1},
+            "optim": {"lr": 1e-3},
+            "stages": [{"name": "s", "steps": 1, "mixture": {"t2i": 1.0}}],
+        }
+    )
+    r, openers = vocab.code_range("image"), [vocab.special("<image>"), vocab.special(FRAME)]
+    monkeypatch.setattr(loop, "_image_layout", lambda _: (GRID * 2, (r.start, r.stop), openers))
+    with pytest.raises(OmnitokError, match=r"model\.pretrained: its image positions are for 4 codes"):
+        loop._build(recipe, vocab.size)
+    monkeypatch.setattr(loop, "_image_layout", lambda _: (GRID, (r.start, r.stop), openers))
+    assert torch.equal(image_positions.get(loop._build(recipe, vocab.size)).weight, image_positions.get(lm).weight)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from omnitok import image_positions
 from omnitok.errors import OmnitokError
 
 DEFAULT_ARCH = "llama"
@@ -85,6 +86,8 @@ def build_model(spec: Mapping[str, Any], vocab_size: int) -> PreTrainedModel:
             )
         except (OSError, ValueError) as e:
             raise OmnitokError(f"model.pretrained: could not load {path}: {e}") from e
+        # An omnitok bundle's lm/ (continued training, a further SFT) keeps the image positions it learned.
+        image_positions.restore(model, path)
         base = model.get_input_embeddings().num_embeddings
         if vocab_size < base:
             raise OmnitokError(

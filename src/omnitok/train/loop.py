@@ -554,11 +554,27 @@ def _codec_vectors(recipe: Recipe) -> list[tuple[int, torch.Tensor]]:
 
 
 def _build(recipe: Recipe, vocab_size: int) -> torch.nn.Module:
-    """The recipe's model, with image position embeddings when ``model.image_positions`` asks for them."""
+    """The recipe's model, with image position embeddings when ``model.image_positions`` asks for them.
+
+    A ``model.pretrained`` that is an omnitok bundle's ``lm/`` brings its own learned table; it is kept (whatever
+    ``image_positions`` says: it is part of the weights) once it is checked against the token directory's images.
+    """
     model = build_model(recipe.model, vocab_size)
-    if recipe.model.get("image_positions"):
+    table = image_positions.get(model)
+    if table is None and recipe.model.get("image_positions"):
         tokens, codes, openers = _image_layout(recipe)
         image_positions.add_image_positions(model, tokens, codes, openers)
+    elif table is not None:
+        try:
+            tokens, codes, openers = _image_layout(recipe)
+        except OmnitokError as e:
+            raise OmnitokError(f"model.pretrained: the LM places image codes, but {recipe.data} cannot: {e}") from e
+        if (table.tokens, table.codes, sorted(table.openers.tolist())) != (tokens, codes, sorted(openers)):
+            raise OmnitokError(
+                f"model.pretrained: its image positions are for {table.tokens} codes in ids {list(table.codes)}, "
+                f"but {recipe.data} has {tokens} codes per image in ids {list(codes)}: the LM was trained with "
+                "another image tokenizer or vocabulary"
+            )
     return model
 
 
@@ -705,9 +721,12 @@ def train(
 
     torch.manual_seed(recipe.seed)
     model = _build(recipe, vocab_size)
-    if recipe.code_embeddings == "codec" and resume_from is None:
-        init_code_embeddings(model, _codec_vectors(recipe), seed=recipe.seed)
     base_vocab = base_vocab_size(model)
+    if recipe.code_embeddings == "codec" and resume_from is None:
+        # Only rows the model brings no weights for: a pretrained omnitok LM's code rows are already trained.
+        fresh = [(start, v) for start, v in _codec_vectors(recipe) if start >= base_vocab]
+        if fresh:
+            init_code_embeddings(model, fresh, seed=recipe.seed)
     attention = _attention(model, recipe, rt)
     if recipe.distributed.strategy == "fsdp" and any(s.trainable != "all" for s in recipe.stages) and rt.world > 1:
         raise OmnitokError("stages[].trainable: new_embeddings is not supported with distributed.strategy fsdp")
