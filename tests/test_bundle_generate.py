@@ -113,15 +113,17 @@ def test_best_of_keeps_the_picture_read_back_likeliest(bundle_dir):
     model = omnitok.load(str(bundle_dir / "bundle"))
     requests = [[Text("a large red circle in the top left")], [Text("draw a small star")]]
     best = model.generate_batch(requests, output="image", seed=5, best_of=3)
-    # the candidates it chose among: the plain drawing, then samples seeded after it
-    rounds = [model.generate_batch(requests, output="image", seed=5)]
-    rounds += [model.generate_batch(requests, output="image", seed=5 + k, image=BEST_OF_SAMPLING) for k in (1, 2)]
+    # the candidates it chose among: the plain drawing, then 2 samples a request, drawn together seeded after it
+    plain = model.generate_batch(requests, output="image", seed=5)
+    twice = [r for r in requests for _ in (1, 2)]
+    sampled = model.generate_batch(twice, output="image", seed=6, image=BEST_OF_SAMPLING)
     captions = ["a large red circle in the top left", "draw a small star"]
-    scores = [model._read_back(r, captions) for r in rounds]
     for i, reply in enumerate(best):
-        chosen = max(range(3), key=lambda r, i=i: scores[r][i])
-        assert np.array_equal(reply[0].codes, rounds[chosen][i][0].codes)
-        assert all(np.isfinite(scores[r][i]) and scores[r][i] < 0 for r in range(3))
+        candidates = [plain[i], *sampled[2 * i : 2 * i + 2]]
+        scores = model._read_back(candidates, [captions[i]] * 3)
+        assert all(np.isfinite(x) and x < 0 for x in scores)
+        assert np.array_equal(reply[0].codes, candidates[max(range(3), key=scores.__getitem__)][0].codes)
+    assert not np.array_equal(sampled[0][0].codes, sampled[1][0].codes)  # a request's samples differ
 
     # score: the assistant turn's summed token log-probabilities, the same alone as in a padded batch
     from omnitok.sequence import encode

@@ -264,12 +264,22 @@ class OmniModel:
         if not all(captions):
             raise OmnitokError("best_of reads each picture back against the request's text; a request has none")
         plain = {**options, "best_of": 1}
-        seed = 0 if opts.seed is None else opts.seed
-        rounds = [self.generate_batch(samples, **plain)]
-        for k in range(1, opts.best_of):
-            rounds.append(self.generate_batch(samples, **{**plain, "image": BEST_OF_SAMPLING, "seed": seed + k}))
-        scores = [self._read_back(replies, captions) for replies in rounds]
-        return [rounds[max(range(len(rounds)), key=lambda r, i=i: scores[r][i])][i] for i in range(len(samples))]
+        first = self.generate_batch(samples, **plain)
+        # Every request's sampled candidates decode as one batch (rows: request-major), not one batch per candidate:
+        # on 2 cores a step of many rows costs little more than a step of few (BENCHMARKS "Drawing several pictures").
+        k = opts.best_of - 1
+        sampled = {**plain, "image": BEST_OF_SAMPLING, "seed": (0 if opts.seed is None else opts.seed) + 1}
+        for key in ("style", "reference"):  # per-request lists follow their request's rows
+            if isinstance(options.get(key), list):
+                sampled[key] = [v for v in options[key] for _ in range(k)]
+        more = self.generate_batch([s for s in samples for _ in range(k)], **sampled)
+        candidates = [[first[i], *more[i * k : (i + 1) * k]] for i in range(len(samples))]
+        scores = self._read_back([c for cs in candidates for c in cs], [c for c in captions for _ in range(k + 1)])
+        out = []
+        for i, cs in enumerate(candidates):
+            mine = scores[i * (k + 1) : (i + 1) * (k + 1)]
+            out.append(cs[max(range(k + 1), key=mine.__getitem__)])  # a tie keeps the plain drawing
+        return out
 
     def _read_back(self, replies: list[list[Segment]], captions: list[str]) -> list[float]:
         """Log-probability of each caption as the LM's answer to READ_BACK_ASK about the reply's picture."""
