@@ -147,7 +147,14 @@ def test_best_of_keeps_the_picture_read_back_likeliest(bundle_dir):
     with pytest.raises(OmnitokError, match="best_of must be an int >= 1"):
         model.generate(requests[0], output="image", best_of=0)
     with pytest.raises(OmnitokError, match="best_of applies to text-to-image"):
+        model.generate(requests[0], output="speech", best_of=2)
+    with pytest.raises(OmnitokError, match="describing one picture"):
+        model.generate(requests[0], output="text", continuation=True, best_of=2)
+    with pytest.raises(OmnitokError, match="descriptions of one picture; request 0 holds 0 pictures"):
         model.generate(requests[0], output="text", best_of=2)
+    picture = Image(pixels=np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(OmnitokError, match="request 1 holds 2 pictures"):
+        model.generate_batch([[picture, Text("what?")], [picture, picture]], output="text", best_of=2)
     with pytest.raises(OmnitokError, match="cannot stream"):
         next(model.stream(requests[0], output="image", best_of=2))
     with pytest.raises(OmnitokError, match="has none"):
@@ -256,3 +263,30 @@ def test_generate_cli_writes_reply_files(bundle_dir, tmp_path):
 
     sf.write(tmp_path / "stereo.wav", np.zeros((8000, 2), np.float32), 8000)
     assert read_audio(tmp_path / "stereo.wav").shape == (16000,)
+
+
+def test_best_of_for_a_description_keeps_the_likeliest_as_read_and_as_drawn(bundle_dir):
+    from omnitok.generate import DESCRIBE_SAMPLING
+
+    model = omnitok.load(str(bundle_dir / "bundle"))
+    rng = np.random.default_rng(0)
+    pictures = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    requests = [[Image(pixels=p), Text("Describe the picture.")] for p in pictures]
+    opts = {"output": "text", "max_new_tokens": 8, "seed": 3}
+    best = model.generate_batch(requests, best_of=3, **opts)
+    plain = model.generate_batch(requests, **opts)
+    twice = [r for r in requests for _ in (1, 2)]
+    sampled = model.generate_batch(twice, **{**opts, "seed": 4, "text": DESCRIBE_SAMPLING})
+
+    def text(reply):
+        return " ".join(s.text for s in reply if isinstance(s, Text)).strip()
+
+    for i, reply in enumerate(best):
+        candidates = [text(r) for r in (plain[i], *sampled[2 * i : 2 * i + 2])]
+        codes = model.bundle.image.encode(torch.as_tensor(pictures[i])[None])[0].numpy()
+        # by hand: log p(text | the request) + log p(the picture | the text as a drawing request)
+        reader = model.score([[*requests[i], Text(c, role="assistant")] for c in candidates])
+        drawer = model.score([[Text(c, role="user"), Image(codes=codes, role="assistant")] for c in candidates])
+        totals = [a + b for a, b in zip(reader, drawer, strict=True)]
+        assert text(reply) == candidates[max(range(3), key=totals.__getitem__)]
+    assert requests[0][0].codes is None  # the caller's segments are left as they were

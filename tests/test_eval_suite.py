@@ -121,3 +121,16 @@ def test_sampling_overrides_reach_generation_and_the_run_record(setup, tmp_path)
     assert recorded == {"image": {"temperature": 0.9, "top_k": 8, "top_p": 1.0}}
     with pytest.raises(OmnitokError, match="eval sampling"):
         evaluate(model, setup / "world", tmp_path / "o2", EvalConfig(tasks=["t2i"], sampling={"pixels": hot}))
+
+
+def test_caption_best_of_reaches_generation_and_is_checked(setup, tmp_path):
+    model = omnitok.load(str(setup / "bundle"))
+    seen = []
+    generate_batch = model.generate_batch
+    model.generate_batch = lambda prompts, **kw: seen.append(kw) or generate_batch(prompts, **kw)
+    metrics = evaluate(
+        model, setup / "world", tmp_path / "out", EvalConfig(limit=2, tasks=["caption"], caption_best_of=2)
+    )
+    assert seen[0]["output"] == "text" and seen[0]["best_of"] == 2 and metrics["caption_acc"]["n"]["all"] == 2
+    with pytest.raises(OmnitokError, match="caption_best_of must be an int >= 1, got 0"):
+        evaluate(model, setup / "world", tmp_path / "o2", EvalConfig(tasks=["caption"], caption_best_of=0))

@@ -115,6 +115,10 @@ def test_chat_with_image_and_audio_in(client):
     ]
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": parts}], max_tokens=4)
     assert isinstance(r.choices[0].message.content, str)
+    # omnitok's extension: write 3 descriptions of the picture, return the model's likeliest
+    messages = [{"role": "user", "content": parts}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_body={"best_of": 3})
+    assert isinstance(r.choices[0].message.content, str)
     pcm = (np.sin(np.arange(8000) / 5) * 8000).astype("<i2").tobytes()
     audio_parts = [
         {"type": "input_audio", "input_audio": {"data": base64.b64encode(_wav()).decode(), "format": "wav"}},
@@ -294,6 +298,10 @@ FUZZ = [
     ("post", "/v1/images/generations", {"json": {"prompt": "a star", "best_of": 0}}, 400),
     ("post", "/v1/images/generations", {"json": {"prompt": "a star", "best_of": 17}}, 400),
     ("post", CHAT, {"json": _chat(modalities=["text", "audio"], audio={"voice": "us_m1", "pitch": "shrill"})}, 400),
+    ("post", CHAT, {"json": _chat(best_of=2)}, 400),  # best_of describes one picture; this has none
+    ("post", CHAT, {"json": _user(_image(_data_url(_png())), {"type": "text", "text": "hi"}) | {"best_of": 17}}, 400),
+    ("post", CHAT, {"json": _user(_image(_data_url(_png()))) | {"best_of": 2, "stream": True}}, 400),
+    ("post", CHAT, {"json": _user(_image(_data_url(_png()))) | {"best_of": 2, "modalities": ["image"]}}, 400),
     ("post", CHAT, {"json": _chat(modalities=["text", "audio"], audio={"voice": "us_m1", "rate": 3})}, 400),
 ]
 

@@ -116,7 +116,11 @@ def generate_command(
     max_new_tokens: Annotated[int | None, typer.Option(help="cap on generated tokens")] = None,
     cfg_scale: Annotated[float, typer.Option(help="classifier-free guidance for images (1 = off)")] = IMAGE_CFG_SCALE,
     best_of: Annotated[
-        int, typer.Option(help="images: draw N, keep the one whose caption the model reads back likeliest")
+        int,
+        typer.Option(
+            help="images: draw N, keep the one whose caption the model reads back likeliest; text about one "
+            "--image: write N, keep the likeliest as read and as drawn (for descriptions)"
+        ),
     ] = 1,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = 0,
     temperature: Annotated[

@@ -44,6 +44,9 @@ def eval_command(
     t2i_best_of: int = typer.Option(
         1, "--t2i-best-of", help="Text-to-image: draw N per caption, keep the one the model reads back likeliest."
     ),
+    caption_best_of: int = typer.Option(
+        1, "--caption-best-of", help="Captions: write N per picture, keep the one likeliest as read and as drawn."
+    ),
 ) -> None:
     """Run every task on the held-out test split; write metrics.json and an HTML report."""
     import omnitok
@@ -60,6 +63,7 @@ def eval_command(
         max_minutes=max_minutes,
         sampling=sampling_overrides(temperature, top_k, top_p),
         t2i_best_of=t2i_best_of,
+        caption_best_of=caption_best_of,
     )
     model = omnitok.load(str(bundle), device)
     with console.status("evaluating") as status:

@@ -45,6 +45,7 @@ class EvalConfig:
     seed: int = 0
     cfg_scale: float = IMAGE_CFG_SCALE
     t2i_best_of: int = 1  # text-to-image pictures drawn per caption, the one read back likeliest kept (1: plain)
+    caption_best_of: int = 1  # captions written per picture, the reader + drawer likeliest kept (1: plain)
     # Per-modality sampling instead of the generation defaults (omnitok.decoding), e.g. {"speech": Sampling(0.7)}:
     # the metrics depend on it, so it is part of the run's recorded config.
     sampling: dict[str, Sampling] = field(default_factory=dict)
@@ -140,7 +141,11 @@ class Suite:
     # --- tasks ------------------------------------------------------------------------------------
     def caption(self) -> dict[str, list[Record]]:
         samples = _take(self.world, "scene", self.cfg.limit)
-        outs = self._gen([[Image(pixels=s["png"]), Text("Describe the picture.")] for s in samples], output="text")
+        outs = self._gen(
+            [[Image(pixels=s["png"]), Text("Describe the picture.")] for s in samples],
+            output="text",
+            best_of=self.cfg.caption_best_of,
+        )
         recs, graded = [], []
         for s, o in zip(samples, outs, strict=False):  # outs: a prefix if the time share ran out
             text, scene, group = _text_of(o), scene_from_json(s["meta"]["scene"]), _group(s["meta"]["heldout_combo"])
@@ -367,8 +372,10 @@ def evaluate(
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise OmnitokError(f"--tasks: unknown task(s) {unknown}; known: {list(TASKS)}")
-    if not isinstance(cfg.t2i_best_of, int) or cfg.t2i_best_of < 1:
-        raise OmnitokError(f"t2i_best_of must be an int >= 1, got {cfg.t2i_best_of!r}")
+    for name in ("t2i_best_of", "caption_best_of"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise OmnitokError(f"{name} must be an int >= 1, got {value!r}")
     bad = {k: v for k, v in cfg.sampling.items() if k not in SAMPLED_MODALITIES or not isinstance(v, Sampling)}
     if bad:
         raise OmnitokError(f"eval sampling: expected {{modality: Sampling}} for {list(SAMPLED_MODALITIES)}, got {bad}")

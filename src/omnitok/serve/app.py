@@ -312,6 +312,16 @@ class Server:
             output = "text"
         limit = req.max_completion_tokens or req.max_tokens
         task = Task([], output, style, limit, req.temperature, req.top_p, req.seed)
+        if req.best_of not in (None, 1):
+            if not 1 <= req.best_of <= MAX_BEST_OF:
+                raise bad_request(f"best_of: between 1 and {MAX_BEST_OF}, got {req.best_of}", "best_of")
+            if output != "text" or req.stream:
+                raise bad_request(
+                    "best_of: re-ranks a text reply describing one picture, so it needs modalities ['text'] and no "
+                    "stream (pictures: /v1/images/generations takes best_of)",
+                    "best_of",
+                )
+            task.best_of = req.best_of
         return task, audio_format
 
     async def chat(self, request: Request) -> Response:
@@ -320,6 +330,12 @@ class Server:
         task.segments = await run_in_threadpool(self.segments, req)
         if task.output == "image" and any(isinstance(s, Image) for s in task.segments):
             task.cfg_scale = EDIT_CFG  # editing a given picture: guidance off, as evaluated
+        if task.best_of > 1:  # checked here, not in the worker, where it would fail the batch it shares
+            pictures = sum(isinstance(s, Image) for s in task.segments)
+            if pictures != 1:
+                raise bad_request(
+                    f"best_of: re-ranks descriptions of one picture; the messages hold {pictures}", "best_of"
+                )
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             return await self.chat_stream(task, cid)

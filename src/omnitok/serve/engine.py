@@ -46,7 +46,7 @@ class Task:
     top_p: float | None = None
     seed: int | None = None
     cfg_scale: float = IMAGE_CFG  # image outputs only
-    best_of: int = 1  # image outputs only: pictures drawn, the one read back likeliest returned
+    best_of: int = 1  # images, and text describing one picture: replies made, the model's likeliest returned
 
     @property
     def key(self) -> Hashable:
@@ -191,7 +191,10 @@ class Engine:
                 prompts, output="speech", style=[t.style for t in tasks], **self._speech_options(first)
             )
             return [self._audio_result(o, "") for o in outs]
-        outs = self.model.generate_batch(prompts, output="text", **self._options(first, first.max_new_tokens))
+        opts = self._options(first, first.max_new_tokens)
+        if first.best_of > 1:  # only a text reply about one picture gets here with it (the app checks)
+            opts["best_of"] = first.best_of
+        outs = self.model.generate_batch(prompts, output="text", **opts)
         texts = [_text_of(o) for o in outs]
         results = [Result(text=t, finish_reason=self._finish(t, first.max_new_tokens)) for t in texts]
         if first.output == "speech_answer":

@@ -74,6 +74,7 @@ class ChatRequest(_Lenient):
     n: int | None = 1
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
+    best_of: int | None = None  # omnitok extension: describing one picture, write N, return the model's likeliest
 
 
 class SpeechRequest(_Lenient):
