@@ -1,6 +1,7 @@
 """The evaluation suite runs every (non-speech) task end to end on a tiny bundle and writes its report."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,3 +135,27 @@ def test_caption_best_of_reaches_generation_and_is_checked(setup, tmp_path):
     assert seen[0]["output"] == "text" and seen[0]["best_of"] == 2 and metrics["caption_acc"]["n"]["all"] == 2
     with pytest.raises(OmnitokError, match="caption_best_of must be an int >= 1, got 0"):
         evaluate(model, setup / "world", tmp_path / "o2", EvalConfig(tasks=["caption"], caption_best_of=0))
+
+
+def test_held_out_voices_are_given_a_mid_pitch_reference_of_their_speaker(monkeypatch):
+    from omnitok.eval import suite as S
+
+    def clip(key, voice, pitch, rate="normal", heldout=True):
+        speech = {"voice": voice, "pitch": pitch, "rate": rate, "heldout_voice": heldout}
+        return {"key": key, "meta": {"speech": speech}, "wav": np.full(4, float(len(key)), np.float32), "id": key}
+
+    samples = [
+        clip("a", "v1", "high"),
+        clip("bb", "v1", "low", "slow"),
+        clip("ccc", "v1", "mid", "fast"),
+        clip("dddd", "v1", "mid"),
+        clip("eeeee", "v2", "high"),
+        clip("ffffff", "seen", "low", heldout=False),
+    ]
+    # v2 has no other clip among the evaluated: the test split is searched for one at mid pitch
+    rest = [clip("g" * 7, "v2", "low"), clip("h" * 8, "v2", "mid", "slow"), clip("i" * 9, "v2", "mid")]
+    monkeypatch.setattr(S, "iter_samples", lambda world, split, kind: iter(samples + rest))
+    refs = S.Suite(None, Path("w"), EvalConfig())._voice_references(samples)
+    assert set(refs) == {"a", "bb", "ccc", "dddd", "eeeee"}  # held-out voices only
+    got = {k: int(v[0]) for k, v in refs.items()}  # the reference's key length
+    assert got == {"a": 4, "bb": 4, "ccc": 4, "dddd": 3, "eeeee": 8}  # mid and normal first; never itself

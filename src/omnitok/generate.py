@@ -64,7 +64,9 @@ class GenerateOptions:
     speech: Sampling = SPEECH_SAMPLING
     seed: int | None = None
     speech_chunk_frames: int = 10
-    reference: np.ndarray | list[np.ndarray | None] | None = None  # 16 kHz clip(s) giving the voice to speak in
+    # 16 kHz clip(s) giving the voice to speak in; an unseen speaker's clip is taken to be at their mid pitch, so a
+    # requested pitch class is relative to it (give a clip in the speaker's normal voice)
+    reference: np.ndarray | list[np.ndarray | None] | None = None
     continuation: bool = False  # continue a role-less document (interleaved pre-training format) instead of chatting
     # Draw or write this many replies (the one these options give, then samples) and keep the model's likeliest:
     # text-to-image by reading each picture back against its caption (BENCHMARKS "Drawing several pictures": 0.20
