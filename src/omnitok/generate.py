@@ -29,7 +29,19 @@ from omnitok.decoding import (
     iter_decode,
 )
 from omnitok.errors import OmnitokError
-from omnitok.sequence import Audio, Image, LossPolicy, MediaEncoder, Segment, Text, Video, decode, encode, prompt
+from omnitok.sequence import (
+    Audio,
+    Image,
+    LossPolicy,
+    MediaEncoder,
+    Segment,
+    Text,
+    Video,
+    decode,
+    encode,
+    prompt,
+    text_of,
+)
 from omnitok.vocab import SPAN_TOKENS, style_token
 
 OUTPUTS = ("auto", "text", "image", "speech", "text+speech")
@@ -273,7 +285,7 @@ class OmniModel:
                 f"got output={opts.output!r}" + (" with continuation" if opts.continuation else "")
             )
         if opts.output == "image":
-            captions = [" ".join(s.text for s in sample if isinstance(s, Text)).strip() for sample in samples]
+            captions = [text_of(sample) for sample in samples]
             if not all(captions):
                 raise OmnitokError("best_of reads each picture back against the request's text; a request has none")
             candidates = self._candidates(samples, opts, options, {"image": BEST_OF_SAMPLING})
@@ -326,7 +338,7 @@ class OmniModel:
         self, coded: list[list[Segment]], pictures: list[np.ndarray], candidates: list[list[list[Segment]]]
     ) -> list[float]:
         """log p(text | request) + log p(picture | text) of every candidate, request-major (-inf: no text)."""
-        texts = [[" ".join(s.text for s in reply if isinstance(s, Text)).strip() for reply in cs] for cs in candidates]
+        texts = [[text_of(reply) for reply in cs] for cs in candidates]
         reader, drawer = [], []
         for segs, picture, ts in zip(coded, pictures, texts, strict=True):
             for t in ts:

@@ -317,6 +317,11 @@ def _codes(vocab: Vocabulary, modality: str, ids: list[int]) -> np.ndarray:
     return vocab.ids_to_codes(modality, ids[:usable]) if usable else np.zeros((0,) if q == 1 else (0, q), np.int64)
 
 
+def text_of(segments: Sequence[Segment]) -> str:
+    """A sample's text segments joined by spaces: what a reply says, or what a request asks, as one string."""
+    return " ".join(s.text for s in segments if isinstance(s, Text)).strip()
+
+
 def describe(segments: Sequence[Segment]) -> list[dict[str, Any]]:
     """A JSON-friendly summary of segments (for logs and reports)."""
     out: list[dict[str, Any]] = []

@@ -20,7 +20,7 @@ from omnitok.decoding import IMAGE_CFG_SCALE, SAMPLED_MODALITIES, Sampling
 from omnitok.errors import OmnitokError
 from omnitok.eval import metrics as M
 from omnitok.io import atomic_write_json, ensure_writable_dir, write_run_config
-from omnitok.sequence import Audio, Image, Segment, Text, Video
+from omnitok.sequence import Audio, Image, Segment, Text, Video, text_of
 from omnitok.world.read import iter_samples, load_manifest
 from omnitok.world.scene import scene_from_json
 
@@ -89,10 +89,6 @@ def _first(segs: list[Segment], kind: type) -> Any:
     return next((s for s in segs if isinstance(s, kind)), None)
 
 
-def _text_of(segs: list[Segment]) -> str:
-    return " ".join(s.text for s in segs if isinstance(s, Text)).strip()
-
-
 class Suite:
     def __init__(self, model: Any, world: Path, cfg: EvalConfig, transcriber: Any | None = None) -> None:
         self.model = model
@@ -148,7 +144,7 @@ class Suite:
         )
         recs, graded = [], []
         for s, o in zip(samples, outs, strict=False):  # outs: a prefix if the time share ran out
-            text, scene, group = _text_of(o), scene_from_json(s["meta"]["scene"]), _group(s["meta"]["heldout_combo"])
+            text, scene, group = text_of(o), scene_from_json(s["meta"]["scene"]), _group(s["meta"]["heldout_combo"])
             recs.append(Record(group, M.caption_correct(text, scene), {"image": s["png"], "output": text}))
             graded.append(Record(group, M.caption_object_f1(text, scene)))
         return {"caption_acc": recs, "caption_object_f1": graded}
@@ -177,9 +173,7 @@ class Suite:
         for s, o in zip(samples, outs, strict=False):  # outs: a prefix if the time share ran out
             sp = s["meta"]["speech"]
             recs.append(
-                Record(
-                    _group(sp["heldout_voice"]), (sp["text"], _text_of(o)), {"audio": s["wav"], "output": _text_of(o)}
-                )
+                Record(_group(sp["heldout_voice"]), (sp["text"], text_of(o)), {"audio": s["wav"], "output": text_of(o)})
             )
         return {"asr_wer": recs}
 
@@ -296,7 +290,7 @@ class Suite:
         outs = self._gen(prompts, output="text")
         recs = []
         for s, o in zip(samples, outs, strict=False):  # outs: a prefix if the time share ran out
-            text = _text_of(o)
+            text = text_of(o)
             recs.append(
                 Record(
                     _group(s["meta"]["heldout_combo"]),
@@ -369,7 +363,7 @@ class Suite:
                     {
                         "image": s["png"],
                         "input": s["meta"]["question"],
-                        "output": _text_of(o),
+                        "output": text_of(o),
                         "heard": heard,
                         "audio": None if audio is None else audio.samples,
                     },
