@@ -105,6 +105,25 @@ def test_time_box_scores_a_prefix_of_each_task(setup, tmp_path):
     # the share is spent at once, so each task scores exactly its first batch and says so
     assert metrics["caption_acc"]["n"]["all"] == 2 and metrics["t2i_acc"]["n"]["all"] == 2
     assert metrics["_meta"]["max_minutes"] == 1e-6 and metrics["_meta"]["seconds"] >= 0
+    assert set(metrics["_meta"]["task_seconds"]) == {"caption", "t2i"}
+
+
+def test_a_batch_that_would_end_past_the_share_is_not_started(tmp_path):
+    """The time box predicts from the last batch: a task whose next batch would overrun stops before it."""
+    import time
+
+    from omnitok.eval.suite import Suite
+
+    suite = Suite(model=None, world=tmp_path, cfg=EvalConfig(max_minutes=1.0))
+    suite.deadline = time.monotonic() + 10.0
+    suite.batch_s = 20.0
+    assert suite._time_left(done_any=False)  # a task's first batch always runs
+    assert not suite._time_left(done_any=True)
+    suite.batch_s = 1.0
+    assert suite._time_left(done_any=True)
+    suite.deadline = None
+    suite.batch_s = 1e9
+    assert suite._time_left(done_any=True)  # no cap: every batch
 
 
 def test_sampling_overrides_reach_generation_and_the_run_record(setup, tmp_path):
