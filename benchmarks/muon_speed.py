@@ -35,7 +35,6 @@ ARMS = {
 
 def _run(args: argparse.Namespace, arm: str, out: Path) -> dict:
     name, ns_dtype = ARMS[arm]
-    ns_dtype = ns_dtype or torch.float32  # AdamW: unused
     raw = yaml.safe_load(Path(args.recipe).read_text())
     raw.update(
         data=str(args.data),
@@ -49,7 +48,7 @@ def _run(args: argparse.Namespace, arm: str, out: Path) -> dict:
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(raw))
 
-    forced = ns_dtype
+    forced = ns_dtype or torch.float32  # AdamW arms build no Muon
 
     class Forced(Muon):  # the arm's dtype whatever the hardware check says
         def __init__(self, params, *, ns_dtype=None, **kw):

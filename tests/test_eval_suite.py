@@ -116,14 +116,11 @@ def test_a_batch_that_would_end_past_the_share_is_not_started(tmp_path):
 
     suite = Suite(model=None, world=tmp_path, cfg=EvalConfig(max_minutes=1.0))
     suite.deadline = time.monotonic() + 10.0
-    suite.batch_s = 20.0
-    assert suite._time_left(done_any=False)  # a task's first batch always runs
-    assert not suite._time_left(done_any=True)
-    suite.batch_s = 1.0
-    assert suite._time_left(done_any=True)
+    assert suite._time_left(done_any=False, last_batch_s=20.0)  # a task's first batch always runs
+    assert not suite._time_left(done_any=True, last_batch_s=20.0)
+    assert suite._time_left(done_any=True, last_batch_s=1.0)
     suite.deadline = None
-    suite.batch_s = 1e9
-    assert suite._time_left(done_any=True)  # no cap: every batch
+    assert suite._time_left(done_any=True, last_batch_s=1e9)  # no cap: every batch
 
 
 def test_sampling_overrides_reach_generation_and_the_run_record(setup, tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,11 +68,6 @@ def _group(flag: bool) -> str:
     return "heldout" if flag else "seen"
 
 
-def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
 def _take(world: Path, kind: str, limit: int, need: str | None = None) -> list[dict[str, Any]]:
     """The first ``limit`` test samples of ``kind`` (that carry file ``need``: a world may speak only some scenes)."""
     out = []
@@ -96,9 +91,8 @@ class Suite:
         self.cfg = cfg
         self._transcriber = transcriber
         self.deadline: float | None = None  # time.monotonic() after which a task starts no new batch
-        self.batch_s = 0.0  # how long the task's last batch took: a batch that would end past the deadline waits
 
-    def _time_left(self, done_any: bool) -> bool:
+    def _time_left(self, done_any: bool, last_batch_s: float) -> bool:
         """Whether a task starts another batch: its first always, later ones only if one more fits its share.
 
         Predicting from the last batch, not just checking the clock, keeps a slow machine inside the cap: on a
@@ -106,13 +100,7 @@ class Suite:
         """
         if not done_any or self.deadline is None:
             return True
-        return time.monotonic() + self.batch_s <= self.deadline
-
-    def _timed(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        t = time.monotonic()
-        out = fn(*args, **kwargs)
-        self.batch_s = time.monotonic() - t
-        return out
+        return time.monotonic() + last_batch_s <= self.deadline
 
     # --- instruments ----------------------------------------------------------------------------
     @property
@@ -139,13 +127,23 @@ class Suite:
             self._transcriber = Transcriber(corpus=corpus)
         return self._transcriber
 
-    def _gen(self, prompts: list[list[Segment]], **opts: Any) -> list[list[Segment]]:
-        """Replies for a prefix of ``prompts``: all of them, unless the task's time share ran out first."""
+    def _gen(
+        self, prompts: list[list[Segment]], per_prompt: dict[str, list[Any]] | None = None, **opts: Any
+    ) -> list[list[Segment]]:
+        """Replies for a prefix of ``prompts``: all of them, unless the task's time share ran out first.
+
+        ``per_prompt``: options with one value per prompt (a style, a reference clip), sliced with each batch.
+        """
         out: list[list[Segment]] = []
-        for chunk in _batches(prompts, self.cfg.batch_size):
-            if not self._time_left(bool(out)):
+        last_batch_s = 0.0
+        for lo in range(0, len(prompts), self.cfg.batch_size):
+            if not self._time_left(bool(out), last_batch_s):
                 break
-            out += self._timed(self.model.generate_batch, chunk, seed=self.cfg.seed, **self.cfg.sampling, **opts)
+            hi = lo + self.cfg.batch_size
+            sliced = {k: v[lo:hi] for k, v in (per_prompt or {}).items()}
+            t = time.monotonic()
+            out += self.model.generate_batch(prompts[lo:hi], seed=self.cfg.seed, **self.cfg.sampling, **opts, **sliced)
+            last_batch_s = time.monotonic() - t
         return out
 
     # --- tasks ------------------------------------------------------------------------------------
@@ -210,20 +208,7 @@ class Suite:
                 lm_styles.append(st)
                 refs.append(None)
         prompts = [[Text("Say this: " + s["meta"]["speech"]["text"])] for s in samples]
-        outs = []
-        for lo in range(0, len(prompts), self.cfg.batch_size):
-            if not self._time_left(bool(outs)):
-                break
-            hi = lo + self.cfg.batch_size
-            outs += self._timed(
-                self.model.generate_batch,
-                prompts[lo:hi],
-                output="speech",
-                style=lm_styles[lo:hi],
-                reference=refs[lo:hi],
-                seed=self.cfg.seed,
-                **self.cfg.sampling,
-            )
+        outs = self._gen(prompts, {"style": lm_styles, "reference": refs}, output="speech")
         wavs = []
         for o in outs:
             audio = _first(o, Audio)
@@ -440,7 +425,6 @@ def evaluate(
         start = time.monotonic()
         if end is not None:
             suite.deadline = start + max(0.0, end - start) / (len(tasks) - k)
-        suite.batch_s = 0.0
         records.update(getattr(suite, task)())
         seconds[task] = round(time.monotonic() - start, 1)
     metrics = {name: _summarise(name, recs) for name, recs in records.items()}
