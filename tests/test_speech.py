@@ -122,6 +122,52 @@ def test_estimate_f0_on_known_signals() -> None:
         estimate_f0(np.zeros((2, sr)), sr)
 
 
+def _yin_per_frame(x: np.ndarray, sr: int, fmin: float = 60.0, fmax: float = 500.0) -> float:
+    """The textbook YIN, one frame at a time (direct sums, a walk per frame): what estimate_f0 vectorises."""
+    x = np.asarray(x, np.float64)
+    tau_min, tau_max = max(2, int(sr / fmax)), int(np.ceil(sr / fmin))
+    win, hop = tau_max, sr // 100
+    frames = [x[i : i + win + tau_max + 1] for i in range(0, x.size - win - tau_max, hop)]
+    frames = [f - f.mean() for f in frames]
+    energy = np.array([np.sqrt((f[:win] ** 2).mean()) for f in frames])
+    f0s = []
+    for f in (f for f, e in zip(frames, energy, strict=True) if e > 0.1 * energy.max()):
+        d = np.array([((f[:win] - f[tau : tau + win]) ** 2).sum() for tau in range(tau_max + 1)])
+        cmnd = np.ones_like(d)
+        cmnd[1:] = d[1:] / np.maximum(np.cumsum(d[1:]) / np.arange(1, tau_max + 1), 1e-12)
+        below = [t for t in range(tau_min, tau_max + 1) if cmnd[t] < 0.15]
+        if not below:
+            continue
+        t = below[0]
+        while t < tau_max and cmnd[t + 1] < cmnd[t]:
+            t += 1
+        shift = 0.0
+        if 0 < t < tau_max and cmnd[t - 1] - 2 * cmnd[t] + cmnd[t + 1] > 0:
+            shift = 0.5 * (cmnd[t - 1] - cmnd[t + 1]) / (cmnd[t - 1] - 2 * cmnd[t] + cmnd[t + 1])
+        f0s.append(sr / (t + shift))
+    return float(np.median(f0s)) if f0s else float("nan")
+
+
+def test_estimate_f0_equals_the_per_frame_yin(speaker: Speaker) -> None:
+    """The vectorised estimator (FFT correlation, the walk to the minimum as an argmax) is the per-frame one."""
+    rng = np.random.default_rng(0)
+    speech = speaker.synthesize(SENTENCE, Style("gb_f2", "low", "fast"))
+    t = np.arange(6000) / SAMPLE_RATE
+    vibrato = np.sin(2 * np.pi * np.cumsum(180 + 40 * np.sin(2 * np.pi * 3 * t)) / SAMPLE_RATE)
+    for x in (speech, vibrato + 0.3 * rng.standard_normal(t.size), rng.standard_normal(4000)):
+        assert estimate_f0(x, SAMPLE_RATE) == pytest.approx(_yin_per_frame(x, SAMPLE_RATE), rel=1e-9, nan_ok=True)
+
+
+def test_resample_filter_is_scipys_default() -> None:
+    from scipy.signal import resample_poly
+
+    from omnitok.world.speech import _resample_filter
+
+    x = np.random.default_rng(1).standard_normal(5000).astype(np.float32)
+    for up, down in ((16, 11), (8, 11), (2, 3)):
+        assert np.array_equal(resample_poly(x, up, down), resample_poly(x, up, down, window=_resample_filter(up, down)))
+
+
 def test_phonemes(speaker: Speaker) -> None:
     ipa = speaker.phonemes(SENTENCE, Style("us_m1", "mid", "normal"))
     words = ipa.split(" ")

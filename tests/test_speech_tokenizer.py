@@ -102,6 +102,35 @@ def test_mel_front_end_and_griffin_lim() -> None:
         MelConfig(n_fft=256, win_length=400)
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        MelConfig(),
+        MelConfig(n_mels=40, n_fft=512, win_length=400),
+        MelConfig(n_fft=512, win_length=512, hop_length=128),
+    ],
+)
+def test_istft_and_magnitude_match_torch(cfg: MelConfig) -> None:
+    """The front end's own istft (overlap-add of the windowed part) and numpy-backed |.| are torch's, faster."""
+    from omnitok.tokenizers.mel import magnitude, unit_phase
+
+    mel = MelSpectrogram(cfg)
+    g = torch.Generator().manual_seed(0)
+    for n in (cfg.hop_length * 7, 4001, 16000):
+        spec = mel.stft(torch.randn(n, generator=g))
+        for length in (n, n - 50, None):
+            want = torch.istft(spec, cfg.n_fft, cfg.hop_length, cfg.win_length, mel.window, center=True, length=length)
+            got = mel.istft(spec, length)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(magnitude(spec), spec.abs())
+        torch.testing.assert_close(unit_phase(spec), spec / spec.abs().clamp(min=1e-8))
+    # a gradient or a GPU keeps torch's own op
+    z = torch.randn(4, dtype=torch.complex64, requires_grad=True)
+    magnitude(z).sum().backward()
+    assert z.grad is not None
+
+
 def test_f0_contour_and_harmonic_comb() -> None:
     from omnitok.tokenizers.pitch import HarmonicComb, f0_contour
 

@@ -45,8 +45,7 @@ def f0_contour(
     span = win + tau_max + 1
     pad_left = span // 2
     xp = torch.nn.functional.pad(x, (pad_left, span))
-    idx = torch.arange(span)[None, :] + hop * torch.arange(n_frames)[:, None]
-    frames = xp[idx]
+    frames = xp.unfold(0, span, hop)[:n_frames]  # [frames, span], a strided view (a gather cost 2x more)
     frames = frames - frames.mean(1, keepdim=True)
     energy = frames[:, :win].pow(2).mean(1).sqrt()
     loud = (
@@ -58,7 +57,7 @@ def f0_contour(
     cross = torch.fft.irfft(spec_win.conj() * spec_full, n_fft)[:, : tau_max + 1]
     sq = torch.cat([torch.zeros(n_frames, 1), frames.pow(2).cumsum(1)], 1)
     taus = torch.arange(tau_max + 1)
-    e_tau = sq[:, taus + win] - sq[:, taus]
+    e_tau = sq[:, win : win + tau_max + 1] - sq[:, : tau_max + 1]
     diff = (sq[:, win : win + 1] + e_tau - 2 * cross).clamp(min=0)
     cum = diff[:, 1:].cumsum(1) / torch.arange(1, tau_max + 1)
     cmnd = torch.ones_like(diff)

@@ -1,0 +1,108 @@
+"""The demo's fixed-size stages timed at an earlier git revision and in this checkout, side by side.
+
+The demo's LM gets what the steps before it leave of the budget, so seconds saved in building the world, preparing
+the speech tokenizer's features or pretokenizing are LM steps. Each stage runs here in a fresh Python process on
+the same inputs, once with ``src/`` of this checkout and once with ``src/`` of ``--baseline`` (a temporary git
+worktree), arms alternating over ``--rounds`` so that a machine whose speed drifts (a shared VM) drifts for both;
+the stage times itself, imports excluded.
+
+    python benchmarks/pipeline_stages.py --demo runs/demo --baseline 735c389 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import command, machine, table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Each stage: Python run in the child with {demo} and {out} formatted in; it prints the stage's seconds last.
+STAGES = {
+    "world build (--n 300)": """
+import time
+from pathlib import Path
+from omnitok.world.build import WorldConfig, build_world
+t = time.perf_counter()
+build_world(Path("{out}") / "world", WorldConfig(n=300, seed=0), workers=None, overwrite=False)
+print(time.perf_counter() - t)
+""",
+    "speech tokenizer: features and F0 tables": """
+import time
+from omnitok.tokenizers import speech_train as st
+from omnitok.tokenizers.speech import SpeechTokenizer, SpeechTokenizerConfig
+t = time.perf_counter()
+clips = st.load_world_clips("{demo}/world", "train")
+cfg = st.SpeechTrainConfig()
+arch = dict(cfg.arch)
+arch.setdefault("phones", sorted({{u for c in clips for u in st.phone_units(c.record.get("phonemes", ""), True)}}))
+arch.setdefault("voices", sorted({{c.record["voice"] for c in clips}}))
+arch = SpeechTokenizerConfig.from_dict(arch, "arch")
+arch.f0_centroids = st.measure_f0_centroids(clips, cfg.f0_clips_per_class)
+st._prepare(SpeechTokenizer(arch), clips, None)
+print(time.perf_counter() - t)
+""",
+    "pretokenize": """
+import time
+from omnitok.data.pretokenize import pretokenize
+t = time.perf_counter()
+pretokenize("{demo}/world", "{out}/tokens", "{demo}/image_tokenizer", "{demo}/speech_tokenizer", seed=0)
+print(time.perf_counter() - t)
+""",
+}
+
+
+def _run(src: Path, code: str, out: Path) -> float:
+    env = dict(os.environ, PYTHONPATH=str(src))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=out)
+    if res.returncode != 0:
+        raise SystemExit(f"stage failed with PYTHONPATH={src}:\n{res.stderr[-3000:]}")
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--demo", required=True, help="a finished demo directory (its world and tokenizers are read)")
+    ap.add_argument("--baseline", required=True, help="git revision for the baseline arm")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--stages", nargs="*", default=list(STAGES), help=f"any of {list(STAGES)}")
+    args = ap.parse_args()
+    unknown = set(args.stages) - set(STAGES)
+    if unknown:
+        raise SystemExit(f"--stages: unknown {sorted(unknown)}; known: {list(STAGES)}")
+    demo = Path(args.demo).resolve()
+    print(f"machine: {machine()}")
+    print(command())
+    times: dict[tuple[str, str], list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "baseline"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.baseline], check=True, cwd=ROOT)
+        try:
+            arms = {args.baseline: tree / "src", "now": ROOT / "src"}
+            for r in range(args.rounds):
+                for stage in args.stages:
+                    for arm, src in arms.items():
+                        out = Path(tmp) / f"{arm}-{r}-{args.stages.index(stage)}"
+                        out.mkdir()
+                        code = STAGES[stage].format(demo=demo, out=out)
+                        times.setdefault((stage, arm), []).append(_run(src, code, out))
+                        print(f"round {r + 1} {stage} @ {arm}: {times[stage, arm][-1]:.1f} s", flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], check=False, cwd=ROOT)
+    rows = []
+    for stage in args.stages:
+        base, now = (statistics.median(times[stage, a]) for a in (args.baseline, "now"))
+        rows.append([stage, f"{base:.1f}", f"{now:.1f}", f"{base - now:.1f}", f"{base / now:.2f}x"])
+    print(table(["stage", f"s at {args.baseline}", "s now", "saved (s)", "speed-up"], rows))
+    print(json.dumps({f"{s} @ {a}": v for (s, a), v in times.items()}))
+
+
+if __name__ == "__main__":
+    main()
