@@ -108,19 +108,22 @@ def test_time_box_scores_a_prefix_of_each_task(setup, tmp_path):
     assert set(metrics["_meta"]["task_seconds"]) == {"caption", "t2i"}
 
 
-def test_a_batch_that_would_end_past_the_share_is_not_started(tmp_path):
-    """The time box predicts from the last batch: a task whose next batch would overrun stops before it."""
+def test_batches_are_sized_to_what_is_left_of_the_share(tmp_path):
+    """Under a cap a task starts small, then sizes each batch from its cost per prompt so far, and stops at 0."""
     import time
 
-    from omnitok.eval.suite import Suite
+    from omnitok.eval.suite import FIRST_BATCH, Suite
 
-    suite = Suite(model=None, world=tmp_path, cfg=EvalConfig(max_minutes=1.0))
+    suite = Suite(model=None, world=tmp_path, cfg=EvalConfig(max_minutes=1.0, batch_size=16))
     suite.deadline = time.monotonic() + 10.0
-    assert suite._time_left(done_any=False, last_batch_s=20.0)  # a task's first batch always runs
-    assert not suite._time_left(done_any=True, last_batch_s=20.0)
-    assert suite._time_left(done_any=True, last_batch_s=1.0)
+    assert suite._batch_size(done=0, seconds_per_prompt=0.0, left=30) == FIRST_BATCH  # the first always runs
+    assert suite._batch_size(done=0, seconds_per_prompt=0.0, left=2) == 2
+    assert suite._batch_size(done=4, seconds_per_prompt=20.0, left=26) == 0  # one more prompt would overrun
+    assert 4 <= suite._batch_size(done=4, seconds_per_prompt=2.0, left=26) <= 5  # ~10 s left at 2 s a prompt
+    assert suite._batch_size(done=4, seconds_per_prompt=0.01, left=26) == 16  # never above batch_size
+    assert suite._batch_size(done=20, seconds_per_prompt=0.01, left=10) == 10
     suite.deadline = None
-    assert suite._time_left(done_any=True, last_batch_s=1e9)  # no cap: every batch
+    assert suite._batch_size(done=4, seconds_per_prompt=1e9, left=26) == 16  # no cap: full batches
 
 
 def test_sampling_overrides_reach_generation_and_the_run_record(setup, tmp_path):

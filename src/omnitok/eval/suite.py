@@ -35,6 +35,8 @@ TASKS = (
     "spoken_qa",
 )
 SPEECH_TASKS = frozenset({"asr", "tts", "spoken_qa"})
+# Prompts in a task's first batch under a time cap: enough to time a prompt, few enough to stop a slow task early.
+FIRST_BATCH = 4
 
 
 @dataclass
@@ -92,15 +94,21 @@ class Suite:
         self._transcriber = transcriber
         self.deadline: float | None = None  # time.monotonic() after which a task starts no new batch
 
-    def _time_left(self, done_any: bool, last_batch_s: float) -> bool:
-        """Whether a task starts another batch: its first always, later ones only if one more fits its share.
+    def _batch_size(self, done: int, seconds_per_prompt: float, left: int) -> int:
+        """How many prompts a task's next batch takes: 0 once its share cannot pay for one more.
 
-        Predicting from the last batch, not just checking the clock, keeps a slow machine inside the cap: on a
-        2-core Xeon without AVX512-BF16 the demo's suite took 105 s of its 72 s when batches ran over the line.
+        Without a cap, ``batch_size``. With one, a task starts on a few prompts (``FIRST_BATCH``) and sizes each later
+        batch from the seconds a prompt has cost so far (generation and whatever the task does with the replies), to
+        what is left of its share: checking only the clock before a full batch let a slow machine's suite run 45 s
+        past its cap (a 2-core Xeon: 16 spoken clips, generated and transcribed, took 65 s of an 11 s share).
+        The first batch always runs, so every task scores something.
         """
-        if not done_any or self.deadline is None:
-            return True
-        return time.monotonic() + last_batch_s <= self.deadline
+        if self.deadline is None:
+            return min(self.cfg.batch_size, left)
+        if not done:
+            return min(self.cfg.batch_size, FIRST_BATCH, left)
+        fits = int((self.deadline - time.monotonic()) / max(seconds_per_prompt, 1e-9))
+        return max(0, min(self.cfg.batch_size, left, fits))
 
     # --- instruments ----------------------------------------------------------------------------
     @property
@@ -128,22 +136,34 @@ class Suite:
         return self._transcriber
 
     def _gen(
-        self, prompts: list[list[Segment]], per_prompt: dict[str, list[Any]] | None = None, **opts: Any
+        self,
+        prompts: list[list[Segment]],
+        per_prompt: dict[str, list[Any]] | None = None,
+        after: Callable[[int, list[list[Segment]]], None] | None = None,
+        **opts: Any,
     ) -> list[list[Segment]]:
         """Replies for a prefix of ``prompts``: all of them, unless the task's time share ran out first.
 
         ``per_prompt``: options with one value per prompt (a style, a reference clip), sliced with each batch.
+        ``after(first_index, replies)``: the task's work on each batch's replies (transcribing speech), timed with
+        the batch so that the share's prediction includes it.
         """
         out: list[list[Segment]] = []
-        last_batch_s = 0.0
-        for lo in range(0, len(prompts), self.cfg.batch_size):
-            if not self._time_left(bool(out), last_batch_s):
+        seconds = 0.0
+        while len(out) < len(prompts):
+            n = self._batch_size(len(out), seconds / max(len(out), 1), len(prompts) - len(out))
+            if n == 0:
                 break
-            hi = lo + self.cfg.batch_size
+            lo, hi = len(out), len(out) + n
             sliced = {k: v[lo:hi] for k, v in (per_prompt or {}).items()}
             t = time.monotonic()
-            out += self.model.generate_batch(prompts[lo:hi], seed=self.cfg.seed, **self.cfg.sampling, **opts, **sliced)
-            last_batch_s = time.monotonic() - t
+            replies = self.model.generate_batch(
+                prompts[lo:hi], seed=self.cfg.seed, **self.cfg.sampling, **opts, **sliced
+            )
+            if after is not None:
+                after(lo, replies)
+            out += replies
+            seconds += time.monotonic() - t
         return out
 
     # --- tasks ------------------------------------------------------------------------------------
@@ -208,26 +228,29 @@ class Suite:
                 lm_styles.append(st)
                 refs.append(None)
         prompts = [[Text("Say this: " + s["meta"]["speech"]["text"])] for s in samples]
-        outs = self._gen(prompts, {"style": lm_styles, "reference": refs}, output="speech")
-        wavs = []
-        for o in outs:
-            audio = _first(o, Audio)
-            wavs.append(
-                audio.samples if audio is not None and audio.samples is not None else np.zeros(1600, np.float32)
-            )
-        # the generated clips and eSpeak's own for the same texts, all heard in one parallel pass
-        spoken = [i for i, w in enumerate(wavs) if len(w) > 160]
-        heard_all = self.transcriber.transcribe_many(
-            [wavs[i] for i in spoken] + [s["wav"] for s in samples[: len(outs)]], 16000
-        )
-        heard_by = dict(zip(spoken, heard_all[: len(spoken)], strict=True))  # then the references, in sample order
+        wavs: list[np.ndarray] = []
+        heard_by: dict[int, str] = {}
+        ref_heard: list[str] = []
+
+        def hear(lo: int, replies: list[list[Segment]]) -> None:
+            """A batch's clips and eSpeak's own for the same texts, heard in one parallel pass."""
+            for o in replies:
+                audio = _first(o, Audio)
+                ok = audio is not None and audio.samples is not None
+                wavs.append(audio.samples if ok else np.zeros(1600, np.float32))  # type: ignore[union-attr]
+            spoken = [i for i in range(lo, len(wavs)) if len(wavs[i]) > 160]
+            refs_wav = [s["wav"] for s in samples[lo : lo + len(replies)]]
+            heard = self.transcriber.transcribe_many([wavs[i] for i in spoken] + refs_wav, 16000)
+            heard_by.update(zip(spoken, heard[: len(spoken)], strict=True))
+            ref_heard.extend(heard[len(spoken) :])
+
+        self._gen(prompts, {"style": lm_styles, "reference": refs}, after=hear, output="speech")
         for k, (s, style, wav) in enumerate(zip(samples, styles, wavs, strict=False)):
             sp = s["meta"]["speech"]
             heard = heard_by.get(k, "")
-            ref_heard = heard_all[len(spoken) + k]
             g = _group(sp["heldout_voice"])
             wer_recs.append(Record(g, (sp["text"], heard), {"input": sp["text"], "audio": wav, "output": heard}))
-            ref_recs.append(Record(g, (sp["text"], ref_heard)))
+            ref_recs.append(Record(g, (sp["text"], ref_heard[k])))
             got: dict[str, str | None] = {}
             if len(wav) > 1600:
                 got = {
@@ -346,12 +369,17 @@ class Suite:
     def spoken_qa(self) -> dict[str, list[Record]]:
         samples = [s for s in _take(self.world, "spoken_qa", self.cfg.limit) if "question.wav" in s]
         prompts = [[Image(pixels=s["png"]), Audio(samples=s["question.wav"], sample_rate=16000)] for s in samples]
-        outs = self._gen(prompts, output="text+speech", style=None)
+        audios: list[Audio | None] = []
+        heard_by: dict[int, str] = {}
+
+        def hear(lo: int, replies: list[list[Segment]]) -> None:
+            audios.extend(_first(o, Audio) for o in replies)
+            spoken = [i for i in range(lo, len(audios)) if _has_speech(audios[i])]
+            texts = self.transcriber.transcribe_many([audios[i].samples for i in spoken], 16000)  # type: ignore[union-attr]
+            heard_by.update(zip(spoken, texts, strict=True))
+
+        outs = self._gen(prompts, after=hear, output="text+speech", style=None)
         recs = []
-        audios = [_first(o, Audio) for o in outs]
-        spoken = [i for i, a in enumerate(audios) if a is not None and a.samples is not None and len(a.samples) > 160]
-        texts = self.transcriber.transcribe_many([audios[i].samples for i in spoken], 16000)
-        heard_by = dict(zip(spoken, texts, strict=True))
         for k, (s, o, audio) in enumerate(zip(samples, outs, audios, strict=False)):  # outs: a prefix if time ran out
             heard = heard_by.get(k, "")
             ok = M.answer_correct(heard, s["meta"]["answer"])
@@ -370,6 +398,10 @@ class Suite:
                 )
             )
         return {"spoken_qa_acc": recs}
+
+
+def _has_speech(audio: Audio | None) -> bool:
+    return audio is not None and audio.samples is not None and len(audio.samples) > 160
 
 
 def _summarise(name: str, recs: list[Record]) -> dict[str, Any]:
