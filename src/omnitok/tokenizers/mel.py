@@ -142,7 +142,7 @@ class MelSpectrogram:
         )
 
     def istft(self, spec: torch.Tensor, length: int | None = None) -> torch.Tensor:
-        """Inverse of :meth:`stft` for a [freq, frames] spectrum (what ``torch.istft`` computes, 4-6x faster on CPU).
+        """Inverse of :meth:`stft` for a [freq, frames] spectrum: what ``torch.istft`` computes, 3.5x faster on CPU.
 
         Why not ``torch.istft``: its overlap-add runs through ``fold`` over all ``n_fft`` samples of each frame,
         6 ms of a 4 s clip's 6.4 ms on a 2-core Xeon, and Griffin-Lim calls it once per iteration (the TTS
@@ -184,7 +184,7 @@ class MelSpectrogram:
         hop = self.config.hop_length
         frames = seg.shape[0]
         seg = torch.nn.functional.pad(seg, (0, blocks * hop - seg.shape[1])).reshape(frames, blocks, hop)
-        out = torch.zeros(frames + blocks - 1, hop, dtype=seg.dtype)
+        out = torch.zeros(frames + blocks - 1, hop, dtype=seg.dtype, device=seg.device)
         for j in range(blocks):
             out[j : j + frames] += seg[:, j]
         return out.reshape(-1)
