@@ -53,8 +53,8 @@ def _at_revision(rev: str, tmp: Path) -> dict[str, ModuleType]:
     return out
 
 
-def _cases(mods: dict[str, ModuleType], clips: list[np.ndarray]) -> dict[str, Callable[[], list]]:
-    """Each analysis over all clips, as the pipeline calls it; returns the outputs (to compare the arms)."""
+def _cases(mods: dict[str, ModuleType], clips: list[np.ndarray]) -> dict[str, tuple[Callable[[], list], int]]:
+    """Each analysis as the pipeline calls it, and how many clips it covers; it returns its outputs (to compare)."""
     mel = mods["mel"].MelSpectrogram()
     waves = [torch.from_numpy(c) for c in clips]
     # pretokenize's form (omnitok.sequence.MediaEncoder): clips sorted by length, batches of 16 padded to the longest
@@ -68,15 +68,23 @@ def _cases(mods: dict[str, ModuleType], clips: list[np.ndarray]) -> dict[str, Ca
         batches.append(b)
     linear = [mel.mel_to_linear(mel.log_mel(w)) for w in waves[: max(1, len(waves) // 8)]]
     return {
-        "log-mel, one clip at a time (speech tokenizer's preparation)": lambda: [mel.log_mel(w) for w in waves],
-        "log-mel, batches of 16 by length (pretokenize)": lambda: [mel.log_mel(b) for b in batches],
-        "Griffin-Lim, 32 iterations (TTS decoding; 1/8 of the clips)": lambda: [
-            mel.griffin_lim(m, length=(m.shape[1] - 1) * 160) for m in linear
-        ],
-        "F0 contour (speech tokenizer's preparation)": lambda: [mods["pitch"].f0_contour(w) for w in waves],
-        "median F0, estimate_f0 (style centroids, style evaluation)": lambda: [
-            mods["speech"].estimate_f0(c, 16000) for c in clips
-        ],
+        "log-mel, one clip at a time (speech tokenizer's preparation)": (
+            lambda: [mel.log_mel(w) for w in waves],
+            len(waves),
+        ),
+        "log-mel, batches of 16 by length (pretokenize)": (lambda: [mel.log_mel(b) for b in batches], len(waves)),
+        "Griffin-Lim, 32 iterations (TTS decoding; 1/8 of the clips)": (
+            lambda: [mel.griffin_lim(m, length=(m.shape[1] - 1) * 160) for m in linear],
+            len(linear),
+        ),
+        "F0 contour (speech tokenizer's preparation)": (
+            lambda: [mods["pitch"].f0_contour(w) for w in waves],
+            len(waves),
+        ),
+        "median F0, estimate_f0 (style centroids, style evaluation)": (
+            lambda: [mods["speech"].estimate_f0(c, 16000) for c in clips],
+            len(clips),
+        ),
     }
 
 
@@ -118,12 +126,11 @@ def main() -> None:
             for case in arms["now"]:
                 for arm, cases in arms.items():
                     t0 = time.perf_counter()
-                    outputs[arm, case] = cases[case]()
+                    outputs[arm, case] = cases[case][0]()
                     times.setdefault((arm, case), []).append(time.perf_counter() - t0)
     rows = []
     for case in arms["now"]:
-        n = len(outputs["now", case])
-        n = len(clips) if "batches" in case else n
+        n = arms["now"][case][1]
         base, now = (statistics.median(times[a, case]) for a in ("baseline", "now"))
         rows.append(
             [
