@@ -4,9 +4,12 @@ The demo's LM gets what the steps before it leave of the budget, so seconds save
 the speech tokenizer's features or pretokenizing are LM steps. Each stage runs here in a fresh Python process on
 the same inputs, once with ``src/`` of this checkout and once with ``src/`` of ``--baseline`` (a temporary git
 worktree), arms alternating over ``--rounds`` so that a machine whose speed drifts (a shared VM) drifts for both;
-the stage times itself, imports excluded.
+the stage times itself, imports excluded (the stages that start ``omnitok`` time it from outside, imports
+included: that is what they measure).
 
     python benchmarks/pipeline_stages.py --demo runs/demo --baseline 735c389 --rounds 2
+    python benchmarks/pipeline_stages.py --demo runs/demo21 --baseline 5348693 --rounds 2 \
+        --stages 'a process spawned from omnitok' 'omnitok eval (30 a task, 1.44-min box)'
 """
 
 from __future__ import annotations
@@ -56,15 +59,47 @@ t = time.perf_counter()
 pretokenize("{demo}/world", "{out}/tokens", "{demo}/image_tokenizer", "{demo}/speech_tokenizer", seed=0)
 print(time.perf_counter() - t)
 """,
+    # What starting a process costs where omnitok spawns one (a demo step, one of the evaluation's pocketsphinx
+    # workers): its __main__ is the console script again (`from omnitok.cli import main`), imported before it works.
+    "a process spawned from omnitok": """
+import subprocess, sys
+from pathlib import Path
+main = Path("{out}") / "main.py"
+main.write_text(
+    "from omnitok.cli import main  # the console script's first line\\n"
+    "import os, time\\n"
+    "if __name__ == '__main__':\\n"
+    "    from omnitok.demo import in_fresh_process\\n"
+    "    t = time.perf_counter()\\n"
+    "    in_fresh_process(os.getpid)\\n"
+    "    print(time.perf_counter() - t)\\n"
+)
+print(subprocess.run([sys.executable, str(main)], check=True, capture_output=True, text=True).stdout)
+""",
+    # Examples scored per task are printed before the seconds: a faster suite scores more inside its box.
+    "omnitok eval (30 a task, 1.44-min box)": """
+import json, subprocess, sys, time
+t = time.perf_counter()
+subprocess.run(
+    [sys.executable, "-m", "omnitok", "eval", "{demo}/bundle", "--data", "{demo}/world", "--out", "{out}/eval",
+     "--limit", "30", "--max-minutes", "1.44"], check=True, capture_output=True,
+)
+seconds = time.perf_counter() - t
+m = json.loads(open("{out}/eval/metrics.json").read())
+print("scored", json.dumps({{k: v["n"]["all"] for k, v in m.items() if k != "_meta" and "n" in v}}))
+print(seconds)
+""",
 }
 
 
-def _run(src: Path, code: str, out: Path) -> float:
+def _run(src: Path, code: str, out: Path) -> tuple[float, list[str]]:
+    """The stage's seconds (its last line of output) and whatever else it printed."""
     env = dict(os.environ, PYTHONPATH=str(src))
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=out)
     if res.returncode != 0:
         raise SystemExit(f"stage failed with PYTHONPATH={src}:\n{res.stderr[-3000:]}")
-    return float(res.stdout.strip().splitlines()[-1])
+    lines = res.stdout.strip().splitlines()
+    return float(lines[-1]), lines[:-1]
 
 
 def main() -> None:
@@ -92,8 +127,9 @@ def main() -> None:
                         out = Path(tmp) / f"{arm}-{r}-{args.stages.index(stage)}"
                         out.mkdir()
                         code = STAGES[stage].format(demo=demo, out=out)
-                        times.setdefault((stage, arm), []).append(_run(src, code, out))
-                        print(f"round {r + 1} {stage} @ {arm}: {times[stage, arm][-1]:.1f} s", flush=True)
+                        seconds, said = _run(src, code, out)
+                        times.setdefault((stage, arm), []).append(seconds)
+                        print(f"round {r + 1} {stage} @ {arm}: {seconds:.1f} s", *said, flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], check=False, cwd=ROOT)
     rows = []

@@ -3,16 +3,86 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator, MutableMapping
+from typing import Any
 
 import click
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from omnitok.errors import OmnitokError
 
+# Each sub-command by where it lives, imported only when it runs (or when ``--help`` lists them). Why: every
+# process omnitok spawns (the demo's steps, the evaluation's pocketsphinx workers) imports this module again as its
+# ``__main__``, and importing every sub-command's module (torch, transformers, scipy) took 6.8 s on a 2-core Xeon,
+# before the process began its own work; the few lines here take a tenth of that.
+COMMANDS = {
+    "world": "omnitok.world.cli:app",
+    "demo": "omnitok.demo:demo_command",
+    "tokenizer": "omnitok.tokenizers.cli:app",
+    "train": "omnitok.train.cli:train",
+    "pretokenize": "omnitok.data.cli:pretokenize",
+    "eval": "omnitok.eval.cli:eval_command",
+    "serve": "omnitok.serve.cli:serve_command",
+    "generate": "omnitok.generate_cli:generate_command",
+}
+
+
+def _load(name: str) -> click.Command:
+    """The click command of sub-command ``name``: a typer app becomes a group, a function a command."""
+    import importlib
+
+    module, attr = COMMANDS[name].split(":")
+    obj = getattr(importlib.import_module(module), attr)
+    if isinstance(obj, typer.Typer):
+        cmd = typer.main.get_group(obj)
+    else:
+        single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+        single.command(name)(obj)
+        cmd = typer.main.get_command(single)
+    cmd.name = name
+    return cmd
+
+
+class _Commands(MutableMapping[str, Any]):
+    """``COMMANDS`` as the group's command table: names are known up front, a command is built on first use."""
+
+    def __init__(self, given: MutableMapping[str, Any]) -> None:
+        self._built = dict(given)
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._built:
+            if name not in COMMANDS:
+                raise KeyError(name)
+            self._built[name] = _load(name)
+        return self._built[name]
+
+    def __setitem__(self, name: str, cmd: Any) -> None:
+        self._built[name] = cmd
+
+    def __delitem__(self, name: str) -> None:
+        del self._built[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict.fromkeys([*COMMANDS, *self._built]))
+
+    def __len__(self) -> int:
+        return len(set(COMMANDS) | set(self._built))
+
+
+class _LazyGroup(TyperGroup):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands = _Commands(self.commands)
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(self.commands)
+
+
 app = typer.Typer(
     name="omnitok",
-    help="Build, train, evaluate and serve any-to-any multimodal token language models.",
+    cls=_LazyGroup,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -20,39 +90,17 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 
-def _register() -> None:
-    from omnitok.demo import demo_command
-    from omnitok.world.cli import app as world_app
-
-    app.add_typer(world_app, name="world")
-    app.command("demo")(demo_command)
-
-    from omnitok.tokenizers.cli import app as tokenizer_app
-
-    app.add_typer(tokenizer_app, name="tokenizer")
-
-    from omnitok.train.cli import train
-
-    app.command("train")(train)
-
-    from omnitok.data.cli import pretokenize
-
-    app.command("pretokenize")(pretokenize)
-
-    from omnitok.eval.cli import eval_command
-
-    app.command("eval")(eval_command)
-
-    from omnitok.serve.cli import serve_command
-
-    app.command("serve")(serve_command)
-
-    from omnitok.generate_cli import generate_command
-
-    app.command("generate")(generate_command)
+@app.callback()
+def _root() -> None:
+    """Build, train, evaluate and serve any-to-any multimodal token language models."""
 
 
-_register()
+# Typer from 0.2x parses with its own copy of click, whose usage errors are not ``click.ClickException``: uncaught,
+# a mistyped command printed a traceback. Both kinds, whichever parsed.
+_USAGE_ERRORS: tuple[type[Exception], ...] = (
+    click.ClickException,
+    getattr(typer, "TyperException", click.ClickException),
+)
 
 
 def main() -> None:
@@ -62,9 +110,9 @@ def main() -> None:
     except OmnitokError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.ClickException as e:  # bad flags, missing arguments: click's own clear message
-        e.show()
-        sys.exit(e.exit_code)
+    except _USAGE_ERRORS as e:  # bad flags, missing arguments, unknown commands: click's own clear message
+        e.show()  # type: ignore[union-attr]
+        sys.exit(e.exit_code)  # type: ignore[union-attr]
     except (typer.Exit, click.exceptions.Exit) as e:
         sys.exit(e.exit_code)
     except (typer.Abort, click.Abort, KeyboardInterrupt):
