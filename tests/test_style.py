@@ -65,3 +65,23 @@ def test_reference_round_trip_and_errors(reference: StyleReference) -> None:
         reference.classify_pitch(np.array([np.nan] * 100, np.float32), 16000, "us_m1")
     with pytest.raises(OmnitokError, match="non-empty list"):
         StyleReference.fit("one sentence")
+
+
+def test_a_lazy_reference_fits_a_voice_only_when_its_centroids_are_needed(
+    speaker: Speaker, reference: StyleReference
+) -> None:
+    lazy = StyleReference.fit(TEXTS[:1], VOICES, speaker=speaker, lazy=True)
+    assert lazy.f0 == {}
+    text = TEXTS[1]
+    for v, p, r in [("us_m1", "high", "slow"), ("us_f1", "low", "fast")]:
+        clip = speaker.synthesize(text, Style(v, p, r))
+        # with the clip's text: the sentence's own references, and no table fitted
+        assert lazy.classify_pitch(clip, 16000, v, text) == reference.classify_pitch(clip, 16000, v, text) == p
+        assert lazy.classify_rate(clip, 16000, v, text) == r
+    assert lazy.f0 == {}
+    clip = speaker.synthesize(text, Style("sc_m4", "low", "normal"))
+    assert lazy.classify_pitch(clip, 16000, "sc_m4") == "low"  # without it: that voice's centroids, fitted now
+    assert lazy.f0 == {"sc_m4": reference.f0["sc_m4"]}
+    assert lazy.to_dict() == reference.to_dict()  # the whole table, as an eager fit makes it
+    with pytest.raises(OmnitokError, match="no F0 references for voice 'xx'"):
+        lazy.classify_pitch(clip, 16000, "xx", text)

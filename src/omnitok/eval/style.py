@@ -87,16 +87,19 @@ class StyleReference:
         pitches: Sequence[str] | None = None,
         rates: Sequence[str] | None = None,
         speaker: Any = None,
+        lazy: tuple[Sequence[str], Sequence[str], str] | None = None,
     ) -> None:
         from omnitok.world.speech import PITCHES, RATES
 
-        if not f0:
+        if not f0 and not lazy:
             raise OmnitokError("StyleReference: empty F0 table; build it with StyleReference.fit(...)")
         self.f0 = {v: {p: float(hz) for p, hz in t.items()} for v, t in f0.items()}
         self.pitches = list(pitches or PITCHES)
         self.rates = list(rates or RATES)
         self._speaker = speaker
         self._cache: dict[tuple[str, str, str, str], np.ndarray] = {}
+        # (texts, voices, rate) of a fit deferred to each voice's first need (``fit(lazy=True)``)
+        self._lazy = lazy
 
     # --- construction
     @classmethod
@@ -106,25 +109,46 @@ class StyleReference:
         voices: Iterable[str] | None = None,
         speaker: Any = None,
         rate: str = "normal",
+        lazy: bool = False,
     ) -> StyleReference:
-        """Speak each of ``texts`` with every voice at every pitch class (at ``rate``) and keep F0 centroids."""
-        from omnitok.world.speech import PITCHES, VOICES, Speaker, Style
+        """Speak each of ``texts`` with every voice at every pitch class (at ``rate``) and keep F0 centroids.
+
+        ``lazy``: fit a voice's centroids only when they are first needed. Classifying a clip *with* its text
+        compares it with that sentence's own references and needs the centroids only if eSpeak's renderings of the
+        sentence are unvoiced, so an evaluation that always has the text need not pay for the whole table (8.5 s of
+        the TTS task's 11 s share on a 2-core Xeon: every voice x pitch x text synthesised and analysed).
+        """
+        from omnitok.world.speech import VOICES, Speaker
 
         if isinstance(texts, str) or not texts:
             raise OmnitokError("StyleReference.fit: expected a non-empty list of sentences")
         speaker = speaker or Speaker()
         names = list(voices) if voices is not None else [v.name for v in VOICES]
-        table: dict[str, dict[str, float]] = {}
-        for v in names:
-            for p in PITCHES:
-                vals = [median_f0(speaker.synthesize(t, Style(v, p, rate)), 16000) for t in texts]
-                vals = [f for f in vals if math.isfinite(f)]
-                if not vals:
-                    raise OmnitokError(f"StyleReference.fit: no voiced frames for voice {v!r} pitch {p!r}")
-                table.setdefault(v, {})[p] = float(np.exp(np.median(np.log(vals))))
-        return cls(table, speaker=speaker)
+        ref = cls({}, speaker=speaker, lazy=(list(texts), names, rate))
+        if not lazy:
+            for v in names:
+                ref._voice_table(v)
+            ref._lazy = None
+        return ref
+
+    def _fit_voice(self, voice: str) -> dict[str, float]:
+        from omnitok.world.speech import PITCHES, Style
+
+        assert self._lazy is not None
+        texts, _, rate = self._lazy
+        table = {}
+        for p in PITCHES:
+            vals = [median_f0(self._speaker_().synthesize(t, Style(voice, p, rate)), 16000) for t in texts]
+            vals = [f for f in vals if math.isfinite(f)]
+            if not vals:
+                raise OmnitokError(f"StyleReference.fit: no voiced frames for voice {voice!r} pitch {p!r}")
+            table[p] = float(np.exp(np.median(np.log(vals))))
+        return table
 
     def to_dict(self) -> dict[str, Any]:
+        """The whole table (a lazy reference fits its remaining voices first)."""
+        for v in self._lazy[1] if self._lazy else []:
+            self._voice_table(v)
         return {"f0": self.f0, "pitches": self.pitches, "rates": self.rates}
 
     @classmethod
@@ -152,9 +176,15 @@ class StyleReference:
             self._cache[key] = self._speaker_().synthesize(text, Style(voice, pitch, rate))
         return self._cache[key]
 
+    def _known(self, voice: str) -> None:
+        if voice not in self.f0 and not (self._lazy and voice in self._lazy[1]):
+            known = sorted({*self.f0, *(self._lazy[1] if self._lazy else [])})
+            raise OmnitokError(f"StyleReference: no F0 references for voice {voice!r}; fitted: {known}")
+
     def _voice_table(self, voice: str) -> dict[str, float]:
+        self._known(voice)
         if voice not in self.f0:
-            raise OmnitokError(f"StyleReference: no F0 references for voice {voice!r}; fitted: {sorted(self.f0)}")
+            self.f0[voice] = self._fit_voice(voice)
         return self.f0[voice]
 
     # --- classification
@@ -163,15 +193,15 @@ class StyleReference:
 
         With ``text``, the references are that sentence spoken at each class; otherwise the voice centroids.
         """
-        table = self._voice_table(voice)
+        self._known(voice)
         f0 = median_f0(audio, sample_rate)
         if not math.isfinite(f0):
             return None
         if text is None:
-            return _nearest(f0, table)
+            return _nearest(f0, self._voice_table(voice))
         refs = {p: median_f0(self.reference(text, voice, p, "normal"), 16000) for p in self.pitches}
         refs = {p: hz for p, hz in refs.items() if math.isfinite(hz)}
-        return _nearest(f0, refs or table)
+        return _nearest(f0, refs or self._voice_table(voice))
 
     def classify_rate(self, audio: np.ndarray, sample_rate: int, voice: str, text: str) -> str | None:
         """The rate class whose eSpeak rendering of ``text`` (same voice) lasts closest to the clip (log scale)."""
