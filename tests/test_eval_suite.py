@@ -122,6 +122,9 @@ def test_batches_are_sized_to_what_is_left_of_the_share(tmp_path):
     assert 4 <= suite._batch_size(done=4, seconds_per_prompt=2.0, left=26) <= 5  # ~10 s left at 2 s a prompt
     assert suite._batch_size(done=4, seconds_per_prompt=0.01, left=26) == 16  # never above batch_size
     assert suite._batch_size(done=20, seconds_per_prompt=0.01, left=10) == 10
+    # a batch costs at least what the cheapest one so far did, however few prompts it takes
+    assert suite._batch_size(done=4, seconds_per_prompt=1.0, left=26, least=8.0) == 9
+    assert suite._batch_size(done=4, seconds_per_prompt=1.0, left=26, least=11.0) == 0
     suite.deadline = None
     assert suite._batch_size(done=4, seconds_per_prompt=1e9, left=26) == 16  # no cap: full batches
 

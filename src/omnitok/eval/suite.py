@@ -24,15 +24,19 @@ from omnitok.sequence import Audio, Image, Segment, Text, Video, text_of
 from omnitok.world.read import iter_samples, load_manifest
 from omnitok.world.scene import scene_from_json
 
+# The order they run in under a cap: each task's share is what is left split over the tasks still to run, so the
+# cheap ones come first and what they leave passes to the costliest per prompt, TTS (generation, pocketsphinx on its
+# clips and eSpeak's, the style instrument). Ahead of video captions it scored 4-5 clips of 30 in the demo's
+# 1.7-minute box on a 2-core Xeon, the suite leaving 25 s of the box unused; last, 9-13 (docs/BENCHMARKS.md).
 TASKS = (
     "caption",
     "t2i",
     "asr",
-    "tts",
     "video_caption",
     "edit",
     "interleaved",
     "spoken_qa",
+    "tts",
 )
 SPEECH_TASKS = frozenset({"asr", "tts", "spoken_qa"})
 # Prompts in a task's first batch under a time cap: enough to time a prompt, few enough to stop a slow task early.
@@ -94,20 +98,26 @@ class Suite:
         self._transcriber = transcriber
         self.deadline: float | None = None  # time.monotonic() after which a task starts no new batch
 
-    def _batch_size(self, done: int, seconds_per_prompt: float, left: int) -> int:
+    def _batch_size(self, done: int, seconds_per_prompt: float, left: int, least: float = 0.0) -> int:
         """How many prompts a task's next batch takes: 0 once its share cannot pay for one more.
 
         Without a cap, ``batch_size``. With one, a task starts on a few prompts (``FIRST_BATCH``) and sizes each later
         batch from the seconds a prompt has cost so far (generation and whatever the task does with the replies), to
         what is left of its share: checking only the clock before a full batch let a slow machine's suite run 45 s
         past its cap (a 2-core Xeon: 16 spoken clips, generated and transcribed, took 65 s of an 11 s share).
-        The first batch always runs, so every task scores something.
+        ``least``: the seconds of the cheapest batch so far, which a batch costs however few prompts it takes: a
+        batch generates until its longest reply ends, so on that Xeon a last TTS batch of 4 took 10.3 s where
+        the average predicted 7.7 s, and the suite ran past its cap. The first batch always runs, so every task
+        scores something.
         """
         if self.deadline is None:
             return min(self.cfg.batch_size, left)
         if not done:
             return min(self.cfg.batch_size, FIRST_BATCH, left)
-        fits = int((self.deadline - time.monotonic()) / max(seconds_per_prompt, 1e-9))
+        remaining = self.deadline - time.monotonic()
+        if remaining < least:
+            return 0
+        fits = int(remaining / max(seconds_per_prompt, 1e-9))
         return max(0, min(self.cfg.batch_size, left, fits))
 
     # --- instruments ----------------------------------------------------------------------------
@@ -149,9 +159,10 @@ class Suite:
         the batch so that the share's prediction includes it.
         """
         out: list[list[Segment]] = []
-        seconds = 0.0
+        spent: list[float] = []  # each batch's seconds
         while len(out) < len(prompts):
-            n = self._batch_size(len(out), seconds / max(len(out), 1), len(prompts) - len(out))
+            each = sum(spent) / max(len(out), 1)
+            n = self._batch_size(len(out), each, len(prompts) - len(out), min(spent, default=0.0))
             if n == 0:
                 break
             lo, hi = len(out), len(out) + n
@@ -163,7 +174,7 @@ class Suite:
             if after is not None:
                 after(lo, replies)
             out += replies
-            seconds += time.monotonic() - t
+            spent.append(time.monotonic() - t)
         return out
 
     # --- tasks ------------------------------------------------------------------------------------
@@ -233,9 +244,11 @@ class Suite:
         wavs: list[np.ndarray] = []
         heard_by: dict[int, str] = {}
         ref_heard: list[str] = []
+        measured: list[dict[str, str | None]] = []
 
         def hear(lo: int, replies: list[list[Segment]]) -> None:
-            """A batch's clips and eSpeak's own for the same texts, heard in one parallel pass."""
+            """A batch's clips and eSpeak's own for the same texts, heard in one parallel pass, and their style
+            measured: both inside the batch's timing, so that the task's share predicts them."""
             for o in replies:
                 audio = _first(o, Audio)
                 ok = audio is not None and audio.samples is not None
@@ -245,20 +258,23 @@ class Suite:
             heard = self.transcriber.transcribe_many([wavs[i] for i in spoken] + refs_wav, 16000)
             heard_by.update(zip(spoken, heard[: len(spoken)], strict=True))
             ref_heard.extend(heard[len(spoken) :])
+            for k in range(lo, len(wavs)):
+                voice, text = styles[k]["voice"], samples[k]["meta"]["speech"]["text"]
+                got: dict[str, str | None] = {}
+                if len(wavs[k]) > 1600:
+                    got = {
+                        "pitch": reference.classify_pitch(wavs[k], 16000, voice, text),
+                        "rate": reference.classify_rate(wavs[k], 16000, voice, text),
+                    }
+                measured.append(got)
 
         self._gen(prompts, {"style": lm_styles, "reference": refs}, after=hear, output="speech")
-        for k, (s, style, wav) in enumerate(zip(samples, styles, wavs, strict=False)):
+        for k, (s, style, wav, got) in enumerate(zip(samples, styles, wavs, measured, strict=False)):
             sp = s["meta"]["speech"]
             heard = heard_by.get(k, "")
             g = _group(sp["heldout_voice"])
             wer_recs.append(Record(g, (sp["text"], heard), {"input": sp["text"], "audio": wav, "output": heard}))
             ref_recs.append(Record(g, (sp["text"], ref_heard[k])))
-            got: dict[str, str | None] = {}
-            if len(wav) > 1600:
-                got = {
-                    "pitch": reference.classify_pitch(wav, 16000, style["voice"], sp["text"]),
-                    "rate": reference.classify_rate(wav, 16000, style["voice"], sp["text"]),
-                }
             ok = got.get("pitch") == style["pitch"] and got.get("rate") == style["rate"]
             style_recs.append(Record(g, ok, {"style": style, "measured": got}))
         return {"tts_wer": wer_recs, "tts_wer_ref": ref_recs, "tts_style_acc": style_recs}
