@@ -27,7 +27,7 @@ from omnitok.world.scene import scene_from_json
 # The order they run in under a cap: each task's share is what is left split over the tasks still to run, so the
 # cheap ones come first and what they leave passes to the costliest per prompt, TTS (generation, pocketsphinx on its
 # clips and eSpeak's, the style instrument). Ahead of video captions it scored 4-5 clips of 30 in the demo's
-# 1.7-minute box on a 2-core Xeon, the suite leaving 25 s of the box unused; last, 9-13 (docs/BENCHMARKS.md).
+# 1.7-minute box on a 2-core Xeon, the suite leaving 25 s of the box unused; last, 8-10 (docs/BENCHMARKS.md).
 TASKS = (
     "caption",
     "t2i",
@@ -242,9 +242,9 @@ class Suite:
                 refs.append(None)
         prompts = [[Text("Say this: " + s["meta"]["speech"]["text"])] for s in samples]
         # The instrument's one-off start (its domain language model from the train split: ~4.6 s on a 2-core Xeon)
-        # is paid before the timed batches: inside the first, it made a prompt look that much dearer and the task
-        # stopped after 4 of 30.
-        self.transcriber  # noqa: B018
+        # is paid before the timed batches: inside the first, it made a prompt look that much dearer, and spoken QA,
+        # the first task to hear, stopped after 4 of 30.
+        transcriber = self.transcriber
         wavs: list[np.ndarray] = []
         heard_by: dict[int, str] = {}
         ref_heard: list[str] = []
@@ -259,7 +259,7 @@ class Suite:
                 wavs.append(audio.samples if ok else np.zeros(1600, np.float32))  # type: ignore[union-attr]
             spoken = [i for i in range(lo, len(wavs)) if len(wavs[i]) > 160]
             refs_wav = [s["wav"] for s in samples[lo : lo + len(replies)]]
-            heard = self.transcriber.transcribe_many([wavs[i] for i in spoken] + refs_wav, 16000)
+            heard = transcriber.transcribe_many([wavs[i] for i in spoken] + refs_wav, 16000)
             heard_by.update(zip(spoken, heard[: len(spoken)], strict=True))
             ref_heard.extend(heard[len(spoken) :])
             for k in range(lo, len(wavs)):
@@ -393,12 +393,12 @@ class Suite:
         prompts = [[Image(pixels=s["png"]), Audio(samples=s["question.wav"], sample_rate=16000)] for s in samples]
         audios: list[Audio | None] = []
         heard_by: dict[int, str] = {}
-        self.transcriber  # noqa: B018 - built before the timed batches (see tts)
+        transcriber = self.transcriber  # started before the timed batches (see tts)
 
         def hear(lo: int, replies: list[list[Segment]]) -> None:
             audios.extend(_first(o, Audio) for o in replies)
             spoken = [i for i in range(lo, len(audios)) if _has_speech(audios[i])]
-            texts = self.transcriber.transcribe_many([audios[i].samples for i in spoken], 16000)  # type: ignore[union-attr]
+            texts = transcriber.transcribe_many([audios[i].samples for i in spoken], 16000)  # type: ignore[union-attr]
             heard_by.update(zip(spoken, texts, strict=True))
 
         outs = self._gen(prompts, after=hear, output="text+speech", style=None)
