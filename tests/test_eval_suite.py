@@ -1,4 +1,4 @@
-"""The evaluation suite runs every (non-speech) task end to end on a tiny bundle and writes its report."""
+"""The evaluation suite runs every task end to end and writes its report (speech tasks: eSpeak as the model)."""
 
 import json
 from pathlib import Path
@@ -181,3 +181,62 @@ def test_held_out_voices_are_given_a_mid_pitch_reference_of_their_speaker(monkey
     assert set(refs) == {"a", "bb", "ccc", "dddd", "eeeee"}  # held-out voices only
     got = {k: int(v[0]) for k, v in refs.items()}  # the reference's key length
     assert got == {"a": 4, "bb": 4, "ccc": 4, "dddd": 3, "eeeee": 8}  # mid and normal first; never itself
+
+
+class EspeakModel:
+    """Answers every speech request with eSpeak's own audio of the right words in the asked-for style.
+
+    The speech tasks' instruments must then score it as they score eSpeak: intelligible, every style right, every
+    spoken answer correct. The suite's bundles here have no speech tokenizer, so this is where TTS and spoken QA run.
+    """
+
+    def __init__(self, world: Path) -> None:
+        from omnitok.world.speech import Speaker
+
+        self.speaker = Speaker()
+        self.voice_of: dict[str, str] = {}
+        self.answer_to: dict[bytes, str] = {}
+        for s in iter_samples(world, "test", "scene"):
+            if "wav" in s:
+                self.voice_of[s["meta"]["speech"]["text"]] = s["meta"]["speech"]["voice"]
+        for s in iter_samples(world, "test", "spoken_qa"):
+            if "question.wav" in s:
+                self.answer_to[s["question.wav"].tobytes()] = s["meta"]["answer"]
+        self.batches: list[int] = []
+
+    def _say(self, text: str, voice: str, pitch: str = "mid", rate: str = "normal"):
+        from omnitok.sequence import Audio
+        from omnitok.world.speech import Style
+
+        return Audio(samples=self.speaker.synthesize(text, Style(voice, pitch, rate)), sample_rate=16000)
+
+    def generate_batch(self, prompts, seed=0, output="auto", style=None, reference=None, **_):
+        from omnitok.sequence import Text
+
+        self.batches.append(len(prompts))
+        out = []
+        for i, prompt in enumerate(prompts):
+            if output == "speech":  # TTS: [Text("Say this: ...")], the voice from the style or the reference
+                text = prompt[0].text.removeprefix("Say this: ")
+                st = style[i]
+                out.append([self._say(text, self.voice_of[text], st["pitch"], st["rate"])])
+            else:  # spoken QA: [Image, Audio(question)] -> the answer written and spoken
+                answer = self.answer_to[prompt[1].samples.tobytes()]
+                out.append([Text(answer), self._say(answer, "us_m1")])
+        return out
+
+
+def test_speech_tasks_score_espeak_as_espeak(tmp_path):
+    from omnitok.eval.suite import Suite, _summarise
+
+    build_world(tmp_path / "world", WorldConfig(n=40, seed=0, samples_per_shard=100), workers=1)
+    model = EspeakModel(tmp_path / "world")
+    suite = Suite(model, tmp_path / "world", EvalConfig(limit=4, batch_size=3))
+    tts = {name: _summarise(name, recs) for name, recs in suite.tts().items()}
+    spoken = min(4, len(model.voice_of))
+    assert spoken >= 2 and tts["tts_wer"]["n"]["all"] == tts["tts_style_acc"]["n"]["all"] == spoken
+    assert model.batches == [3, spoken - 3] if spoken > 3 else [spoken]  # no cap: full batches
+    assert tts["tts_style_acc"]["all"] == 1.0  # every clip's pitch and rate classified as asked
+    assert tts["tts_wer"]["all"] <= tts["tts_wer_ref"]["all"] + 0.15  # heard as well as the world's own recordings
+    qa = suite.spoken_qa()["spoken_qa_acc"]
+    assert len(qa) >= 1 and sum(bool(r.score) for r in qa) >= len(qa) - 1  # answers spoken by eSpeak are heard
