@@ -40,14 +40,11 @@ print(time.perf_counter() - t)
     "speech tokenizer: features and F0 tables": """
 import time
 from omnitok.tokenizers import speech_train as st
-from omnitok.tokenizers.speech import SpeechTokenizer, SpeechTokenizerConfig
+from omnitok.tokenizers.speech import SpeechTokenizer
 t = time.perf_counter()
 clips = st.load_world_clips("{demo}/world", "train")
 cfg = st.SpeechTrainConfig()
-arch = dict(cfg.arch)
-arch.setdefault("phones", sorted({{u for c in clips for u in st.phone_units(c.record.get("phonemes", ""), True)}}))
-arch.setdefault("voices", sorted({{c.record["voice"] for c in clips}}))
-arch = SpeechTokenizerConfig.from_dict(arch, "arch")
+arch = st._arch_from_clips(cfg.arch, clips, "{demo}/world")
 arch.f0_centroids = st.measure_f0_centroids(clips, cfg.f0_clips_per_class)
 st._prepare(SpeechTokenizer(arch), clips, None)
 print(time.perf_counter() - t)

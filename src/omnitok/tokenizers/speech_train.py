@@ -403,6 +403,23 @@ def _progress_columns(name: str) -> tuple[Any, ...]:
     )
 
 
+def _arch_from_clips(arch: dict[str, Any], clips: list[SpeechClip], data: Any) -> SpeechTokenizerConfig:
+    """``arch`` with the tables the clips define where it names none: the phone inventory and the voices."""
+    arch = dict(arch)
+    phones = sorted(
+        {u for c in clips for u in phone_units(c.record.get("phonemes", ""), bool(arch.get("keep_stress", True)))}
+    )
+    if not phones:
+        raise OmnitokError(f"{data}: the training clips carry no phonemes in their metadata ('phonemes' field)")
+    from omnitok.world.speech import VOICES
+
+    order = [v.name for v in VOICES]
+    voices = sorted({c.record["voice"] for c in clips}, key=lambda v: (order.index(v) if v in order else len(order), v))
+    arch.setdefault("phones", phones)
+    arch.setdefault("voices", voices)
+    return SpeechTokenizerConfig.from_dict(arch, "arch")
+
+
 def train_speech_tokenizer(
     data: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -451,21 +468,8 @@ def _train_speech_tokenizer(
             val_clips = clips[-min(len(clips), train.val_clips) :]
     val_clips = val_clips[: train.val_clips]
 
-    # tables learned from the data: the phone inventory, the voices, the pitch centroids
-    arch = dict(train.arch)
-    phones = sorted(
-        {u for c in clips for u in phone_units(c.record.get("phonemes", ""), bool(arch.get("keep_stress", True)))}
-    )
-    voices = sorted({c.record["voice"] for c in clips})
-    if not phones:
-        raise OmnitokError(f"{data}: the training clips carry no phonemes in their metadata ('phonemes' field)")
-    from omnitok.world.speech import VOICES
-
-    order = [v.name for v in VOICES]
-    voices = sorted(voices, key=lambda v: (order.index(v) if v in order else len(order), v))
-    arch.setdefault("phones", phones)
-    arch.setdefault("voices", voices)
-    arch_cfg = SpeechTokenizerConfig.from_dict(arch, "arch")
+    # tables learned from the data: the phone inventory, the voices, the pitch centroids (below, unless resuming)
+    arch_cfg = _arch_from_clips(train.arch, clips, data)
     identity_arch = asdict(arch_cfg)
 
     config_record = {"data": str(data), "train": asdict(train) | {"arch": identity_arch}, "n_train": len(clips)}

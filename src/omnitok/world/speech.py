@@ -528,7 +528,7 @@ def estimate_f0(audio: np.ndarray, sample_rate: int, fmin: float = 60.0, fmax: f
     sq = np.concatenate([np.zeros((frames.shape[0], 1)), np.cumsum(frames**2, axis=1)], axis=1)
     taus = np.arange(tau_max + 1)
     e0 = sq[:, win][:, None]
-    e_tau = sq[:, taus + win] - sq[:, taus]
+    e_tau = sq[:, win : win + tau_max + 1] - sq[:, : tau_max + 1]
     diff = np.maximum(e0 + e_tau - 2 * cross, 0.0)
     cum = np.cumsum(diff[:, 1:], axis=1) / np.arange(1, tau_max + 1)
     cmnd = np.ones_like(diff)
