@@ -194,6 +194,71 @@ def test_bad_requests_fail_clearly(bundle_dir):
         text_only.generate([Image(pixels=np.zeros((64, 64, 3), np.uint8))], output="text")
 
 
+def test_wrong_types_and_values_are_refused_by_name(bundle_dir):
+    from omnitok.decoding import Sampling
+    from omnitok.sequence import Audio
+
+    model = omnitok.load(str(bundle_dir / "bundle"))
+    picture = np.zeros((64, 64, 3), np.uint8)
+    for call, message in [
+        (lambda: model.generate("hello"), "a request is a list of segments"),
+        (lambda: model.generate([{"type": "text"}]), "segment 0: expected Text, Image, Audio or Video, got dict"),
+        (lambda: model.generate([Text(None)]), "Text.text must be a string"),
+        (lambda: model.generate([Text("hi")], style="us_f1"), "style must be a mapping"),
+        (lambda: model.generate([Text("hi")], max_new_tokens=2.5), "max_new_tokens must be an int"),
+        (lambda: model.generate([Text("hi")], text=0.7), "text must be a Sampling"),
+        (lambda: model.generate([Text("hi")], cfg_scale="2"), "cfg_scale must be a finite number"),
+        (lambda: model.generate([Text("hi")], output="image", cfg_scale=float("nan")), "cfg_scale must be a finite"),
+        (lambda: model.generate([Text("hi")], seed="x"), "seed must be an integer"),
+        (lambda: model.generate([Text("hi")], seed=10**30), "seed must be an integer in"),
+        (lambda: model.generate([Text("hi")], speech_chunk_frames=0), "speech_chunk_frames must be an int >= 1"),
+        (lambda: Sampling(temperature=float("nan")), "bad sampling settings"),
+        (lambda: Sampling(top_k=2.5), "bad sampling settings"),
+        # two pictures of different sizes: the wrong one is named, not a numpy stacking error
+        (
+            lambda: model.generate([Image(pixels=picture), Image(pixels=picture[:32, :32])], output="text"),
+            "input image 32x32x3 gives 16 tokens",
+        ),
+        (
+            lambda: model.media([[Audio(samples=np.zeros(1600, np.float32), sample_rate=16000.5)]]),
+            "sample_rate must be a whole number",
+        ),
+    ]:
+        with pytest.raises(OmnitokError, match=message):
+            call()
+
+
+def test_requests_are_kept_inside_the_context(bundle_dir, monkeypatch):
+    import omnitok.generate as gen_module
+
+    model = omnitok.load(str(bundle_dir / "bundle"))  # max_position_embeddings 512; a picture is 64 codes + closer
+    long_text, n = "", 0
+    while n < 512 - 40:  # room for a short reply, not for a picture
+        long_text += " a large red circle"
+        n = len(model._prompt_ids([Text(long_text, role="user")], gen_module.GenerateOptions()))
+    assert 512 - 65 < n < 512, n
+    with pytest.raises(OmnitokError, match=r"context is 512 \(max_position_embeddings\): an image needs 65 more"):
+        model.generate([Text(long_text)], output="image", cfg_scale=1.0)
+    with pytest.raises(OmnitokError, match=r"request 1 is .* leaves no room for a reply"):
+        model.generate_batch([[Text("hi")], [Text(long_text + " " + long_text)]], output="text")
+
+    # A reply is cut where its own context ends; a short request in the same batch keeps its own limit.
+    steps = []
+
+    def endless(lm, prompts, constraint, cfg, uncond, gen):  # a model that never ends its reply
+        steps.append(cfg.max_new_tokens)
+        state = constraint.initial(len(prompts), "cpu")
+        for _ in range(cfg.max_new_tokens):
+            yield torch.full((len(prompts),), 7), state
+
+    monkeypatch.setattr(gen_module, "iter_decode", endless)
+    monkeypatch.setattr(model, "_render", lambda ids, opts, prefix: ids)
+    long_ids, short_ids = model.generate_batch([[Text(long_text)], [Text("hi")]], output="text", max_new_tokens=600)
+    short_n = len(model._prompt_ids([Text("hi", role="user")], gen_module.GenerateOptions()))
+    assert steps == [512 - short_n] and len(short_ids) == 512 - short_n
+    assert len(long_ids) == 512 - n
+
+
 def test_broken_bundles_are_refused(bundle_dir, tmp_path):
     import shutil
 
@@ -207,6 +272,31 @@ def test_broken_bundles_are_refused(bundle_dir, tmp_path):
         omnitok.load(str(broken))
     with pytest.raises(OmnitokError, match="not found"):
         omnitok.load(str(tmp_path / "nothing"))
+
+    good = json.loads((bundle_dir / "bundle" / "omnitok.json").read_text())
+    for edit, message in [
+        (lambda m: [m], "field 'format' should be 'omnitok-bundle', got 'list'"),
+        (lambda m: m | {"version": "one"}, "field 'version' should be an integer, got 'one'"),
+        (lambda m: {k: v for k, v in m.items() if k != "vocab"}, "field 'vocab' should be the vocabulary's mapping"),
+        (lambda m: m | {"vocab": m["vocab"] | {"size": "big"}}, "field 'size' should be an integer"),
+        (lambda m: m | {"vocab": m["vocab"] | {"text_size": [1]}}, "a field has the wrong type"),
+        (lambda m: m | {"tokenizers": {"text": 5}}, "field 'tokenizers' should map names to directories"),
+    ]:
+        (broken / "omnitok.json").write_text(json.dumps(edit(json.loads(json.dumps(good)))))
+        with pytest.raises(OmnitokError, match=message):
+            omnitok.load(str(broken))
+    (broken / "omnitok.json").write_text(json.dumps(good))
+    weights = broken / "lm" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(OmnitokError, match=r"the LM in .* cannot be loaded"):
+        omnitok.load(str(broken))
+    with pytest.raises(OmnitokError, match="a bundle is a directory"):
+        omnitok.load(str(broken / "omnitok.json"))
+    with pytest.raises(OmnitokError, match="'bogus' is not a torch device"):
+        omnitok.load(str(bundle_dir / "bundle"), device="bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(OmnitokError, match="this torch has no CUDA device"):
+            omnitok.load(str(bundle_dir / "bundle"), device="cuda")
 
 
 def _cli(*args: str):

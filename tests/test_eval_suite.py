@@ -155,8 +155,11 @@ def test_caption_best_of_reaches_generation_and_is_checked(setup, tmp_path):
         model, setup / "world", tmp_path / "out", EvalConfig(limit=2, tasks=["caption"], caption_best_of=2)
     )
     assert seen[0]["output"] == "text" and seen[0]["best_of"] == 2 and metrics["caption_acc"]["n"]["all"] == 2
-    with pytest.raises(OmnitokError, match="caption_best_of must be an int >= 1, got 0"):
+    with pytest.raises(OmnitokError, match=r"caption_best_of \(--caption-best-of\) must be an int >= 1, got 0"):
         evaluate(model, setup / "world", tmp_path / "o2", EvalConfig(tasks=["caption"], caption_best_of=0))
+    with pytest.raises(OmnitokError, match=r"limit \(--limit\) must be an int >= 1, got 0"):  # it scored one
+        evaluate(model, setup / "world", tmp_path / "o3", EvalConfig(tasks=["caption"], limit=0))
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 
 
 def test_held_out_voices_are_given_a_mid_pitch_reference_of_their_speaker(monkeypatch):

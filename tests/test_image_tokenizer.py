@@ -227,6 +227,31 @@ def test_cli_train_encode_decode(tmp_path: Path) -> None:
         app, ["tokenizer", "encode", str(bad), "--tokenizer", str(tmp_path / "run"), "--out", str(codes)]
     )
     assert isinstance(res.exception, OmnitokError) and "bad.png" in str(res.exception)
+    # a picture of another size would be written under the tokenizer's grid, which decode and the LM rely on
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp_path / "wide.png")
+    res = CliRunner().invoke(
+        app,
+        ["tokenizer", "encode", str(tmp_path / "wide.png"), "--tokenizer", str(tmp_path / "run"), "--out", str(codes)],
+    )
+    assert isinstance(res.exception, OmnitokError) and "a 48x32 image gives 24 codes" in str(res.exception)
+    assert json.loads(codes.read_text()) == doc  # the earlier file is untouched
+
+    # A bad number or --data fails before --no-resume removes the run's checkpoint.
+    checkpoint = tmp_path / "run" / "checkpoint"
+    assert checkpoint.is_dir()
+    for args, message in [
+        (["--data", str(tmp_path / "w"), "--steps", "-5"], "steps must be > 0, got -5"),
+        (["--data", str(tmp_path / "w"), "--lr", "-1"], "lr must be > 0"),
+        (["--data", str(tmp_path / "w"), "--batch-size", "0"], "batch_size must be > 0"),
+        (["--data", str(tmp_path / "nowhere")], "data directory not found"),
+    ]:
+        res = CliRunner().invoke(
+            app,
+            ["tokenizer", "train", "image", "--out", str(tmp_path / "run"), "--recipe", str(recipe), "--no-resume",
+             "--no-progress", *args],
+        )  # fmt: skip
+        assert isinstance(res.exception, OmnitokError) and message in str(res.exception), (args, res.output)
+        assert checkpoint.is_dir(), args
 
 
 def test_lr_schedule_follows_time_budget() -> None:

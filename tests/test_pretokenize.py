@@ -1,5 +1,7 @@
 """World -> token shards: every task encodes, decodes back to its segments, and reruns resume."""
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,26 @@ def test_bad_requests_are_named(setup, tmp_path):
         pretokenize(tmp_path, tmp_path / "c", imgtok)
     with pytest.raises(OmnitokError, match="splits"):
         pretokenize(world, tmp_path / "d", imgtok, splits=["dev"])
+    with pytest.raises(OmnitokError, match="built with --no-speech: drop the flag"):
+        pretokenize(world, tmp_path / "e", imgtok, tmp_path / "any_speech_tokenizer")
+    assert not any((tmp_path / name).exists() for name in "abcde")  # a refused run leaves no folder behind
+
+
+def test_resuming_with_other_settings_is_refused(setup, tmp_path):
+    world, tokens, imgtok = setup
+    # finished shards are skipped on a rerun: one made with another seed or rank count would be mixed in silently
+    with pytest.raises(OmnitokError, match="holds tokens made with seed 0, not 7"):
+        pretokenize(world, tokens, imgtok, tasks=TASKS, text_vocab_size=300, seed=7)
+    with pytest.raises(OmnitokError, match="world_size 1, not 2"):
+        pretokenize(world, tokens, imgtok, tasks=TASKS, rank=1, world_size=2)
+    other = tmp_path / "imgtok2"
+    shutil.copytree(imgtok, other)
+    with pytest.raises(OmnitokError, match="image_tokenizer"):
+        pretokenize(world, tokens, other, tasks=TASKS)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"command": "omnitok eval", "config": {}}))
+    with pytest.raises(OmnitokError, match="holds another command's output"):
+        pretokenize(world, tmp_path / "run", imgtok, tasks=TASKS)
 
 
 def test_caption_answers_are_canonical_and_draw_prompts_paraphrase():

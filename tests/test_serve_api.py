@@ -303,6 +303,10 @@ FUZZ = [
     ("post", CHAT, {"json": _user(_image(_data_url(_png()))) | {"best_of": 2, "stream": True}}, 400),
     ("post", CHAT, {"json": _user(_image(_data_url(_png()))) | {"best_of": 2, "modalities": ["image"]}}, 400),
     ("post", CHAT, {"json": _chat(modalities=["text", "audio"], audio={"voice": "us_m1", "rate": 3})}, 400),
+    ("post", CHAT, {"json": _chat(seed=10**30)}, 400),  # beyond torch's seeds
+    ("post", "/v1/images/generations", {"json": {"prompt": "a star", "seed": -(2**64)}}, 400),
+    # longer than the LM's context (1,024 positions): refused, not answered from positions it never saw
+    ("post", CHAT, {"json": _chat(messages=[{"role": "user", "content": "red circle " * 1500}])}, 400),
 ]
 
 
@@ -508,3 +512,6 @@ def test_cli_refuses_bad_arguments_clearly(tmp_path):
         assert isinstance(r.exception, OmnitokError) and "cannot listen" in str(r.exception)
     r = runner.invoke(app, ["serve", str(tmp_path / "missing"), "--port", "1"])
     assert isinstance(r.exception, OmnitokError)  # privileged port or missing bundle: a clear error either way
+    for flags, message in [(["--threads", "0"], "--threads must be >= 1"), (["--log-level", "loud"], "--log-level")]:
+        r = runner.invoke(app, ["serve", str(tmp_path / "missing"), *flags])
+        assert isinstance(r.exception, OmnitokError) and message in str(r.exception), flags

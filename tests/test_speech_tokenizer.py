@@ -412,3 +412,16 @@ def test_cli_train_speech(tmp_path: Path) -> None:
         app, ["tokenizer", "train", "speech", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r2")]
     )
     assert bad.exit_code != 0
+
+
+def test_training_numbers_are_checked_by_name():
+    from omnitok.tokenizers.speech_train import SpeechTrainConfig
+
+    for field, value, message in [
+        ("steps", -5, "steps must be > 0, got -5"),
+        ("lr", "1e-3", "lr must be a number > 0, got '1e-3'"),
+        ("batch_seconds", float("nan"), "batch_seconds must be a number > 0"),
+        ("warmup_steps", -1, "warmup_steps must be >= 0"),
+    ]:
+        with pytest.raises(OmnitokError, match=message):
+            SpeechTrainConfig.from_dict({field: value})

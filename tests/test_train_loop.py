@@ -506,3 +506,15 @@ def test_auto_precision_takes_bf16_on_cpus_with_bf16_matmul_instructions(monkeyp
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     assert _bf16_is_fast(cuda=False) is expected
+
+
+def test_a_truncated_checkpoint_is_named_not_a_traceback(tmp_path):
+    from omnitok.train.checkpoint import load_model_state, load_optimizer_state
+
+    step = tmp_path / "step-000001"
+    step.mkdir()
+    (step / "model.safetensors").write_bytes(b"\x10\x00\x00\x00")  # a header length and nothing after it
+    with pytest.raises(OmnitokError, match=r"checkpoint model weights .*model\.safetensors is not a readable"):
+        load_model_state(step)
+    with pytest.raises(OmnitokError, match=r"checkpoint optimizer state not found: .*optimizer\.safetensors"):
+        load_optimizer_state(step)

@@ -99,6 +99,9 @@ def _edit(raw, path, value):
         (("optim", "name"), "sgd", r"^optim\.name: expected one of \['adamw', 'muon'\], got 'sgd'"),
         (("distributed",), {"strategy": "fsdpp"}, r"^distributed\.strategy: expected one of"),
         (("model", "hidden_sise"), 8, r"^model\.hidden_sise: not a field of LlamaConfig"),
+        (("model", "num_hidden_layers"), -1, r"^model\.num_hidden_layers: expected a positive integer, got -1"),
+        (("model", "hidden_size"), "big", r"^model\.hidden_size: expected a positive integer, got 'big'"),
+        (("model", "num_attention_heads"), 3, r"^model: not a valid LlamaConfig: .*not a multiple of the number"),
         (("name",), KeyError, r"^name: required"),
         (("precision",), "fp8", r"^precision: expected one of"),
     ],
@@ -122,9 +125,27 @@ def test_unknown_task_is_named(raw):
         check_data(r)
 
 
+def test_a_row_too_short_for_the_targets_is_refused(tokdir, tmp_path):
+    # documents whose answer starts past seq_len would train on nothing and log loss 0.0
+    long = tmp_path / "long"
+    write_synthetic_tokens(long, vocab_size=64, tasks={"caption": (60, 90)}, docs=10)
+    raw = {
+        "name": "t", "data": str(long), "out": str(tmp_path / "out"), "batch": {"seq_len": 4, "micro_batch": 2},
+        "model": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+        "stages": [{"name": "a", "steps": 2, "mixture": {"caption": 1.0}}], "optim": {"lr": 3e-3},
+    }  # fmt: skip
+    with pytest.raises(OmnitokError, match=r"^stages\[0\]: batch\.seq_len 4 cuts most caption documents"):
+        check_data(parse_recipe(raw))
+    raw["batch"]["seq_len"] = 64
+    check_data(parse_recipe(raw))
+
+
 def test_missing_data(raw, tmp_path):
     with pytest.raises(OmnitokError, match=r"^data: token directory .*nowhere does not exist"):
         check_data(parse_recipe(_edit(raw, ("data",), str(tmp_path / "nowhere"))))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(OmnitokError, match=r"^data: .*a_file is a file; give the token directory"):
+        check_data(parse_recipe(_edit(raw, ("data",), str(tmp_path / "a_file"))))
     (tmp_path / "empty").mkdir()
     with pytest.raises(OmnitokError, match=r"^data: .*manifest\.json is missing"):
         check_data(parse_recipe(_edit(raw, ("data",), str(tmp_path / "empty"))))

@@ -105,15 +105,42 @@ def _expect_size(what: str, got: int, vocab: Vocabulary, modality: str) -> None:
         raise OmnitokError(f"bundle: the {what} has {got} codes but the vocabulary reserves {want} {modality} ids")
 
 
+def check_device(device: str) -> None:
+    """Refuse a device this torch cannot use before anything slow is loaded onto it."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as e:
+        raise OmnitokError(f"device: {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from e
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise OmnitokError(f"device: {device!r} asked for, but this torch has no CUDA device (use cpu)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise OmnitokError(f"device: {device!r} asked for, but MPS is not available here (use cpu)")
+
+
 def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> Bundle:
+    check_device(device)
     p = Path(path)
+    if p.is_file():
+        raise OmnitokError(f"a bundle is a directory (omnitok.json, lm/, tokenizers/), got the file {p}")
     manifest = read_json(p / MANIFEST, "bundle manifest")
-    if manifest.get("format") != FORMAT:
-        raise OmnitokError(f"{p / MANIFEST}: field 'format' should be {FORMAT!r}, got {manifest.get('format')!r}")
-    if int(manifest.get("version", 0)) > VERSION:
-        raise OmnitokError(f"{p / MANIFEST}: version {manifest.get('version')} is newer than this omnitok ({VERSION})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise OmnitokError(f"{p / MANIFEST}: field 'format' should be {FORMAT!r}, got {got!r}")
+    version = manifest.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise OmnitokError(f"{p / MANIFEST}: field 'version' should be an integer, got {version!r}")
+    if version > VERSION:
+        raise OmnitokError(f"{p / MANIFEST}: version {version} is newer than this omnitok ({VERSION})")
+    if not isinstance(manifest.get("vocab"), dict):
+        raise OmnitokError(
+            f"{p / MANIFEST}: field 'vocab' should be the vocabulary's mapping, got {manifest.get('vocab')!r}"
+        )
     vocab = Vocabulary.from_json(manifest["vocab"], f"{p / MANIFEST} (field 'vocab')")
     tok = manifest.get("tokenizers", {})
+    if not isinstance(tok, dict) or not all(isinstance(v, str) for v in tok.values()):
+        raise OmnitokError(f"{p / MANIFEST}: field 'tokenizers' should map names to directories, got {tok!r}")
     if "text" not in tok:
         raise OmnitokError(f"{p / MANIFEST}: field 'tokenizers' has no 'text' entry")
     text = TextTokenizer.load(p / tok["text"])
@@ -139,9 +166,14 @@ def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> Bundle:
     lm_dir = p / "lm"
     if not (lm_dir / "config.json").is_file():
         raise OmnitokError(f"bundle: {lm_dir} has no config.json")
+    from safetensors import SafetensorError
+
     from omnitok import image_positions
 
-    lm = AutoModelForCausalLM.from_pretrained(lm_dir, local_files_only=True)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(lm_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError, SafetensorError) as e:  # a corrupt config.json or weights
+        raise OmnitokError(f"bundle: the LM in {lm_dir} cannot be loaded: {e}") from e
     image_positions.restore(lm, lm_dir)
     lm = lm.to(device).eval()
     rows = lm.get_input_embeddings().weight.shape[0]

@@ -11,6 +11,7 @@ logits elsewhere; both rows receive the same sampled token so their caches stay 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -30,8 +31,15 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise OmnitokError(f"bad sampling settings {self}: temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        real = all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in (self.temperature, self.top_p)
+        )
+        whole = isinstance(self.top_k, int) and not isinstance(self.top_k, bool)
+        if not (real and whole) or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise OmnitokError(
+                f"bad sampling settings {self}: temperature a number >= 0, 0 < top_p <= 1, top_k an integer >= 0"
+            )
 
 
 # Default sampling per modality, shared by the decoding loop, the Python API, the CLI, the server and the evaluation.

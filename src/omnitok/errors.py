@@ -8,3 +8,24 @@ Anything else that escapes is a bug and keeps its traceback.
 
 class OmnitokError(Exception):
     """A problem with the user's input, data or environment (not a bug in omnitok)."""
+
+
+def check_numbers(
+    obj: object, where: str, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()
+) -> None:
+    """Raise if a config's numeric fields are not numbers in range (None is left to the field's own meaning).
+
+    Why: configs come from YAML and flags, and a step count of -5 or a learning rate of "1e-3" otherwise runs to
+    the end (an untrained tokenizer saved over a trained one) or fails deep inside torch with a traceback.
+    """
+    import math
+
+    for names, least in ((positive, "> 0"), (non_negative, ">= 0")):
+        for name in names:
+            v = getattr(obj, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
+                raise OmnitokError(f"{where}: {name} must be a number {least}, got {v!r}")
+            if v < 0 or (v == 0 and least == "> 0"):
+                raise OmnitokError(f"{where}: {name} must be {least}, got {v}")

@@ -8,6 +8,7 @@ images and audio. ``stream`` yields text deltas and audio chunks while tokens ar
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -46,6 +47,7 @@ from omnitok.vocab import SPAN_TOKENS, style_token
 
 OUTPUTS = ("auto", "text", "image", "speech", "text+speech")
 DEFAULT_MAX_TOKENS = {"text": 128, "speech": 300}  # speech: 12 s at 25 tokens/s
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -85,6 +87,28 @@ class GenerateOptions:
     # -> 0.30 exact scenes with 7), a description of one picture by reader + drawer ("The other way": 0.645 ->
     # 0.69 exact captions with 6). Costs best_of decodes and as many scoring passes.
     best_of: int = 1
+
+    def __post_init__(self) -> None:
+        """Options come from Python callers, the CLI and the server: a wrong type fails here, by name."""
+        if not isinstance(self.output, str):
+            raise OmnitokError(f"output must be one of {list(OUTPUTS)}, got {self.output!r}")
+        if self.max_new_tokens is not None and (
+            isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int)
+        ):
+            raise OmnitokError(f"max_new_tokens must be an int >= 1 or None, got {self.max_new_tokens!r}")
+        cfg = self.cfg_scale
+        if isinstance(cfg, bool) or not isinstance(cfg, int | float) or not math.isfinite(cfg) or cfg < 0:
+            raise OmnitokError(f"cfg_scale must be a finite number >= 0 (1: no guidance), got {cfg!r}")
+        for name in ("text", "image", "speech"):
+            if not isinstance(getattr(self, name), Sampling):
+                raise OmnitokError(f"{name} must be a Sampling(temperature, top_k, top_p), got {getattr(self, name)!r}")
+        frames = self.speech_chunk_frames
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise OmnitokError(f"speech_chunk_frames must be an int >= 1, got {frames!r}")
+        if self.style is not None and not isinstance(self.style, dict | list):
+            raise OmnitokError(
+                f"style must be a mapping such as {{'voice': 'us_f1'}} (or one per request), got {self.style!r}"
+            )
 
 
 # The extra candidates of best_of: samples (measured there at temperature 0.7 among the 64 likeliest codes), and the
@@ -133,8 +157,15 @@ class OmniModel:
 
         Made once per request; the prompt and, with guidance, the unconditional row are both built from it.
         """
+        if isinstance(sample, str | bytes) or not isinstance(sample, Sequence):
+            raise OmnitokError(f"a request is a list of segments such as [Text('...')], got {type(sample).__name__}")
         if not sample:
             raise OmnitokError("empty prompt: give at least one text, image or audio segment")
+        for i, s in enumerate(sample):
+            if not isinstance(s, Text | Image | Audio | Video):
+                raise OmnitokError(f"segment {i}: expected Text, Image, Audio or Video, got {type(s).__name__}")
+            if isinstance(s, Text) and not isinstance(s.text, str):
+                raise OmnitokError(f"segment {i}: Text.text must be a string, got {type(s.text).__name__}")
         if all(isinstance(s, Text) and not s.text.strip() for s in sample):
             raise OmnitokError("empty prompt: the text is empty")
         self._check_output(opts.output)
@@ -194,6 +225,34 @@ class OmniModel:
             max_new_tokens=limit, text=opts.text, image=opts.image, speech=opts.speech, cfg_scale=opts.cfg_scale
         )
 
+    def _fit(
+        self, cfg: DecodeConfig, prompts: Sequence[torch.Tensor], uncond: Sequence[torch.Tensor] | None, output: str
+    ) -> tuple[DecodeConfig, list[int]]:
+        """``cfg`` kept inside the LM's context, and each request's room in it (new tokens it may add).
+
+        Why: past ``max_position_embeddings`` the LM has never seen a position (RoPE extrapolates into noise, the
+        image position table ends), so a longer request came back as "the the the ..."; a request that leaves no
+        room for its reply is refused, and a served one must not grow its cache without bound.
+        """
+        context = int(getattr(self.lm.config, "max_position_embeddings", 0) or 0)
+        if not context:
+            return cfg, [cfg.max_new_tokens] * len(prompts)
+        need = (self.image_tokens or 0) + 1 if output == "image" else 1
+        lengths = [len(p) for p in prompts]
+        if uncond:
+            lengths = [max(n, len(u)) for n, u in zip(lengths, uncond, strict=True)]
+        rooms = []
+        for i, n in enumerate(lengths):
+            if n + need > context:
+                what = f"an image needs {need} more" if output == "image" else "it leaves no room for a reply"
+                which = f"request {i}" if len(prompts) > 1 else "the request"
+                raise OmnitokError(
+                    f"{which} is {n} tokens and this model's context is {context} (max_position_embeddings): "
+                    f"{what}; shorten it"
+                )
+            rooms.append(min(cfg.max_new_tokens, context - n))
+        return replace(cfg, max_new_tokens=max(rooms)), rooms
+
     def _forced_prefix(self, prompt_ids: torch.Tensor) -> list[int]:
         """The span opener (and style tokens) the request appended after the prompt proper."""
         ids = prompt_ids.tolist()
@@ -234,6 +293,8 @@ class OmniModel:
         CPU generator there), so a seed repeats its output on one device, not across devices."""
         if seed is None:
             return None
+        if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_MIN <= seed <= SEED_MAX:
+            raise OmnitokError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}] or None, got {seed!r}")
         return torch.Generator(device=next(self.lm.parameters()).device).manual_seed(seed)
 
     def generate_batch(self, samples: Sequence[Sequence[Segment]], **options: Any) -> list[list[Segment]]:
@@ -251,14 +312,14 @@ class OmniModel:
         requests = [self._request(c, replace(opts, style=st)) for c, st in zip(coded, styles, strict=True)]
         constraint = requests[0][1]
         prompts = [r[0] for r in requests]
-        cfg = self._config(opts)
         uncond = [self._uncond(c, opts) for c in coded] if opts.output == "image" and opts.cfg_scale != 1 else None
+        cfg, rooms = self._fit(self._config(opts), prompts, uncond, opts.output)
         gen = self._generator(opts.seed)
         new: list[list[int]] = [[] for _ in samples]
         finished = [False] * len(samples)
         for tokens, st in iter_decode(self.lm, prompts, constraint, cfg, uncond, gen):
             for i, t in enumerate(tokens.tolist()):
-                if not finished[i]:
+                if not finished[i] and len(new[i]) < rooms[i]:  # a row past its room is cut at the context's end
                     new[i].append(t)
             finished = (st["state"] == DONE).tolist()  # one device read a step, not one per row
         out = []
@@ -428,7 +489,8 @@ class OmniModel:
                 yield AudioChunk(audio[emitted_samples:keep], int(speech_tok.sample_rate), time.perf_counter() - t0)
                 emitted_samples = keep
 
-        for tokens, st in iter_decode(self.lm, [ids], constraint, self._config(opts), None, gen):
+        cfg = self._fit(self._config(opts), [ids], None, opts.output)[0]
+        for tokens, st in iter_decode(self.lm, [ids], constraint, cfg, None, gen):
             tok = int(tokens[0])
             state = int(st["state"][0])
             kind = self.vocab.kind(tok)

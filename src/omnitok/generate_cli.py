@@ -29,6 +29,8 @@ def read_image(path: Path, size: int | None, resize: bool) -> np.ndarray:
     from PIL import Image as PILImage
     from PIL import UnidentifiedImageError
 
+    if path.is_dir():
+        raise OmnitokError(f"--image {path}: is a directory; give an image file")
     if not path.is_file():
         raise OmnitokError(f"--image {path}: no such file")
     try:
@@ -46,22 +48,25 @@ def read_image(path: Path, size: int | None, resize: bool) -> np.ndarray:
         raise OmnitokError(f"--image {path}: not a readable image ({e})") from e
 
 
-def read_audio(path: Path) -> np.ndarray:
+def read_audio(path: Path, flag: str = "--audio") -> np.ndarray:
     """A WAV/FLAC/OGG file -> float32 mono at 16 kHz (channels are averaged, other rates are resampled)."""
     import soundfile as sf
 
     from omnitok.tokenizers.speech import as_mono_audio
 
+    if path.is_dir():
+        raise OmnitokError(f"{flag} {path}: is a directory; give an audio file")
     if not path.is_file():
-        raise OmnitokError(f"--audio {path}: no such file")
+        raise OmnitokError(f"{flag} {path}: no such file")
     try:
         x, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise OmnitokError(f"--audio {path}: not a readable audio file ({e}); use WAV, FLAC or OGG") from e
+        detail = str(e).strip().rstrip(":") or type(e).__name__
+        raise OmnitokError(f"{flag} {path}: not a readable audio file ({detail}); use WAV, FLAC or OGG") from e
     try:  # the tokenizers' own check: empty, NaN/inf, resampling
         return as_mono_audio(x.mean(axis=1), int(rate), SPEECH_RATE)
     except OmnitokError as e:
-        raise OmnitokError(f"--audio {path}: {e}") from e
+        raise OmnitokError(f"{flag} {path}: {e}") from e
 
 
 def build_request(
@@ -134,7 +139,7 @@ def generate_command(
 ) -> None:
     """Run one request against a bundle and write the reply's text, images and speech to --out."""
     from omnitok.decoding import sampling_overrides
-    from omnitok.generate import load
+    from omnitok.generate import GenerateOptions, load
 
     if output not in OUTPUTS:
         raise OmnitokError(f"--output must be one of {list(OUTPUTS)}, got {output!r}")
@@ -151,12 +156,13 @@ def generate_command(
     if style:
         options["style"] = style
     if reference is not None:
-        options["reference"] = read_audio(reference)
+        options["reference"] = read_audio(reference, "--reference")
     if max_new_tokens is not None:
         options["max_new_tokens"] = max_new_tokens
     if best_of != 1:
         options["best_of"] = best_of
     options |= sampling
+    GenerateOptions(**options)  # a bad option fails before --out is made
     ensure_writable_dir(out)
     t0 = time.perf_counter()
     reply = model.generate(sample, **options)

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from omnitok.errors import OmnitokError
+from omnitok.io import read_safetensors
 
 CONFIG_KEY = "omnitok_image_positions"
 FILENAME = "image_positions.safetensors"
@@ -141,7 +142,7 @@ def restore(model: nn.Module, lm_dir: str | os.PathLike[str]) -> None:
     except (KeyError, TypeError, ValueError) as e:
         raise OmnitokError(f"{lm_dir}/config.json: field {CONFIG_KEY} is malformed ({spec!r}): {e}") from e
     table = add_image_positions(model, tokens, (int(codes[0]), int(codes[1])), openers)
-    weight = load_file(str(path)).get("weight")
+    weight = read_safetensors(path, "image position table").get("weight")
     if weight is None or tuple(weight.shape) != tuple(table.weight.shape):
         got = None if weight is None else list(weight.shape)
         raise OmnitokError(f"{path}: expected a 'weight' of shape {list(table.weight.shape)}, got {got}")

@@ -57,9 +57,25 @@ def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
         raise OmnitokError(f"{what} {p} is not valid JSON: {e}") from e
 
 
+def read_safetensors(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    """The tensors of a safetensors file; a missing, truncated or foreign file is an error that names it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise OmnitokError(f"{what} not found: {p}")
+    try:
+        return load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise OmnitokError(f"{what} {p} is not a readable safetensors file ({e}); it may be truncated") from e
+
+
 def ensure_writable_dir(path: str | os.PathLike[str], what: str = "output directory") -> Path:
     """Create ``path`` if needed and prove we can write there before any long work starts."""
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OmnitokError(f"{what} {p} is a file; give a directory (it is created if missing)")
     try:
         p.mkdir(parents=True, exist_ok=True)
         probe = p / f".omnitok-write-probe.{os.getpid()}"

@@ -40,6 +40,20 @@ def _config_class(arch: str, field: str) -> type:
     return CONFIG_MAPPING[arch]
 
 
+# Config fields that count or size something: each must be a positive integer.
+_SIZES = frozenset(
+    {
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+    }
+)
+
+
 def check_model_spec(spec: Mapping[str, Any], field: str = "model") -> None:
     """Reject a spec that could not build, without building anything (recipes are checked before training)."""
     if not isinstance(spec, Mapping):
@@ -67,6 +81,18 @@ def check_model_spec(spec: Mapping[str, Any], field: str = "model") -> None:
     for key in spec:
         if key not in known and key not in _OWN_KEYS:
             raise OmnitokError(f"{field}.{key}: not a field of {cls.__name__}")
+    for key, value in spec.items():  # sizes and counts: a layer count of -1 builds a model with no layers
+        if key in _SIZES and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise OmnitokError(f"{field}.{key}: expected a positive integer, got {value!r}")
+    try:
+        from huggingface_hub.errors import StrictDataclassError  # what transformers 5's strict configs raise
+    except ImportError:  # huggingface_hub before 0.31 (transformers 4.x): configs raise TypeError / ValueError
+        StrictDataclassError = ValueError
+    try:  # the config class's own checks (types, heads dividing the width), before anything is written
+        cls(**{k: v for k, v in spec.items() if k not in _OWN_KEYS})
+    except (StrictDataclassError, TypeError, ValueError) as e:
+        reason = " ".join(str(e).split())
+        raise OmnitokError(f"{field}: not a valid {cls.__name__}: {reason}") from e
 
 
 def build_model(spec: Mapping[str, Any], vocab_size: int) -> PreTrainedModel:

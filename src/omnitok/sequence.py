@@ -200,6 +200,9 @@ class MediaEncoder:
                 elif isinstance(seg, Audio) and seg.codes is None:
                     if seg.samples is None or seg.sample_rate is None:
                         raise OmnitokError("Audio segment has neither codes nor samples with a sample rate")
+                    rate = seg.sample_rate
+                    if isinstance(rate, bool) or not isinstance(rate, int | float) or rate != int(rate) or rate <= 0:
+                        raise OmnitokError(f"Audio segment: sample_rate must be a whole number of Hz > 0, got {rate!r}")
                     if self.speech is None:
                         raise OmnitokError("the input has speech but this model has no speech tokenizer")
                     audio.append(seg)
@@ -207,12 +210,16 @@ class MediaEncoder:
         if pending:
             if self.image is None:
                 raise OmnitokError("the input has an image but this model has no image tokenizer")
-            codes = np.asarray(self.image.encode(np.stack([p for _, _, p in pending])))
-            for (seg, i, _), c in zip(pending, codes, strict=True):
-                if i is None:
-                    seg.codes = c
-                else:
-                    seg.frames[i] = c
+            by_shape: dict[tuple[int, ...], list[tuple[Any, int | None, np.ndarray]]] = {}
+            for item in pending:  # one batch per picture size: a wrong size is then refused by name, not by stack
+                by_shape.setdefault(tuple(np.shape(item[2])), []).append(item)
+            for group in by_shape.values():
+                codes = np.asarray(self.image.encode(np.stack([p for _, _, p in group])))
+                for (seg, i, _), c in zip(group, codes, strict=True):
+                    if i is None:
+                        seg.codes = c
+                    else:
+                        seg.frames[i] = c
 
     def _encode_audio(self, segs: list[Audio], chunk: int = 16) -> None:
         """Clips of similar length are encoded together (batched tokenizers pad to the longest)."""

@@ -225,8 +225,11 @@ class Vocabulary:
     def from_json(cls, d: Mapping[str, Any], source: str = "vocab.json") -> Vocabulary:
         if d.get("format") != FORMAT:
             raise OmnitokError(f"{source}: field 'format' should be {FORMAT!r}, got {d.get('format')!r}")
-        if int(d.get("version", 0)) > VERSION:
-            raise OmnitokError(f"{source}: version {d.get('version')} is newer than this omnitok reads ({VERSION})")
+        version = d.get("version", 0)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise OmnitokError(f"{source}: field 'version' should be an integer, got {version!r}")
+        if version > VERSION:
+            raise OmnitokError(f"{source}: version {version} is newer than this omnitok reads ({VERSION})")
         try:
             ranges = [
                 CodeRange(c["modality"], int(c["level"]), int(c["start"]), int(c["size"])) for c in d["codebooks"]
@@ -234,7 +237,12 @@ class Vocabulary:
             vocab = cls(int(d["text_size"]), list(d["specials"]), ranges)
         except KeyError as e:
             raise OmnitokError(f"{source}: missing field {e.args[0]!r}") from None
-        if vocab.size != int(d.get("size", vocab.size)):
+        except (TypeError, ValueError) as e:
+            raise OmnitokError(f"{source}: a field has the wrong type ({e})") from e
+        size = d.get("size", vocab.size)
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise OmnitokError(f"{source}: field 'size' should be an integer, got {size!r}")
+        if vocab.size != size:
             raise OmnitokError(f"{source}: field 'size' is {d['size']} but the ranges add up to {vocab.size}")
         return vocab
 

@@ -115,6 +115,30 @@ def _encode_kind(
         report(total, total)
 
 
+# What decides a document's tokens or which shard holds it: a rerun into the same --out must keep all of them, or
+# the shards it finds finished (and skips) would mix with ones made another way.
+_RESUME_KEYS = ("world", "image_tokenizer", "speech_tokenizer", "seed", "world_size")
+
+
+def _check_resumable(out_dir: Path, config: dict[str, Any]) -> None:
+    """Refuse to resume into ``out_dir`` when its ``config.json`` records other inputs than this run's."""
+    path = out_dir / "config.json"
+    if not path.exists():
+        return
+    from omnitok.io import read_json
+
+    before = read_json(path, "token directory config")
+    old = before.get("config") if isinstance(before, dict) else None
+    if not isinstance(old, dict) or before.get("command") != "omnitok pretokenize":
+        raise OmnitokError(f"{out_dir} holds another command's output ({path}); give pretokenize a new --out")
+    for key in _RESUME_KEYS:
+        if old.get(key) != config[key]:
+            raise OmnitokError(
+                f"{out_dir} holds tokens made with {key} {old.get(key)!r}, not {config[key]!r}: rerun with the same "
+                "settings to resume, or give a new --out"
+            )
+
+
 def build_vocabulary(
     text_tok: TextTokenizer, image_tok: Any, speech_tok: Any | None, world_manifest: dict
 ) -> Vocabulary:
@@ -150,7 +174,8 @@ def pretokenize(
     world = Path(world)
     wm = load_manifest(world)
     rank, world_size = _dist_env(rank, world_size)
-    out_dir = ensure_writable_dir(out, "token output directory")
+    if speech_tokenizer is not None and not wm.get("config", {}).get("speech", True):
+        raise OmnitokError(f"--speech-tokenizer given, but the world {world} was built with --no-speech: drop the flag")
     for split in splits:
         if split not in wm["shards"]:
             raise OmnitokError(f"--splits: {split!r} is not a split of {world}; it has {sorted(wm['shards'])}")
@@ -161,6 +186,18 @@ def pretokenize(
 
         speech_tok = load_speech_tokenizer(speech_tokenizer)
     task_names = resolve_tasks(tasks, speech_tok is not None)
+    out_dir = ensure_writable_dir(out, "token output directory")  # after the checks: a refused run leaves no folder
+    config = {
+        "world": str(world.resolve()),
+        "image_tokenizer": str(Path(image_tokenizer).resolve()),
+        "speech_tokenizer": None if speech_tokenizer is None else str(Path(speech_tokenizer).resolve()),
+        "text_tokenizer": str((out_dir / TEXT_TOKENIZER_DIR).resolve()),
+        "tasks": task_names,
+        "splits": list(splits),
+        "seed": seed,
+        "world_size": world_size,
+    }
+    _check_resumable(out_dir, config)
 
     if rank == 0:
         if text_tokenizer is not None:
@@ -174,20 +211,7 @@ def pretokenize(
         if (out_dir / "vocab.json").exists() and Vocabulary.load(out_dir) != vocab:
             raise OmnitokError(f"{out_dir}/vocab.json differs from the one these tokenizers give; use a new --out")
         vocab.save(out_dir / "vocab.json")
-        write_run_config(
-            out_dir,
-            "omnitok pretokenize",
-            {
-                "world": str(world.resolve()),
-                "image_tokenizer": str(Path(image_tokenizer).resolve()),
-                "speech_tokenizer": None if speech_tokenizer is None else str(Path(speech_tokenizer).resolve()),
-                "text_tokenizer": str((out_dir / TEXT_TOKENIZER_DIR).resolve()),
-                "tasks": task_names,
-                "splits": list(splits),
-                "seed": seed,
-                "world_size": world_size,
-            },
-        )
+        write_run_config(out_dir, "omnitok pretokenize", config)
     _barrier(world_size)
     text_tok = TextTokenizer.load(out_dir / TEXT_TOKENIZER_DIR)
     vocab = Vocabulary.load(out_dir)

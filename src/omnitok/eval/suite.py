@@ -455,17 +455,17 @@ def evaluate(
     cfg = cfg or EvalConfig()
     world = Path(world)
     wm = load_manifest(world)
-    out_dir = ensure_writable_dir(out, "eval output directory")
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise OmnitokError(f"--tasks: unknown task(s) {unknown}; known: {list(TASKS)}")
-    for name in ("t2i_best_of", "caption_best_of"):
+    for name in ("limit", "t2i_best_of", "caption_best_of"):
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise OmnitokError(f"{name} must be an int >= 1, got {value!r}")
+            raise OmnitokError(f"{name} (--{name.replace('_', '-')}) must be an int >= 1, got {value!r}")
     bad = {k: v for k, v in cfg.sampling.items() if k not in SAMPLED_MODALITIES or not isinstance(v, Sampling)}
     if bad:
         raise OmnitokError(f"eval sampling: expected {{modality: Sampling}} for {list(SAMPLED_MODALITIES)}, got {bad}")
+    out_dir = ensure_writable_dir(out, "eval output directory")  # after the checks: a refused run leaves no folder
     tasks = [t for t in cfg.tasks if t not in SPEECH_TASKS or model.bundle.speech is not None]
     tasks = [t for t in tasks if t not in SPEECH_TASKS or wm["config"].get("speech", True)]
     write_run_config(out_dir, "omnitok eval", {**asdict(cfg), "world": str(world), "tasks_run": tasks})

@@ -40,6 +40,10 @@ def serve_command(
         raise OmnitokError(f"--speech-max-tokens must be >= 1, got {speech_max_tokens}")
     if max_batch < 1 or max_queue < 1:
         raise OmnitokError(f"--max-batch and --max-queue must be >= 1, got {max_batch} and {max_queue}")
+    if threads is not None and threads < 1:
+        raise OmnitokError(f"--threads must be >= 1, got {threads}")
+    if log_level.lower() not in LOG_LEVELS:
+        raise OmnitokError(f"--log-level must be one of {list(LOG_LEVELS)}, got {log_level!r}")
     sock = _bind(host, port)  # before the slow model load: a busy port fails at once, with one clear line
     import torch
     import uvicorn
@@ -53,9 +57,12 @@ def serve_command(
         model = omnitok.load(str(bundle), device=device)
         app = create_app(model, model_name, api_key, max_request_mb, max_batch, max_queue, speech_max_tokens)
         console.print(f"serving {bundle} at http://{host}:{port}/v1 (web page: http://{host}:{port}/)")
-        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run(sockets=[sock])
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower())).run(sockets=[sock])
     finally:
         sock.close()
+
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from omnitok.generate import SEED_MAX, SEED_MIN
+
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -70,7 +72,7 @@ class ChatRequest(_Lenient):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     n: int | None = 1
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
@@ -85,7 +87,7 @@ class SpeechRequest(_Lenient):
     speed: float | None = Field(default=None, ge=0.25, le=4.0)
     stream_format: str | None = None  # only "audio" (one response body); "sse" is not supported
     pitch: str | None = None  # omnitok extension: a pitch class of the bundle (low/mid/high)
-    seed: int | None = None  # omnitok extension
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)  # omnitok extension
 
 
 class ImageRequest(_Lenient):
@@ -95,5 +97,5 @@ class ImageRequest(_Lenient):
     size: str | None = None
     response_format: str | None = None
     output_format: str | None = None  # only "png"
-    seed: int | None = None  # omnitok extension
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)  # omnitok extension
     best_of: int | None = None  # omnitok extension: draw N, return the one the model reads back likeliest

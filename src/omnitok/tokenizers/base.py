@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from omnitok.errors import OmnitokError
-from omnitok.io import atomic_path, atomic_write_json, read_json
+from omnitok.io import atomic_path, atomic_write_json, read_json, read_safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -214,21 +214,11 @@ def save_config_and_weights(
 
 
 def load_config_and_weights(path: str | os.PathLike[str], what: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     p = Path(path)
     if not p.is_dir():
         raise OmnitokError(f"{what} directory not found: {p}")
     config = read_json(p / CONFIG_NAME, f"{what} config")
-    weights = p / WEIGHTS_NAME
-    if not weights.is_file():
-        raise OmnitokError(f"{what} weights not found: {weights}")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise OmnitokError(f"{what} weights {weights} are not a readable safetensors file: {e}") from e
-    return config, state
+    return config, read_safetensors(p / WEIGHTS_NAME, f"{what} weights")
 
 
 def resolve_tokenizer_dir(path: str | os.PathLike[str]) -> Path:

@@ -52,6 +52,14 @@ def _read_recipe(path: Path | None) -> dict[str, Any]:
     return dict(section)
 
 
+def _start_afresh(out: Path, resume: bool) -> None:
+    """``--no-resume``: remove OUT/checkpoint, only once the run's config and data have been checked."""
+    if resume is False and (out / "checkpoint").exists():
+        import shutil
+
+        shutil.rmtree(out / "checkpoint")
+
+
 @train_app.command("image")
 def train_image(
     data: Path = typer.Option(..., "--data", help="World directory with train/ (and val/) WebDataset shards."),
@@ -75,6 +83,7 @@ def train_image(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Train the FSQ image tokenizer on a world's images."""
+    from omnitok.tokenizers.base import find_image_shards
     from omnitok.tokenizers.image import TrainConfig, train_image_tokenizer
 
     cfg = _read_recipe(recipe)
@@ -100,13 +109,10 @@ def train_image(
     }
     arch.update({k: v for k, v in arch_flags.items() if v is not None})
     cfg["arch"] = arch
-    if resume is False and (out / "checkpoint").exists():
-        import shutil
-
-        shutil.rmtree(out / "checkpoint")
-    summary = train_image_tokenizer(
-        data, out, TrainConfig.from_dict(cfg, str(recipe or "flags")), resume=resume, progress=progress
-    )
+    train = TrainConfig.from_dict(cfg, str(recipe or "flags"))
+    find_image_shards(data, "train")  # a bad config or --data fails before --no-resume removes anything
+    _start_afresh(out, resume)
+    summary = train_image_tokenizer(data, out, train, resume=resume, progress=progress)
     val = summary["val"]
     console.print(
         f"tokenizer saved to {summary['tokenizer']}  ({summary['tokens_per_item']} tokens/image, "
@@ -138,6 +144,7 @@ def train_speech(
 ) -> None:
     """Train omnitok's speech tokenizer (FSQ content tokens at 25/s, style kept apart) on a world's speech."""
     from omnitok.tokenizers.speech_train import SpeechTrainConfig, read_speech_recipe, train_speech_tokenizer
+    from omnitok.world.read import load_manifest
 
     cfg = read_speech_recipe(recipe)
     arch = dict(cfg.pop("arch", {}) or {})
@@ -156,13 +163,10 @@ def train_speech(
     if lv is not None:
         arch["levels"] = lv
     cfg["arch"] = arch
-    if resume is False and (out / "checkpoint").exists():
-        import shutil
-
-        shutil.rmtree(out / "checkpoint")
-    summary = train_speech_tokenizer(
-        data, out, SpeechTrainConfig.from_dict(cfg, str(recipe or "flags")), resume=resume, progress=progress
-    )
+    train = SpeechTrainConfig.from_dict(cfg, str(recipe or "flags"))
+    load_manifest(data)  # a bad config or --data fails before --no-resume removes anything
+    _start_afresh(out, resume)
+    summary = train_speech_tokenizer(data, out, train, resume=resume, progress=progress)
     val = summary["val"]
     console.print(
         f"tokenizer saved to {summary['tokenizer']}  ({summary['frame_rate']:.0f} tokens/s, codebook "
@@ -183,11 +187,21 @@ def encode(
     from omnitok.io import atomic_write_json
     from omnitok.tokenizers.base import load_image_tokenizer, read_image_file
 
+    if out.is_dir():
+        raise OmnitokError(f"--out {out} is a directory; give the JSON file to write, e.g. {out / 'codes.json'}")
     tok = load_image_tokenizer(tokenizer)
     arrays = [read_image_file(p) for p in images]
     result = {}
     for p, a in zip(images, arrays, strict=True):
-        result[p.name] = tok.encode(np.asarray(a)).tolist()
+        codes = tok.encode(np.asarray(a)).reshape(-1).tolist()
+        if len(codes) != tok.tokens_per_item:  # the file records one grid, which decode and the LM rely on
+            h, w = np.asarray(a).shape[:2]
+            raise OmnitokError(
+                f"{p}: a {w}x{h} image gives {len(codes)} codes; this tokenizer's grid is "
+                f"{'x'.join(map(str, tok.grid))} = {tok.tokens_per_item} codes (the image size it was trained on)"
+            )
+        result[p.name] = codes
+    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, {"codebook_size": tok.codebook_size, "grid": list(tok.grid), "codes": result})
     console.print(f"encoded {len(arrays)} image(s) to {out} ({tok.tokens_per_item} tokens each)")
 
@@ -210,13 +224,15 @@ def decode(
     if not isinstance(table, dict) or not table:
         raise OmnitokError(f"{codes}: expected a JSON object with a non-empty 'codes' mapping of name -> ids")
     tok = load_image_tokenizer(tokenizer)
-    out_dir = ensure_writable_dir(out, "decode output directory")
-    for name, ids in table.items():
+    images = {}
+    for name, ids in table.items():  # every entry decoded before the first file is written
         try:
             t = torch.tensor(ids)
         except (TypeError, ValueError) as e:
             raise OmnitokError(f"{codes}: codes for {name!r} are not a list of integers: {json.dumps(ids)[:80]}") from e
-        img = tok.decode(t).numpy()
+        images[name] = tok.decode(t).numpy()
+    out_dir = ensure_writable_dir(out, "decode output directory")
+    for name, img in images.items():
         target = out_dir / (Path(name).stem + ".png")
         with atomic_path(target) as tmp:
             Image.fromarray(img).save(tmp, format="PNG")

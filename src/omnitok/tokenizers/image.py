@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnitok.errors import OmnitokError
+from omnitok.errors import OmnitokError, check_numbers
 from omnitok.tokenizers.base import (
     ImageInput,
     as_code_batch,
@@ -551,6 +551,30 @@ class TrainConfig:
     threads: int | None = None
     device: str = "cpu"
     arch: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_numbers(
+            self,
+            "image tokenizer train config",
+            positive=(
+                "steps",
+                "batch_size",
+                "lr",
+                "log_every",
+                "checkpoint_every",
+                "max_images",
+                "threads",
+            ),
+            non_negative=(
+                "max_minutes",
+                "min_lr_ratio",
+                "warmup_steps",
+                "weight_decay",
+                "grad_clip",
+                "disc_weight",
+                "disc_start",
+            ),
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "train config") -> TrainConfig:

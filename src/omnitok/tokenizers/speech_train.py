@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from omnitok.errors import OmnitokError
+from omnitok.errors import OmnitokError, check_numbers
 from omnitok.tokenizers.speech import SpeechTokenizer, SpeechTokenizerConfig, phone_units
 
 
@@ -77,6 +77,28 @@ class SpeechTrainConfig:
         bad = sorted(set(self.kinds) - {"scene", "spoken_qa"})
         if bad:
             raise OmnitokError(f"speech train config: kinds {bad} have no speech; expected 'scene' and/or 'spoken_qa'")
+        check_numbers(
+            self,
+            "speech train config",
+            positive=(
+                "steps",
+                "batch_seconds",
+                "lr",
+                "log_every",
+                "checkpoint_every",
+                "max_clips",
+                "threads",
+            ),
+            non_negative=(
+                "max_minutes",
+                "min_lr_ratio",
+                "warmup_steps",
+                "weight_decay",
+                "grad_clip",
+                "recon_grad",
+                "val_clips",
+            ),
+        )
         if not 0.0 <= self.recon_grad <= 1.0:
             raise OmnitokError(f"speech train config: recon_grad must be in [0, 1], got {self.recon_grad}")
 

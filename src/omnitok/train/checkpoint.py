@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from omnitok.errors import OmnitokError
-from omnitok.io import atomic_write_json, read_json
+from omnitok.io import atomic_write_json, read_json, read_safetensors
 
 STATE_FORMAT = "omnitok-trainer-state"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -123,12 +123,13 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
 
 
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(Path(path) / "model.safetensors")
+    return read_safetensors(Path(path) / "model.safetensors", "checkpoint model weights")
 
 
 def load_optimizer_state(path: str | Path) -> dict[str, Any]:
     p = Path(path)
-    return _join_optimizer_state(load_file(p / "optimizer.safetensors"), read_json(p / "optimizer.json"))
+    tensors = read_safetensors(p / "optimizer.safetensors", "checkpoint optimizer state")
+    return _join_optimizer_state(tensors, read_json(p / "optimizer.json", "checkpoint optimizer state"))
 
 
 def rng_state() -> dict[str, list[list[int]]]:

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
-from omnitok.data.shards import load_manifest, read_vocab_size
+from omnitok.data.shards import TokenDataset, load_manifest, read_vocab_size
 from omnitok.errors import OmnitokError
 from omnitok.model import check_model_spec
 
@@ -359,6 +360,8 @@ def load_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 
 def check_data(recipe: Recipe) -> int:
     """Check the recipe against its token directory; returns the vocabulary size."""
+    if recipe.data.is_file():
+        raise OmnitokError(f"data: {recipe.data} is a file; give the token directory omnitok pretokenize wrote")
     if not recipe.data.is_dir():
         raise OmnitokError(f"data: token directory {recipe.data} does not exist")
     try:
@@ -383,4 +386,25 @@ def check_data(recipe: Recipe) -> int:
                 )
             if available[task]["docs"] == 0 and s.mixture[task] > 0:
                 raise OmnitokError(f"stages[{i}].mixture.{task}: task has no documents in {recipe.data}")
+            if s.mixture[task] > 0:
+                _check_targets_fit(recipe, i, task)
     return vocab_size
+
+
+def _check_targets_fit(recipe: Recipe, stage: int, task: str, sample: int = 64) -> None:
+    """Refuse a ``seq_len`` that cuts most of a task's documents before their first target.
+
+    Why: a document longer than a row is cut at ``seq_len``; when the answer starts later, the row trains on
+    nothing, and a run of such rows logs loss 0.0 and finishes as if it had learned.
+    """
+    seq_len = recipe.stages[stage].batch(recipe.batch).seq_len
+    ds = TokenDataset(recipe.data, recipe.split, task)
+    firsts = []
+    for k in range(min(sample, len(ds))):
+        mask = np.asarray(ds[k][1])
+        firsts.append(int(mask.argmax()) if mask.any() else len(mask))
+    if firsts and sum(f >= seq_len for f in firsts) > len(firsts) // 2:
+        raise OmnitokError(
+            f"stages[{stage}]: batch.seq_len {seq_len} cuts most {task} documents before their first target "
+            f"(median first target at position {int(np.median(firsts))} in the first {len(firsts)}); raise seq_len"
+        )
