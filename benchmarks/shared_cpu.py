@@ -2,11 +2,14 @@
 
 torch's CPU build runs its operators on libgomp, whose threads spin while they wait for the next parallel region
 (OMP_WAIT_POLICY unset). When another process holds one of the cores, the spinning thread takes the core from the
-one that has work, and every operator waits for the scheduler. Arms: all cores with libgomp's default waiting,
-all cores with ``OMP_WAIT_POLICY=PASSIVE`` (a waiting thread sleeps), and only the cores not held; each on the
-idle machine and with ``--busy`` cores held by busy loops; each measurement in a fresh process, arms alternating:
+one that has work, and every operator waits for the scheduler. Arms: all cores with libgomp's default waiting, all
+cores with ``OMP_WAIT_POLICY=PASSIVE`` (a waiting thread sleeps), all cores with each ``--spincounts`` value of
+``GOMP_SPINCOUNT`` (a shorter spin), and only the cores not held; each on the idle machine and with ``--busy`` cores
+held by busy loops (``--loads``); each measurement in a fresh process, arms alternating:
 
     python benchmarks/shared_cpu.py --demo runs/demo23 --rounds 2
+    python benchmarks/shared_cpu.py --demo runs/demo23 --rounds 3 --spincounts 10000 --loads idle \
+        --steps "image tokenizer training (40 steps, the demo's shape)" "LM training (8 steps of the demo's recipe)"
 """
 
 from __future__ import annotations
@@ -44,6 +47,13 @@ from omnitok.train.recipe import load_recipe
 recipe = replace(load_recipe("recipes/toyworld.yaml"), data=Path("{demo}/tokens"), out=Path("{out}/lm"))
 speed = measure_throughput(recipe, steps=8, warmup=2)
 print(8 * 2048 / speed)
+""",
+    "image tokenizer training (40 steps, the demo's shape)": """
+import torch
+from omnitok.demo import IMAGE_LEVELS
+from omnitok.tokenizers.image import TrainConfig, train_image_tokenizer
+cfg = TrainConfig(steps=40, max_images=512, val_images=32, threads={threads}, arch={{"levels": IMAGE_LEVELS}})
+print(train_image_tokenizer("{demo}/world", "{out}/itok", cfg, progress=False)["train_seconds"])
 """,
     "generation (8 captions and 8 pictures)": """
 import time, torch

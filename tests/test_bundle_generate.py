@@ -336,8 +336,11 @@ def test_generate_cli_writes_reply_files(bundle_dir, tmp_path):
                     "temperature": None, "top_k": None, "top_p": None, "resize": False, "device": "cpu"}  # fmt: skip
         generate_command(bundle_path, **{**defaults, **kw})
 
+    (out / "mine.png").write_bytes(b"the user's own file")
     run(bundle_dir / "bundle", image=[tmp_path / "big.png"], resize=True, text="what is this?")
     assert (out / "reply.txt").is_file()
+    # the earlier reply's picture is gone (a text reply does not leave it beside), the user's own file is not
+    assert not (out / "image_0.png").exists() and (out / "mine.png").is_file()
     (tmp_path / "notes.txt").write_text("not a picture")
     with pytest.raises(OmnitokError, match="not a readable image"):
         run(bundle_dir / "bundle", image=[tmp_path / "notes.txt"])

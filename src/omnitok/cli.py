@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator, MutableMapping
 from typing import Any
@@ -13,15 +12,6 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from omnitok.errors import OmnitokError
-
-# Before any sub-command imports torch: how long its OpenMP threads spin before they sleep when they wait. libgomp's
-# default (300,000 PAUSE iterations, milliseconds on a Xeon) lets a thread whose core another process holds stall
-# every operator: on a 2-core Xeon with one core busy, the demo's LM steps took 3.7x as long and generation 5-7x.
-# 10,000 keeps the idle machine's speed (where sleeping at once, OMP_WAIT_POLICY=PASSIVE, cost 10-35 %) and takes
-# back most of it (docs/BENCHMARKS.md, "On a machine another process also uses"). Processes omnitok spawns inherit
-# it; a value the user set, or any OMP_WAIT_POLICY, wins.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 # Each sub-command by where it lives, imported only when it runs (or shows its own help). Why: every
 # process omnitok spawns (the demo's steps, the evaluation's pocketsphinx workers) imports this module again as its

@@ -7,6 +7,7 @@ writing Python, and so every reply is kept with the exact request that produced 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -82,6 +83,18 @@ def build_request(
     return sample
 
 
+def _remove_previous_reply(out: Path) -> None:
+    """The files an earlier reply in ``out`` wrote (its request.json lists them), so a text reply written where a
+    picture was does not leave the old picture looking like part of it. Only names this command writes are removed."""
+    try:
+        listed = json.loads((out / "request.json").read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return
+    for name in listed if isinstance(listed, list) else []:
+        if isinstance(name, str) and re.fullmatch(r"(image_\d+\.png|speech_\d+\.wav)", name):
+            (out / name).unlink(missing_ok=True)
+
+
 def write_reply(segments: list[Segment], out: Path) -> dict[str, Any]:
     """Each reply segment -> a file in ``out``; returns what was written (also saved as reply.json)."""
     from PIL import Image as PILImage
@@ -89,6 +102,7 @@ def write_reply(segments: list[Segment], out: Path) -> dict[str, Any]:
     from omnitok.world.speech import encode_wav
 
     written: dict[str, Any] = {"text": "", "files": []}
+    _remove_previous_reply(out)
     for i, seg in enumerate(segments):
         if isinstance(seg, Text):
             written["text"] += seg.text
@@ -177,6 +191,7 @@ def generate_command(
         **{k: v for k, v in options.items() if k != "reference" and k not in sampling},
         "sampling": {m: asdict(s) for m, s in sampling.items()},
         "seconds": round(seconds, 3),
+        "files": written["files"],
     }
     atomic_write_json(out / "request.json", request)
     typer.echo(json.dumps({"text": written["text"], "files": [str(out / f) for f in written["files"]]}))
