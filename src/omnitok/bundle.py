@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from omnitok.errors import OmnitokError
-from omnitok.io import atomic_write_json, read_json
+from omnitok.io import atomic_write_json, check_format, read_json
 from omnitok.tokenizers.text import TextTokenizer
 from omnitok.vocab import Vocabulary
 
@@ -124,15 +124,7 @@ def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> Bundle:
     p = Path(path)
     if p.is_file():
         raise OmnitokError(f"a bundle is a directory (omnitok.json, lm/, tokenizers/), got the file {p}")
-    manifest = read_json(p / MANIFEST, "bundle manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise OmnitokError(f"{p / MANIFEST}: field 'format' should be {FORMAT!r}, got {got!r}")
-    version = manifest.get("version", 0)
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise OmnitokError(f"{p / MANIFEST}: field 'version' should be an integer, got {version!r}")
-    if version > VERSION:
-        raise OmnitokError(f"{p / MANIFEST}: version {version} is newer than this omnitok ({VERSION})")
+    manifest = check_format(read_json(p / MANIFEST, "bundle manifest"), FORMAT, VERSION, str(p / MANIFEST))
     if not isinstance(manifest.get("vocab"), dict):
         raise OmnitokError(
             f"{p / MANIFEST}: field 'vocab' should be the vocabulary's mapping, got {manifest.get('vocab')!r}"

@@ -11,7 +11,7 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,19 @@ def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
         return json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise OmnitokError(f"{what} {p} is not valid JSON: {e}") from e
+
+
+def check_format(doc: Any, fmt: str, version: int, source: str) -> Any:
+    """``doc``, once it is a mapping whose ``format`` is ``fmt`` and whose integer ``version`` this omnitok reads."""
+    got = doc.get("format") if isinstance(doc, Mapping) else type(doc).__name__
+    if got != fmt:
+        raise OmnitokError(f"{source}: field 'format' should be {fmt!r}, got {got!r}")
+    v = doc.get("version", 0)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise OmnitokError(f"{source}: field 'version' should be an integer, got {v!r}")
+    if v > version:
+        raise OmnitokError(f"{source}: version {v} is newer than this omnitok reads ({version})")
+    return doc
 
 
 def read_safetensors(path: str | os.PathLike[str], what: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from omnitok.errors import OmnitokError
-from omnitok.io import atomic_write_json, read_json
+from omnitok.io import atomic_write_json, check_format, read_json
 
 FORMAT = "omnitok-vocab"
 VERSION = 1
@@ -223,13 +223,7 @@ class Vocabulary:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], source: str = "vocab.json") -> Vocabulary:
-        if d.get("format") != FORMAT:
-            raise OmnitokError(f"{source}: field 'format' should be {FORMAT!r}, got {d.get('format')!r}")
-        version = d.get("version", 0)
-        if isinstance(version, bool) or not isinstance(version, int):
-            raise OmnitokError(f"{source}: field 'version' should be an integer, got {version!r}")
-        if version > VERSION:
-            raise OmnitokError(f"{source}: version {version} is newer than this omnitok reads ({VERSION})")
+        check_format(d, FORMAT, VERSION, source)
         try:
             ranges = [
                 CodeRange(c["modality"], int(c["level"]), int(c["start"]), int(c["size"])) for c in d["codebooks"]

@@ -74,6 +74,11 @@ def busy_cores(window_s: float = 0.3) -> float:
         return 0.0
 
 
+# The numeric fields every tokenizer's training config has, by the least value that makes sense (config checks).
+TRAIN_POSITIVE = ("steps", "lr", "log_every", "checkpoint_every", "threads")
+TRAIN_NON_NEGATIVE = ("max_minutes", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip")
+
+
 def auto_threads() -> int:
     """Intra-op threads that leave busy cores alone.
 

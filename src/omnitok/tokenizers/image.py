@@ -43,6 +43,8 @@ from torch import nn
 
 from omnitok.errors import OmnitokError, check_numbers
 from omnitok.tokenizers.base import (
+    TRAIN_NON_NEGATIVE,
+    TRAIN_POSITIVE,
     ImageInput,
     as_code_batch,
     as_image_batch,
@@ -556,24 +558,8 @@ class TrainConfig:
         check_numbers(
             self,
             "image tokenizer train config",
-            positive=(
-                "steps",
-                "batch_size",
-                "lr",
-                "log_every",
-                "checkpoint_every",
-                "max_images",
-                "threads",
-            ),
-            non_negative=(
-                "max_minutes",
-                "min_lr_ratio",
-                "warmup_steps",
-                "weight_decay",
-                "grad_clip",
-                "disc_weight",
-                "disc_start",
-            ),
+            positive=(*TRAIN_POSITIVE, "batch_size", "max_images"),
+            non_negative=(*TRAIN_NON_NEGATIVE, "disc_weight", "disc_start"),
         )
 
     @classmethod

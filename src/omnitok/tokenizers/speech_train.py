@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from omnitok.errors import OmnitokError, check_numbers
+from omnitok.tokenizers.base import TRAIN_NON_NEGATIVE, TRAIN_POSITIVE
 from omnitok.tokenizers.speech import SpeechTokenizer, SpeechTokenizerConfig, phone_units
 
 
@@ -80,24 +81,8 @@ class SpeechTrainConfig:
         check_numbers(
             self,
             "speech train config",
-            positive=(
-                "steps",
-                "batch_seconds",
-                "lr",
-                "log_every",
-                "checkpoint_every",
-                "max_clips",
-                "threads",
-            ),
-            non_negative=(
-                "max_minutes",
-                "min_lr_ratio",
-                "warmup_steps",
-                "weight_decay",
-                "grad_clip",
-                "recon_grad",
-                "val_clips",
-            ),
+            positive=(*TRAIN_POSITIVE, "batch_seconds", "max_clips"),
+            non_negative=(*TRAIN_NON_NEGATIVE, "recon_grad", "val_clips"),
         )
         if not 0.0 <= self.recon_grad <= 1.0:
             raise OmnitokError(f"speech train config: recon_grad must be in [0, 1], got {self.recon_grad}")
