@@ -13,7 +13,7 @@ class OmnitokError(Exception):
 def check_numbers(
     obj: object, where: str, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()
 ) -> None:
-    """Raise if a config's numeric fields are not numbers in range (None is left to the field's own meaning).
+    """Raise if a config's numeric fields are not finite numbers in range (None keeps the field's own meaning).
 
     Why: configs come from YAML and flags, and a step count of -5 or a learning rate of "1e-3" otherwise runs to
     the end (an untrained tokenizer saved over a trained one) or fails deep inside torch with a traceback.
@@ -25,7 +25,7 @@ def check_numbers(
             v = getattr(obj, name)
             if v is None:
                 continue
-            if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                 raise OmnitokError(f"{where}: {name} must be a number {least}, got {v!r}")
             if v < 0 or (v == 0 and least == "> 0"):
                 raise OmnitokError(f"{where}: {name} must be {least}, got {v}")
