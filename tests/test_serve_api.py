@@ -331,6 +331,9 @@ def test_malformed_requests_are_4xx_in_openai_shape(url, client):
         assert err["param"] == "messages[0].content[0].image_url" and "not an image" in err["message"]
         err = _assert_openai_error(http.post(CHAT, json=_user(_image("http://x/y.png"))), 400)
         assert "only data URLs" in err["message"]
+        err = _assert_openai_error(http.post(CHAT, json=_user({"type": "video", "video": "x"})), 400)
+        assert err["param"] == "messages[0].content[0].type"
+        assert err["message"].endswith("expected one of 'text', 'image_url', 'input_audio', got 'video'")
         err = _assert_openai_error(http.post(CHAT, json=_chat(model="gpt-9")), 404)
         assert err["code"] == "model_not_found"
         err = _assert_openai_error(http.post(CHAT, json=_chat(max_tokens="many")), 400)

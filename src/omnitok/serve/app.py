@@ -159,6 +159,21 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         return f"request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", None
     if first.get("type") == "model_attributes_type" and not _loc(first.get("loc", ())):
         return "request body must be a JSON object", None
+    # A content part of an unknown type fails every branch of the union (and the plain-string form first): name the
+    # part's type and the ones there are, not "Input should be a valid string".
+    branches: dict[tuple[Any, ...], set[str]] = {}  # part -> the union branches that reported an error
+    tags: dict[tuple[Any, ...], list[dict[str, Any]]] = {}  # part -> the branches whose 'type' did not match
+    for e in errors:
+        loc = tuple(e.get("loc", ()))
+        if len(loc) >= 3 and loc[-2] in ("TextPart", "ImagePart", "AudioPart"):
+            branches.setdefault(loc[:-2], set()).add(loc[-2])
+            if e.get("type") == "literal_error" and loc[-1] == "type":
+                tags.setdefault(loc[:-2], []).append(e)
+    for part, group in tags.items():
+        if len(group) > 1 and len(group) == len(branches[part]):  # no branch took the part's type
+            where = _loc(group[0]["loc"])
+            expected = ", ".join(str(g.get("ctx", {}).get("expected")) for g in group)
+            return f"{where}: expected one of {expected}, got {group[0].get('input')!r}", where
     param = _loc(first.get("loc", ())) or None
     msg = first.get("msg", "invalid value")
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
