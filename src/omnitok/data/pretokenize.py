@@ -16,7 +16,7 @@ from typing import Any
 
 from omnitok.data import tasks as task_defs
 from omnitok.errors import OmnitokError
-from omnitok.io import ensure_writable_dir, write_run_config
+from omnitok.io import ensure_writable_dir, read_json, write_run_config
 from omnitok.sequence import MediaEncoder, Segment, Text, encode
 from omnitok.tokenizers.text import TextTokenizer
 from omnitok.vocab import Vocabulary
@@ -125,8 +125,6 @@ def _check_resumable(out_dir: Path, config: dict[str, Any]) -> None:
     path = out_dir / "config.json"
     if not path.exists():
         return
-    from omnitok.io import read_json
-
     before = read_json(path, "token directory config")
     old = before.get("config") if isinstance(before, dict) else None
     if not isinstance(old, dict) or before.get("command") != "omnitok pretokenize":

@@ -377,6 +377,7 @@ def check_data(recipe: Recipe) -> int:
     if recipe.split not in manifest["splits"]:
         raise OmnitokError(f"split: {recipe.data} has no split {recipe.split!r}; has {sorted(manifest['splits'])}")
     available = manifest["splits"][recipe.split]
+    checked: dict[tuple[str, int], int] = {}  # (task, seq_len) -> the first stage that trains it so
     for i, s in enumerate(recipe.stages):
         for task in s.mixture:
             if task not in available:
@@ -387,7 +388,9 @@ def check_data(recipe: Recipe) -> int:
             if available[task]["docs"] == 0 and s.mixture[task] > 0:
                 raise OmnitokError(f"stages[{i}].mixture.{task}: task has no documents in {recipe.data}")
             if s.mixture[task] > 0:
-                _check_targets_fit(recipe, i, task)
+                checked.setdefault((task, s.batch(recipe.batch).seq_len), i)
+    for (task, _), i in checked.items():  # once per task and row length, not once per stage that mixes it in
+        _check_targets_fit(recipe, i, task)
     return vocab_size
 
 
