@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-hf", action="store_true", help="skip the Janus/Emu3 timing")
     ap.add_argument("--json", type=Path, default=None, help="also write results here")
     args = ap.parse_args(argv)
-    from omnitok.tokenizers.base import auto_threads
+    from omnitok.threads import auto_threads
 
     torch.set_num_threads(args.threads or auto_threads())
     load_before = os.getloadavg()[0]

@@ -4,10 +4,13 @@ torch's CPU build runs its operators on libgomp, whose threads spin while they w
 (OMP_WAIT_POLICY unset). When another process holds one of the cores, the spinning thread takes the core from the
 one that has work, and every operator waits for the scheduler. Arms: all cores with libgomp's default waiting, all
 cores with ``OMP_WAIT_POLICY=PASSIVE`` (a waiting thread sleeps), all cores with each ``--spincounts`` value of
-``GOMP_SPINCOUNT`` (a shorter spin), and only the cores not held; each on the idle machine and with ``--busy`` cores
+``GOMP_SPINCOUNT`` (a shorter spin), only the cores not held, and the cores ``omnitok.threads.auto_threads`` finds
+free as the step starts (what omnitok's heavy steps now run on); each on the idle machine and with ``--busy`` cores
 held by busy loops (``--loads``); each measurement in a fresh process, arms alternating:
 
     python benchmarks/shared_cpu.py --demo runs/demo23 --rounds 2
+    python benchmarks/shared_cpu.py --demo runs/demo23 --rounds 2 --arms default free \
+        --steps "LM training (8 steps of the demo's recipe)" "generation (8 captions and 8 pictures)"
     python benchmarks/shared_cpu.py --demo runs/demo23 --rounds 3 --spincounts 10000 --loads idle \
         --steps "image tokenizer training (40 steps, the demo's shape)" "LM training (8 steps of the demo's recipe)"
 """
@@ -27,6 +30,9 @@ from pathlib import Path
 from _common import command, machine, table
 
 # Each step: Python run in a fresh process with {demo}, {out} and {threads} formatted in; it prints its seconds last.
+# {threads} is a number, or FREE: the threads chosen in that process, from the cores free as it starts.
+FREE = "auto_threads()"
+PRELUDE = "from omnitok.threads import auto_threads\n"
 STEPS = {
     "pretokenize (the world's val split)": """
 import time, torch
@@ -90,6 +96,9 @@ def main() -> None:
     ap.add_argument("--busy", type=int, default=1, help="cores the competing busy loops hold")
     ap.add_argument("--spincounts", type=int, nargs="*", default=[], help="GOMP_SPINCOUNT arms to add")
     ap.add_argument("--loads", nargs="*", default=["idle", "busy"], help="idle and/or busy")
+    ap.add_argument(
+        "--arms", nargs="*", default=["default", "passive", "fewer", "free"], help="default, passive, fewer, free"
+    )
     args = ap.parse_args()
     demo = Path(args.demo).resolve()
     cores = os.cpu_count() or 1
@@ -97,12 +106,15 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(command())
     # (label, threads, environment): libgomp's default spins up to 300,000 PAUSE instructions before it sleeps
-    kinds = [
-        (f"{cores} threads, spinning (libgomp default)", cores, {}),
-        (f"{cores} threads, OMP_WAIT_POLICY=PASSIVE", cores, {"OMP_WAIT_POLICY": "PASSIVE"}),
-        *[(f"{cores} threads, GOMP_SPINCOUNT={n}", cores, {"GOMP_SPINCOUNT": str(n)}) for n in args.spincounts],
-        (f"{free} thread(s)", free, {}),
-    ]
+    named = {
+        "default": (f"{cores} threads, spinning (libgomp default)", cores, {}),
+        "passive": (f"{cores} threads, OMP_WAIT_POLICY=PASSIVE", cores, {"OMP_WAIT_POLICY": "PASSIVE"}),
+        "fewer": (f"{free} thread(s)", free, {}),
+        "free": ("the cores free at the step's start (auto_threads)", FREE, {}),
+    }
+    kinds = [named[a] for a in args.arms if a != "free" and a != "fewer"]
+    kinds += [(f"{cores} threads, GOMP_SPINCOUNT={n}", cores, {"GOMP_SPINCOUNT": str(n)}) for n in args.spincounts]
+    kinds += [named[a] for a in args.arms if a in ("fewer", "free")]
     arms = [(load, kind) for load in args.loads for kind in kinds]
     times: dict[tuple[str, str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,7 +129,8 @@ def main() -> None:
                     ]
                     try:
                         time.sleep(0.5 if hogs else 0)
-                        seconds = _run(STEPS[step].format(demo=demo, out=out, threads=threads), out, env)
+                        code = PRELUDE + STEPS[step].format(demo=demo, out=out, threads=threads)
+                        seconds = _run(code, out, env)
                     finally:
                         for h in hogs:
                             h.kill()

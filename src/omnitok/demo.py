@@ -82,16 +82,24 @@ def _done(path: Path) -> bool:
     return path.exists()
 
 
+def _on_free_cores(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    from omnitok.threads import free_cores
+
+    with free_cores():
+        return fn(*args, **kwargs)
+
+
 def in_fresh_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` in a new (spawned) Python process; its result or exception comes back here.
 
     Why: a long PyTorch step leaves the allocator's heap fragmented and large after it ends, and the next step in
     the same process runs slower in it; a fresh process per step starts each one clean and gives the memory back.
-    ``fn`` and its arguments must be picklable (module-level functions, dataclass configs, paths).
+    ``fn`` and its arguments must be picklable (module-level functions, dataclass configs, paths). It runs on the
+    cores free as it starts (``omnitok.threads.free_cores``).
     """
     try:
         with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-            return pool.submit(fn, *args, **kwargs).result()
+            return pool.submit(_on_free_cores, fn, *args, **kwargs).result()
     except BrokenProcessPool as e:
         name = getattr(fn, "__qualname__", repr(fn))
         raise OmnitokError(
@@ -180,12 +188,13 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
     else:
         import omnitok
         from omnitok.eval.suite import EvalConfig, evaluate
+        from omnitok.threads import free_cores
 
         console.rule("evaluate")
         minutes = cfg.eval_minutes
         if minutes is None:
             minutes = max(0.0, cfg.minutes * 60 - (time.perf_counter() - t0) - EVAL_TAIL_S) / 60
-        with console.status("evaluating") as status:
+        with free_cores(), console.status("evaluating") as status:
             metrics = evaluate(
                 omnitok.load(str(bundle), cfg.device),
                 world,

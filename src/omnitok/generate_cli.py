@@ -154,6 +154,7 @@ def generate_command(
     """Run one request against a bundle and write the reply's text, images and speech to --out."""
     from omnitok.decoding import sampling_overrides
     from omnitok.generate import GenerateOptions, load
+    from omnitok.threads import free_cores
 
     if output not in OUTPUTS:
         raise OmnitokError(f"--output must be one of {list(OUTPUTS)}, got {output!r}")
@@ -178,9 +179,10 @@ def generate_command(
     options |= sampling
     GenerateOptions(**options)  # a bad option fails before --out is made
     ensure_writable_dir(out)
-    t0 = time.perf_counter()
-    reply = model.generate(sample, **options)
-    seconds = time.perf_counter() - t0
+    with free_cores():
+        t0 = time.perf_counter()
+        reply = model.generate(sample, **options)
+        seconds = time.perf_counter() - t0
     written = write_reply(reply, out)
     request = {
         "bundle": str(bundle),

@@ -37,10 +37,18 @@ def pretokenize(
 ) -> None:
     """Tokenize a world into memory-mapped token shards (per rank under torchrun; resumable)."""
     from omnitok.data.pretokenize import pretokenize as run
+    from omnitok.threads import free_cores
 
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as bar:
+    with (
+        free_cores(),
+        Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar,
+    ):
         ids: dict[str, int] = {}
 
         def report(name: str, done: int, total: int) -> None:

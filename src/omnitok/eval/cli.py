@@ -53,6 +53,7 @@ def eval_command(
     from omnitok.data.cli import _csv
     from omnitok.decoding import sampling_overrides
     from omnitok.eval.suite import TASKS, EvalConfig, evaluate
+    from omnitok.threads import free_cores
 
     if max_minutes is not None and max_minutes <= 0:
         raise OmnitokError(f"--max-minutes must be positive, got {max_minutes}")
@@ -66,7 +67,7 @@ def eval_command(
         caption_best_of=caption_best_of,
     )
     model = omnitok.load(str(bundle), device)
-    with console.status("evaluating") as status:
+    with free_cores(), console.status("evaluating") as status:
         metrics = evaluate(model, data, out, cfg, progress=lambda t: status.update(f"evaluating {t}"))
     console.print(metrics_table(metrics))
     console.print(f"report: {out / 'report.html'}")

@@ -10,9 +10,7 @@ import io
 import json
 import os
 import tarfile
-import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -29,65 +27,9 @@ WEIGHTS_NAME = "model.safetensors"
 ImageInput = np.ndarray | torch.Tensor | Sequence[np.ndarray]
 
 
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run a block with ``n`` intra-op threads (None: unchanged) and restore the previous count after.
-
-    Tokenizer training picks its own thread count for a shared CPU; without restoring it, everything later in
-    the same process (``omnitok demo`` trains the LM next) would silently run on that count too.
-    """
-    prev = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
-
-def _cpu_times() -> tuple[float, float] | None:
-    """(idle, total) jiffies of all cores from /proc/stat; None where there is no such file."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [float(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-    except (OSError, ValueError):
-        return None
-    return fields[3] + fields[4], sum(fields)
-
-
-def busy_cores(window_s: float = 0.3) -> float:
-    """How many cores other work keeps busy now: CPU time sampled over ``window_s``, else the load average.
-
-    Why not the load average alone: it is a one-minute mean, so right after a step of the same pipeline has used
-    every core (the demo's world build, then its image tokenizer) it still reads "all busy" on an idle machine.
-    """
-    cores = os.cpu_count() or 1
-    before = _cpu_times()
-    if before is not None:
-        time.sleep(window_s)
-        after = _cpu_times()
-        if after is not None and after[1] > before[1]:
-            return cores * (1.0 - (after[0] - before[0]) / (after[1] - before[1]))
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return 0.0
-
-
 # The numeric fields every tokenizer's training config has, by the least value that makes sense (config checks).
 TRAIN_POSITIVE = ("steps", "lr", "log_every", "checkpoint_every", "threads")
 TRAIN_NON_NEGATIVE = ("max_minutes", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip")
-
-
-def auto_threads() -> int:
-    """Intra-op threads that leave busy cores alone.
-
-    On a small shared CPU, OpenMP threads that wait on a core another process holds spin and stall every
-    operator; measured here, one thread beat two by 1.7x when two other jobs were running, while two beat
-    one by 1.6x on an idle machine (the speech tokenizer: 1.4x). So: the cores not busy now, at least one.
-    """
-    cores = os.cpu_count() or 1
-    return max(1, min(torch.get_num_threads(), cores - int(busy_cores() + 0.5)))
 
 
 @runtime_checkable

@@ -679,7 +679,7 @@ def train_image_tokenizer(
     Batches are drawn by a generator seeded with ``(seed, step)``, so a resumed run sees the same data as an
     uninterrupted one.
     """
-    from omnitok.tokenizers.base import auto_threads, torch_threads
+    from omnitok.threads import auto_threads, torch_threads
 
     train = train or TrainConfig()
     with torch_threads(train.threads or auto_threads()):

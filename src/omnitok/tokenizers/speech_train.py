@@ -438,7 +438,7 @@ def train_speech_tokenizer(
     on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train the speech tokenizer on a world's ``train`` split; returns (and writes) the run summary."""
-    from omnitok.tokenizers.base import auto_threads, torch_threads
+    from omnitok.threads import auto_threads, torch_threads
 
     train = train or SpeechTrainConfig()
     with torch_threads(train.threads or auto_threads()):

@@ -31,6 +31,7 @@ def train(
     """Train a model through the stages of RECIPE on pretokenized data."""
     from transformers.utils import logging as hf_logging
 
+    from omnitok.threads import free_cores
     from omnitok.train.loop import stage_summary
     from omnitok.train.loop import train as run
     from omnitok.train.recipe import check_data, load_recipe
@@ -47,7 +48,8 @@ def train(
         for row in rows:
             table.add_row(*(str(v) for v in row.values()))
         console.print(table)
-    result = run(r, resume=resume, progress=progress, max_steps=max_steps)
+    with free_cores():  # all of them on an idle machine; not the ones another process holds
+        result = run(r, resume=resume, progress=progress, max_steps=max_steps)
     if main:
         last = result["log"][-1] if result["log"] else {}
         loss = f", loss {last['loss']:.4f}" if last else ""
