@@ -145,6 +145,17 @@ def read_image_file(path: str | os.PathLike[str]) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- save/load
 
 
+def read_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A tokenizer training checkpoint's model and optimizer tensors; an unreadable one says how to start over."""
+    try:
+        return (
+            read_safetensors(ckpt / "model.safetensors", "checkpoint weights"),
+            read_safetensors(ckpt / "optimizer.safetensors", "checkpoint optimizer state"),
+        )
+    except OmnitokError as e:
+        raise OmnitokError(f"{e}; use --no-resume to start over") from e
+
+
 def save_config_and_weights(
     path: str | os.PathLike[str], config: dict[str, Any], state: dict[str, torch.Tensor]
 ) -> Path:

@@ -50,6 +50,7 @@ from omnitok.tokenizers.base import (
     as_image_batch,
     from_uint8_images,
     load_config_and_weights,
+    read_checkpoint,
     resolve_tokenizer_dir,
     save_config_and_weights,
     to_uint8_images,
@@ -696,8 +697,7 @@ def _train_image_tokenizer(
     val_images: np.ndarray | None,
     on_log: Callable[[dict[str, Any]], None] | None,
 ) -> dict[str, Any]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from omnitok.io import atomic_path, atomic_write_json, ensure_writable_dir, read_json, write_run_config
     from omnitok.tokenizers.base import load_split_images
@@ -739,11 +739,7 @@ def _train_image_tokenizer(
                 f"{out_dir}: a checkpoint from a different configuration exists ({state_path}); "
                 "use a new --out directory or --no-resume"
             )
-        try:
-            tensors = load_file(str(ckpt / "model.safetensors"))
-            opt_t = load_file(str(ckpt / "optimizer.safetensors"))
-        except (SafetensorError, OSError) as e:
-            raise OmnitokError(f"{ckpt}: unreadable checkpoint ({e}); use --no-resume to start over") from e
+        tensors, opt_t = read_checkpoint(ckpt)
         model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
         _load_optimizer(opt, "opt", opt_t, st["optimizer"])
         if disc is not None and opt_d is not None:

@@ -96,7 +96,7 @@ def as_mono_audio(
     if max_seconds is not None and seconds > max_seconds:
         raise OmnitokError(
             f"audio: clip is {seconds:.1f} s long, more than the maximum {max_seconds:.0f} s; "
-            "split it into utterances (or raise max_seconds)"
+            "split it into utterances (the limit is the speech tokenizer's max_seconds setting)"
         )
     if int(sample_rate) != target_rate:
         from scipy.signal import resample_poly

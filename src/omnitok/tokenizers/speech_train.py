@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from omnitok.errors import OmnitokError, check_numbers
-from omnitok.tokenizers.base import TRAIN_NON_NEGATIVE, TRAIN_POSITIVE
+from omnitok.tokenizers.base import TRAIN_NON_NEGATIVE, TRAIN_POSITIVE, read_checkpoint
 from omnitok.tokenizers.speech import SpeechTokenizer, SpeechTokenizerConfig, phone_units
 
 
@@ -456,8 +456,7 @@ def _train_speech_tokenizer(
     on_log: Callable[[dict[str, Any]], None] | None,
 ) -> dict[str, Any]:
     from rich.progress import Progress
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from omnitok.io import atomic_path, atomic_write_json, ensure_writable_dir, read_json, write_run_config
     from omnitok.tokenizers.image import _load_optimizer, _save_optimizer
@@ -515,11 +514,7 @@ def _train_speech_tokenizer(
     opt = torch.optim.AdamW(params, lr=train.lr, betas=(0.9, 0.99), weight_decay=train.weight_decay)
     start, log, elapsed_before = 0, [], 0.0
     if resuming:
-        try:
-            tensors = load_file(str(ckpt / "model.safetensors"))
-            opt_t = load_file(str(ckpt / "optimizer.safetensors"))
-        except (SafetensorError, OSError) as e:
-            raise OmnitokError(f"{ckpt}: unreadable checkpoint ({e}); use --no-resume to start over") from e
+        tensors, opt_t = read_checkpoint(ckpt)
         tok.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("adversary.")})
         if adversary is not None:
             adversary.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("adversary.")})
