@@ -146,6 +146,13 @@ def test_train_logs_checkpoints_and_resumes(tmp_path: Path) -> None:
     timed = TrainConfig(**{**cfg.__dict__, "max_minutes": 0.0})  # the time limit stops it after one step
     s1 = train_image_tokenizer(tmp_path / "w", tmp_path / "run", timed, progress=False)
     assert s1["steps"] == 1 and not s1["completed"] and s1["stopped_by_time_limit"]
+    # a truncated checkpoint is named, with the way out, and left for the user to look at
+    weights = tmp_path / "run" / "checkpoint" / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:100])
+    with pytest.raises(OmnitokError, match=r"checkpoint weights .*model\.safetensors.*truncated.*--no-resume"):
+        train_image_tokenizer(tmp_path / "w", tmp_path / "run", cfg, progress=False)
+    weights.write_bytes(whole)
     # the time limit is operational, not part of the run's identity: the same run resumes without it
     s2 = train_image_tokenizer(tmp_path / "w", tmp_path / "run", cfg, progress=False)
     assert s2["completed"] and s2["steps"] == 4 and s2["val"]["psnr"] > 0
