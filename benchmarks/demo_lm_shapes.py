@@ -73,11 +73,16 @@ def arm_recipe(base: Path, overrides: dict[str, object], out: Path) -> Path:
     return path
 
 
-def train_arm(tokens: Path, out: Path, recipe: Path, seconds: float, speed: float | None = None) -> dict:
+def train_arm(
+    tokens: Path, out: Path, recipe: Path, seconds: float, speed: float | None = None, validation: dict | None = None
+) -> dict:
     """Plan and train one arm (runs in a fresh process); returns its plan, parameter count and wall time.
 
     ``speed``: positions/s to plan with instead of measuring (arms of one model then train equal positions).
+    ``validation``: the arm's ``validation.*`` overrides, applied over the demo's own validation settings.
     """
+    from dataclasses import replace
+
     from safetensors import safe_open
 
     from omnitok.demo import DemoConfig, _demo_recipe
@@ -86,6 +91,7 @@ def train_arm(tokens: Path, out: Path, recipe: Path, seconds: float, speed: floa
     t0 = time.perf_counter()
     shutil.rmtree(out / "lm", ignore_errors=True)  # an arm interrupted before its result: trained again from the start
     base = _demo_recipe(tokens, out / "lm", DemoConfig(recipe=str(recipe)))
+    base = replace(base, validation=replace(base.validation, **(validation or {})))
     plans = []
     train_for_seconds(base, seconds, speed=speed, on_plan=lambda r, s: plans.append((r, s)))
     planned, speed = plans[-1]
@@ -94,8 +100,10 @@ def train_arm(tokens: Path, out: Path, recipe: Path, seconds: float, speed: floa
     with safe_open(str(Path(planned.out) / "final" / "model.safetensors"), "pt") as f:
         names = f.keys()  # a safe_open handle is not iterable itself
         params = sum(math.prod(f.get_slice(k).get_shape()) for k in names)
+    val = [json.loads(line) for line in (out / "lm" / "val.jsonl").read_text().splitlines()]
     return {
         "positions_per_s": speed,
+        "val_seconds": sum(r["seconds"] for r in val),
         "steps": [s.steps for s in planned.stages],
         "tokens_per_step": positions_per_step(planned),
         "params": params,
@@ -121,7 +129,7 @@ def main() -> None:
         type=float,
         help="plan every arm with this speed instead of timing its first steps (equal positions for arms of one model)",
     )
-    ap.add_argument("--limit", type=int, default=30, help="test examples per evaluated task")
+    ap.add_argument("--limit", type=int, default=30, help="test examples per evaluated task (0: no evaluation)")
     ap.add_argument("--out", type=Path, default=Path("runs/lm_shapes"))
     args = ap.parse_args()
     for sub in ("world/manifest.json", "tokens/manifest.json"):
@@ -143,16 +151,24 @@ def main() -> None:
                 raise SystemExit(f"{out} holds arm {name!r} with {res['overrides']}, not {overrides}: rename the arm")
         else:
             recipe = arm_recipe(args.recipe, overrides, out)
-            res = in_fresh_process(train_arm, args.demo / "tokens", out, recipe, args.seconds, args.positions_per_s)
+            validation = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("validation.")}
+            res = in_fresh_process(
+                train_arm, args.demo / "tokens", out, recipe, args.seconds, args.positions_per_s, validation
+            )
             val = [json.loads(line) for line in (out / "lm" / "val.jsonl").read_text().splitlines()]
             res["val_loss"] = val[-1]["loss"]
-            res["metrics"] = in_fresh_process(
-                eval_arm, out / "lm" / "bundle", args.demo / "world", out / "eval", args.limit, 0
-            )
+            res["metrics"] = {}
+            if args.limit:
+                res["metrics"] = in_fresh_process(
+                    eval_arm, out / "lm" / "bundle", args.demo / "world", out / "eval", args.limit, 0
+                )
             res["overrides"] = overrides
             done.write_text(json.dumps(res, indent=1))
         results[name] = res
-        m, v = res["metrics"], res["val_loss"]
+        v = res["val_loss"]
+        m = res["metrics"] or {
+            k: {"all": math.nan} for k in ("asr_wer", "tts_wer", "tts_style_acc", "caption_object_f1")
+        }
         positions = sum(res["steps"]) * res["tokens_per_step"]
         rows.append(
             [
@@ -163,6 +179,7 @@ def main() -> None:
                 sum(res["steps"]),
                 f"{positions / 1e6:.2f} M",
                 round(res["train_s"]),
+                round(res.get("val_seconds", math.nan), 1),
                 round(positions / res["train_s"]),
                 round(statistics.mean(v.values()), 3),
                 round(v["caption"], 3),
@@ -187,6 +204,7 @@ def main() -> None:
                 "steps",
                 "positions",
                 "train s",
+                "of which validating",
                 "trained positions/s",
                 "mean val loss",
                 "caption",

@@ -258,6 +258,16 @@ def test_validation_loss_per_task_logged_and_resumed(tmp_path):
     assert [r["step"] for r in relines] == [3, 4, 6, 7]
     for a, b in zip(lines, relines, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert all(r["seconds"] > 0 for r in lines)  # what each cost a time-boxed run
+
+    # only at the end of the run (the demo: each stage-end validation cost its LM ~10 s on a slow CPU), and
+    # every 3 steps still; the losses at the steps it keeps are the same
+    ends = tmp_path / "ends"
+    train(recipe(tokdir, ends, validation={"every": 3, "docs": 8, "stage_ends": False}), progress=False)
+    kept = [json.loads(x) for x in (ends / "val.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in kept] == [3, 6, 7]
+    for a, b in zip([lines[0], *lines[2:]], kept, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
 
 
 def test_validation_off_or_without_split(tokdir, tmp_path):

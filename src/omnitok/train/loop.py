@@ -433,7 +433,7 @@ class _Logger:
                     self.tb.add_scalar(f"train/{k}", v, record["step"])
 
     def write_validation(self, record: dict[str, Any]) -> None:
-        """``val.jsonl``: one line per validation, ``{"step", "stage", "loss": {task: loss}}``."""
+        """``val.jsonl``: one line per validation, ``{"step", "stage", "loss": {task: loss}, "seconds"}``."""
         if self.path is not None:
             with open(self.path.with_name("val.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -851,12 +851,15 @@ def train(
                     t_window = time.perf_counter()
                 bar.update(task, completed=k + 1)
 
-                if val_sets and (last or (recipe.validation.every and step % recipe.validation.every == 0)):
+                at_end = last and (recipe.validation.stage_ends or si == len(recipe.stages) - 1)
+                if val_sets and (at_end or (recipe.validation.every and step % recipe.validation.every == 0)):
+                    t_val = time.perf_counter()
                     val = {
                         "step": step,
                         "stage": stage.name,
                         "loss": _validate(wrapped, val_sets, recipe, rt, attention),
                     }
+                    val["seconds"] = round(time.perf_counter() - t_val, 3)  # what the curve cost a time-boxed run
                     logger.write_validation(val)
                     validations.append(val)
                     if progress and rt.main:
