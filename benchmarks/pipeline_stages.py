@@ -49,6 +49,18 @@ arch.f0_centroids = st.measure_f0_centroids(clips, cfg.f0_clips_per_class)
 st._prepare(SpeechTokenizer(arch), clips, None)
 print(time.perf_counter() - t)
 """,
+    # The tokenizers' training, their preparation excluded (the summary's train_seconds): the demo trains them in
+    # time boxes, so a faster step is more steps.
+    "image tokenizer: 150 training steps (the demo's shape)": """
+from omnitok.tokenizers.image import TrainConfig, train_image_tokenizer
+cfg = TrainConfig(steps=150, checkpoint_every=1000, arch={{"levels": (8, 5, 5, 5)}})
+print(train_image_tokenizer("{demo}/world", "{out}/itok", cfg, progress=False)["train_seconds"])
+""",
+    "speech tokenizer: 40 training steps": """
+from omnitok.tokenizers.speech_train import SpeechTrainConfig, train_speech_tokenizer
+cfg = SpeechTrainConfig(steps=40, checkpoint_every=1000, val_clips=0)
+print(train_speech_tokenizer("{demo}/world", "{out}/stok", cfg, progress=False)["train_seconds"])
+""",
     "pretokenize": """
 import time
 from omnitok.data.pretokenize import pretokenize

@@ -82,3 +82,19 @@ def test_trainer_orthogonalises_in_bf16_only_where_bf16_is_fast(monkeypatch, fas
     opts = loop._optimizers(model, OptimConfig(name="muon", lr=1e-3), torch.device("cpu"))
     muon = [o for o in opts if isinstance(o, Muon)]
     assert len(muon) == 1 and muon[0].ns_dtype == (torch.bfloat16 if fast else torch.float32)
+
+
+def test_adamw_is_one_fused_kernel_on_a_cpu_for_the_lm_and_the_tokenizers():
+    # torch's CPU default is a for-loop of small ops per tensor: 4-5x slower a step for the tokenizers (BENCHMARKS)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from omnitok.tokenizers.image import adamw
+    from omnitok.train import loop
+    from omnitok.train.recipe import OptimConfig
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    for name in ("adamw", "muon"):
+        opts = loop._optimizers(LlamaForCausalLM(cfg), OptimConfig(name=name, lr=1e-3), torch.device("cpu"))
+        assert [o.defaults["fused"] for o in opts if isinstance(o, torch.optim.AdamW)] == [True]
+    assert adamw([torch.nn.Parameter(torch.zeros(3))], "cpu", lr=1e-3).defaults["fused"] is True
+    assert adamw([torch.nn.Parameter(torch.zeros(3))], "meta", lr=1e-3).defaults["fused"] is False

@@ -459,7 +459,7 @@ def _train_speech_tokenizer(
     from safetensors.torch import save_file
 
     from omnitok.io import atomic_path, atomic_write_json, ensure_writable_dir, read_json, write_run_config
-    from omnitok.tokenizers.image import _load_optimizer, _save_optimizer
+    from omnitok.tokenizers.image import _load_optimizer, _save_optimizer, adamw
 
     out_dir = ensure_writable_dir(out, "speech tokenizer training output directory")
     t_load = time.perf_counter()
@@ -511,7 +511,7 @@ def _train_speech_tokenizer(
     params = [p for p in tok.parameters() if p.requires_grad]
     if adversary is not None:
         params += list(adversary.parameters())
-    opt = torch.optim.AdamW(params, lr=train.lr, betas=(0.9, 0.99), weight_decay=train.weight_decay)
+    opt = adamw(params, train.device, lr=train.lr, betas=(0.9, 0.99), weight_decay=train.weight_decay)
     start, log, elapsed_before = 0, [], 0.0
     if resuming:
         tensors, opt_t = read_checkpoint(ckpt)

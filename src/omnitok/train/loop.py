@@ -208,7 +208,9 @@ def _optimizers(model: torch.nn.Module, o: OptimConfig, device: torch.device) ->
             (hidden if o.name == "muon" else decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    fused = True if device.type == "cuda" else None  # one kernel for all parameters on GPU
+    # One kernel for all parameters, on a CPU too: torch's default there is a for-loop of ~10 small ops a tensor
+    # (omnitok.tokenizers.image.adamw says what it cost).
+    fused = True if device.type in ("cpu", "cuda") else None
     opts: list[torch.optim.Optimizer] = []
     if groups:
         opts.append(torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused))
