@@ -52,8 +52,9 @@ print(time.perf_counter() - t)
     # The tokenizers' training, their preparation excluded (the summary's train_seconds): the demo trains them in
     # time boxes, so a faster step is more steps.
     "image tokenizer: 150 training steps (the demo's shape)": """
+from omnitok.demo import IMAGE_LEVELS
 from omnitok.tokenizers.image import TrainConfig, train_image_tokenizer
-cfg = TrainConfig(steps=150, checkpoint_every=1000, arch={{"levels": (8, 5, 5, 5)}})
+cfg = TrainConfig(steps=150, checkpoint_every=1000, arch={{"levels": IMAGE_LEVELS}})
 print(train_image_tokenizer("{demo}/world", "{out}/itok", cfg, progress=False)["train_seconds"])
 """,
     "speech tokenizer: 40 training steps": """
