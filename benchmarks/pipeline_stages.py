@@ -133,7 +133,8 @@ def main() -> None:
             arms = {args.baseline: tree / "src", "now": ROOT / "src"}
             for r in range(args.rounds):
                 for stage in args.stages:
-                    for arm, src in arms.items():
+                    # the order flips each round, so that neither arm always runs right after the other
+                    for arm, src in list(arms.items())[:: 1 if r % 2 == 0 else -1]:
                         out = Path(tmp) / f"{arm}-{r}-{args.stages.index(stage)}"
                         out.mkdir()
                         code = STAGES[stage].format(demo=demo, out=out)
