@@ -2,12 +2,15 @@
 to the first audio byte of a streamed spoken answer.
 
     python benchmarks/serve_load.py runs/demo/bundle --clients 32 --requests 96
+    python benchmarks/serve_load.py runs/demo/bundle --clients 8 --requests 32 --max-batch 8 --threads 2 0 --busy 1
 
 Each configuration starts its own server process (``omnitok serve --max-batch N``) on loopback, so the clients'
 Python threads never compete with the server for the GIL. Clients send a fixed mix (chat text answers of
 ``--max-tokens`` tokens and, with ``--tts-share``, ``/v1/audio/speech`` requests) until ``--requests`` are done or
 ``--seconds`` pass. Then, on the idle server, ``--ttfa-repeats`` streamed spoken answers measure the time from
-sending the request to the first SSE chunk carrying audio data. Failures must be 0.
+sending the request to the first SSE chunk carrying audio data. Failures must be 0. ``--threads`` lists the
+server's thread counts to compare (0: no ``--threads``, torch's default); ``--busy N`` holds N cores with busy
+loops while each configuration runs (a machine another process also uses); a configuration listed twice runs twice.
 """
 
 from __future__ import annotations
@@ -46,10 +49,12 @@ class ServerProcess:
     """``omnitok serve`` in a child process, waited for until it answers."""
 
     def __init__(self, bundle: str, max_batch: int, threads: int, speech_max_tokens: int | None) -> None:
+        """``threads`` 0: no ``--threads`` (torch's default)."""
         self.port = _free_port()
         exe = Path(sys.executable).with_name("omnitok")
         cmd = [str(exe), "serve", bundle, "--port", str(self.port), "--max-batch", str(max_batch)]
-        cmd += ["--threads", str(threads), "--log-level", "warning"]
+        cmd += ["--threads", str(threads)] if threads else []
+        cmd += ["--log-level", "warning"]
         if speech_max_tokens is not None:
             cmd += ["--speech-max-tokens", str(speech_max_tokens)]
         self.proc = subprocess.Popen(cmd)
@@ -189,13 +194,21 @@ def main() -> None:
     ap.add_argument("--tts-share", type=float, default=0.125, help="share of /v1/audio/speech requests")
     ap.add_argument("--max-batch", type=int, nargs="+", default=[8, 1])
     ap.add_argument("--ttfa-repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1, help="server torch threads")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="server torch threads, each a configuration (0: torch's default)",
+    )
+    ap.add_argument("--busy", type=int, default=0, help="cores held by busy loops while each configuration runs")
     ap.add_argument("--speech-max-tokens", type=int, default=None, help="cap on speech tokens per answer")
     args = ap.parse_args()
 
     results = {}
-    for mb in args.max_batch:
-        server = ServerProcess(args.bundle, mb, args.threads, args.speech_max_tokens)
+    for k, (mb, th) in enumerate([(mb, th) for mb in args.max_batch for th in args.threads]):
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+        server = ServerProcess(args.bundle, mb, th, args.speech_max_tokens)
         try:
             voices = httpx.get(server.url + "/v1/omnitok/info", timeout=10).json()["voices"] or ["alloy"]
             load(server, 4, 4, 60, 4, 0.0, voices[0])  # warm-up, not counted
@@ -206,18 +219,23 @@ def main() -> None:
                 1, after["batches"] - before["batches"]
             )
             r["ttfa"] = ttfa(server, args.ttfa_repeats, 16, voices[0])
-            results[mb] = r
+            results[mb, th, k] = r  # a configuration may be listed twice (repeats)
         finally:
             server.close()
-        print(f"max_batch={mb}: {json.dumps({k: v for k, v in r.items() if k != 'failures'}, default=str)}")
+            for h in hogs:
+                h.kill()
+                h.wait()
+        print(
+            f"max_batch={mb} threads={th}: {json.dumps({k: v for k, v in r.items() if k != 'failures'}, default=str)}"
+        )
         if r["failures"]:
             print(f"  failures: {r['failures'][:5]}")
 
     rows = []
-    for mb, r in results.items():
+    for (mb, th, _), r in results.items():
         rows.append(
             [
-                f"max_batch {mb}",
+                f"max_batch {mb}, {th or 'default'} thread(s)",
                 r["done"],
                 len(r["failures"]),
                 r["rps"],
@@ -231,7 +249,7 @@ def main() -> None:
                 statistics.median(r["ttfa"]) if r["ttfa"] else float("nan"),
             ]
         )
-    print(f"\n`{command()}`\n\n{machine()}, {args.clients} clients, {args.threads} torch thread(s) in the server\n")
+    print(f"\n`{command()}`\n\n{machine()}, {args.clients} clients, {args.busy} core(s) held by busy loops\n")
     print(
         table(
             ["config", "done", "failures", "req/s", "p50 s", "p99 s", "chat p50 s", "tts p50 s", "chat answer chars",
@@ -240,10 +258,9 @@ def main() -> None:
         )
     )  # fmt: skip
     if len(results) >= 2:
-        a, b = (results[k] for k in args.max_batch[:2])
+        (ka, a), (kb, b) = list(results.items())[:2]
         print(
-            f"\nthroughput ratio max_batch {args.max_batch[0]} / {args.max_batch[1]}: {a['rps'] / b['rps']:.2f}x; "
-            f"p50 latency ratio: {a['p50'] / b['p50']:.2f}x"
+            f"\nthroughput ratio {ka} / {kb}: {a['rps'] / b['rps']:.2f}x; p50 latency ratio: {a['p50'] / b['p50']:.2f}x"
         )
 
 
