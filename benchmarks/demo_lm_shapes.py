@@ -76,7 +76,8 @@ def arm_recipe(base: Path, overrides: dict[str, object], out: Path) -> Path:
 def train_arm(
     tokens: Path, out: Path, recipe: Path, seconds: float, speed: float | None = None, validation: dict | None = None
 ) -> dict:
-    """Plan and train one arm (runs in a fresh process); returns its plan, parameter count and wall time.
+    """Plan and train one arm (runs in a fresh process); returns its plan, parameter count, wall time and last
+    validation (its losses and what the validations cost).
 
     ``speed``: positions/s to plan with instead of measuring (arms of one model then train equal positions).
     ``validation``: the arm's ``validation.*`` overrides, applied over the demo's own validation settings.
@@ -104,6 +105,7 @@ def train_arm(
     return {
         "positions_per_s": speed,
         "val_seconds": sum(r["seconds"] for r in val),
+        "val_loss": val[-1]["loss"],
         "steps": [s.steps for s in planned.stages],
         "tokens_per_step": positions_per_step(planned),
         "params": params,
@@ -155,8 +157,6 @@ def main() -> None:
             res = in_fresh_process(
                 train_arm, args.demo / "tokens", out, recipe, args.seconds, args.positions_per_s, validation
             )
-            val = [json.loads(line) for line in (out / "lm" / "val.jsonl").read_text().splitlines()]
-            res["val_loss"] = val[-1]["loss"]
             res["metrics"] = {}
             if args.limit:
                 res["metrics"] = in_fresh_process(

@@ -29,6 +29,24 @@ from pathlib import Path
 
 from _common import command, machine, table
 
+# Generation, timed inside work(), which {run} calls on the main thread or on a thread of its own.
+GENERATION = """
+import threading, time, torch
+torch.set_num_threads({threads})
+import omnitok
+from omnitok.sequence import Image, Text
+from omnitok.world.read import iter_samples
+model = omnitok.load("{demo}/bundle")
+scenes = [s for _, s in zip(range(8), iter_samples("{demo}/world", "test", "scene"))]
+took = []
+def work():
+    t = time.perf_counter()
+    model.generate_batch([[Image(pixels=s["png"]), Text("Describe the picture.")] for s in scenes], output="text")
+    model.generate_batch([[Text(s["meta"]["captions"][0])] for s in scenes], output="image")
+    took.append(time.perf_counter() - t)
+{run}
+print(took[0])
+"""
 # Each step: Python run in a fresh process with {demo}, {out} and {threads} formatted in; it prints its seconds last.
 # {threads} is a number, or FREE: the threads chosen in that process, from the cores free as it starts.
 FREE = "auto_threads()"
@@ -61,39 +79,11 @@ from omnitok.tokenizers.image import TrainConfig, train_image_tokenizer
 cfg = TrainConfig(steps=40, max_images=512, val_images=32, threads={threads}, arch={{"levels": IMAGE_LEVELS}})
 print(train_image_tokenizer("{demo}/world", "{out}/itok", cfg, progress=False)["train_seconds"])
 """,
-    "generation (8 captions and 8 pictures)": """
-import time, torch
-torch.set_num_threads({threads})
-import omnitok
-from omnitok.sequence import Image, Text
-from omnitok.world.read import iter_samples
-model = omnitok.load("{demo}/bundle")
-scenes = [s for _, s in zip(range(8), iter_samples("{demo}/world", "test", "scene"))]
-t = time.perf_counter()
-model.generate_batch([[Image(pixels=s["png"]), Text("Describe the picture.")] for s in scenes], output="text")
-model.generate_batch([[Text(s["meta"]["captions"][0])] for s in scenes], output="image")
-print(time.perf_counter() - t)
-""",
+    "generation (8 captions and 8 pictures)": GENERATION.replace("{run}", "work()"),
     # The same work on a thread that is not the process's first, as `omnitok serve`'s worker runs it.
-    "generation on a worker thread (as the server runs it)": """
-import threading, time, torch
-torch.set_num_threads({threads})
-import omnitok
-from omnitok.sequence import Image, Text
-from omnitok.world.read import iter_samples
-model = omnitok.load("{demo}/bundle")
-scenes = [s for _, s in zip(range(8), iter_samples("{demo}/world", "test", "scene"))]
-took = []
-def work():
-    t = time.perf_counter()
-    model.generate_batch([[Image(pixels=s["png"]), Text("Describe the picture.")] for s in scenes], output="text")
-    model.generate_batch([[Text(s["meta"]["captions"][0])] for s in scenes], output="image")
-    took.append(time.perf_counter() - t)
-worker = threading.Thread(target=work)
-worker.start()
-worker.join()
-print(took[0])
-""",
+    "generation on a worker thread (as the server runs it)": GENERATION.replace(
+        "{run}", "worker = threading.Thread(target=work)\nworker.start()\nworker.join()"
+    ),
 }
 BUSY = "while True: pass"
 
