@@ -7,7 +7,7 @@ column is how far each arm's parameters end from the for-loop's after the timed 
 different update). Gradients are laid out like their parameters, as autograd's are: given a contiguous gradient for
 a channels_last convolution weight, the fused kernel silently updates it wrong (0.8 of the weight's largest value
 apart after 23 steps here), which is why loaded optimizer moments are re-laid out too
-(``omnitok.tokenizers.image._load_optimizer``).
+(``omnitok.optim.load_state``).
 
     python benchmarks/adamw_step.py --rounds 3
 """

@@ -88,7 +88,7 @@ def test_adamw_is_one_fused_kernel_on_a_cpu_for_the_lm_and_the_tokenizers():
     # torch's CPU default is a for-loop of small ops per tensor: 4-5x slower a step for the tokenizers (BENCHMARKS)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from omnitok.tokenizers.image import adamw
+    from omnitok.optim import adamw
     from omnitok.train import loop
     from omnitok.train.recipe import OptimConfig
 

@@ -11,7 +11,6 @@ logits elsewhere; both rows receive the same sampled token so their caches stay 
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -19,7 +18,7 @@ import torch
 
 from omnitok import image_positions
 from omnitok.constraints import DONE, IMAGE_CODE, SPEECH_CODE0, SPEECH_START, VIDEO_CODE, ModalityConstraint
-from omnitok.errors import OmnitokError
+from omnitok.errors import OmnitokError, is_int, is_number
 
 
 @dataclass(frozen=True)
@@ -31,12 +30,8 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        real = all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            for v in (self.temperature, self.top_p)
-        )
-        whole = isinstance(self.top_k, int) and not isinstance(self.top_k, bool)
-        if not (real and whole) or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+        typed = is_number(self.temperature) and is_number(self.top_p) and is_int(self.top_k)
+        if not typed or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise OmnitokError(
                 f"bad sampling settings {self}: temperature a number >= 0, 0 < top_p <= 1, top_k an integer >= 0"
             )

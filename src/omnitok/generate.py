@@ -8,7 +8,6 @@ images and audio. ``stream`` yields text deltas and audio chunks while tokens ar
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -29,7 +28,7 @@ from omnitok.decoding import (
     Sampling,
     iter_decode,
 )
-from omnitok.errors import OmnitokError
+from omnitok.errors import OmnitokError, is_int, is_number
 from omnitok.sequence import (
     Audio,
     Image,
@@ -92,18 +91,16 @@ class GenerateOptions:
         """Options come from Python callers, the CLI and the server: a wrong type fails here, by name."""
         if not isinstance(self.output, str):
             raise OmnitokError(f"output must be one of {list(OUTPUTS)}, got {self.output!r}")
-        if self.max_new_tokens is not None and (
-            isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int)
-        ):
+        if self.max_new_tokens is not None and not is_int(self.max_new_tokens):
             raise OmnitokError(f"max_new_tokens must be an int >= 1 or None, got {self.max_new_tokens!r}")
         cfg = self.cfg_scale
-        if isinstance(cfg, bool) or not isinstance(cfg, int | float) or not math.isfinite(cfg) or cfg < 0:
+        if not is_number(cfg) or cfg < 0:
             raise OmnitokError(f"cfg_scale must be a finite number >= 0 (1: no guidance), got {cfg!r}")
         for name in ("text", "image", "speech"):
             if not isinstance(getattr(self, name), Sampling):
                 raise OmnitokError(f"{name} must be a Sampling(temperature, top_k, top_p), got {getattr(self, name)!r}")
         frames = self.speech_chunk_frames
-        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        if not is_int(frames) or frames < 1:
             raise OmnitokError(f"speech_chunk_frames must be an int >= 1, got {frames!r}")
         if self.style is not None and not isinstance(self.style, dict | list):
             raise OmnitokError(
@@ -293,7 +290,7 @@ class OmniModel:
         CPU generator there), so a seed repeats its output on one device, not across devices."""
         if seed is None:
             return None
-        if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_MIN <= seed <= SEED_MAX:
+        if not is_int(seed) or not SEED_MIN <= seed <= SEED_MAX:
             raise OmnitokError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}] or None, got {seed!r}")
         return torch.Generator(device=next(self.lm.parameters()).device).manual_seed(seed)
 

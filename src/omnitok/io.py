@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from omnitok.errors import OmnitokError
+from omnitok.errors import OmnitokError, is_int
 
 
 @contextlib.contextmanager
@@ -63,7 +63,7 @@ def check_format(doc: Any, fmt: str, version: int, source: str) -> Any:
     if got != fmt:
         raise OmnitokError(f"{source}: field 'format' should be {fmt!r}, got {got!r}")
     v = doc.get("version", 0)
-    if isinstance(v, bool) or not isinstance(v, int):
+    if not is_int(v):
         raise OmnitokError(f"{source}: field 'version' should be an integer, got {v!r}")
     if v > version:
         raise OmnitokError(f"{source}: version {v} is newer than this omnitok reads ({version})")

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from omnitok import image_positions
-from omnitok.errors import OmnitokError
+from omnitok.errors import OmnitokError, is_int
 
 DEFAULT_ARCH = "llama"
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
@@ -82,7 +82,7 @@ def check_model_spec(spec: Mapping[str, Any], field: str = "model") -> None:
         if key not in known and key not in _OWN_KEYS:
             raise OmnitokError(f"{field}.{key}: not a field of {cls.__name__}")
     for key, value in spec.items():  # sizes and counts: a layer count of -1 builds a model with no layers
-        if key in _SIZES and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if key in _SIZES and (not is_int(value) or value < 1):
             raise OmnitokError(f"{field}.{key}: expected a positive integer, got {value!r}")
     try:
         from huggingface_hub.errors import StrictDataclassError  # what transformers 5's strict configs raise

@@ -15,7 +15,6 @@ are never targets: at inference they are part of the prompt.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from omnitok.errors import OmnitokError
+from omnitok.errors import OmnitokError, is_number
 from omnitok.vocab import BOS, END, EOS, FRAME, ROLE_TOKENS, SPAN_TOKENS, Vocabulary, style_token
 
 ROLES = tuple(ROLE_TOKENS)
@@ -202,8 +201,7 @@ class MediaEncoder:
                     if seg.samples is None or seg.sample_rate is None:
                         raise OmnitokError("Audio segment has neither codes nor samples with a sample rate")
                     rate = seg.sample_rate
-                    whole = isinstance(rate, int | float) and not isinstance(rate, bool) and math.isfinite(rate)
-                    if not whole or rate != int(rate) or rate <= 0:
+                    if not is_number(rate) or rate != int(rate) or rate <= 0:
                         raise OmnitokError(f"Audio segment: sample_rate must be a whole number of Hz > 0, got {rate!r}")
                     if self.speech is None:
                         raise OmnitokError("the input has speech but this model has no speech tokenizer")

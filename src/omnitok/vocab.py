@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from omnitok.errors import OmnitokError
+from omnitok.errors import OmnitokError, is_int
 from omnitok.io import atomic_write_json, check_format, read_json
 
 FORMAT = "omnitok-vocab"
@@ -234,7 +234,7 @@ class Vocabulary:
         except (TypeError, ValueError) as e:
             raise OmnitokError(f"{source}: a field has the wrong type ({e})") from e
         size = d.get("size", vocab.size)
-        if isinstance(size, bool) or not isinstance(size, int):
+        if not is_int(size):
             raise OmnitokError(f"{source}: field 'size' should be an integer, got {size!r}")
         if vocab.size != size:
             raise OmnitokError(f"{source}: field 'size' is {d['size']} but the ranges add up to {vocab.size}")

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from omnitok.errors import OmnitokError
+from omnitok.errors import OmnitokError, is_int
 from omnitok.io import atomic_path, atomic_write_json, read_json
 
 FORMAT = "omnitok-tokens"
@@ -219,6 +219,6 @@ def read_vocab_size(tokdir: str | Path) -> int:
     path = Path(tokdir) / "vocab.json"
     vocab = read_json(path, "vocabulary")
     size = vocab.get("size") if isinstance(vocab, dict) else None
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+    if not is_int(size) or size <= 0:
         raise OmnitokError(f"{path}: field 'size' should be a positive integer, got {size!r}")
     return size

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from omnitok.decoding import IMAGE_CFG_SCALE, SAMPLED_MODALITIES, Sampling
-from omnitok.errors import OmnitokError
+from omnitok.errors import OmnitokError, is_int
 from omnitok.eval import metrics as M
 from omnitok.io import atomic_write_json, ensure_writable_dir, write_run_config
 from omnitok.sequence import Audio, Image, Segment, Text, Video, text_of
@@ -460,7 +460,7 @@ def evaluate(
         raise OmnitokError(f"--tasks: unknown task(s) {unknown}; known: {list(TASKS)}")
     for name in ("limit", "t2i_best_of", "caption_best_of"):
         value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_int(value) or value < 1:
             raise OmnitokError(f"{name} (--{name.replace('_', '-')}) must be an int >= 1, got {value!r}")
     bad = {k: v for k, v in cfg.sampling.items() if k not in SAMPLED_MODALITIES or not isinstance(v, Sampling)}
     if bad:

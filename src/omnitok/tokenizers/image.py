@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnitok.errors import OmnitokError, check_numbers
+from omnitok.optim import adamw, load_state, save_state
 from omnitok.tokenizers.base import (
     TRAIN_NON_NEGATIVE,
     TRAIN_POSITIVE,
@@ -591,50 +592,6 @@ def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def adamw(params: Any, device: str | torch.device, **kwargs: Any) -> torch.optim.AdamW:
-    """AdamW as one fused kernel over every tensor where torch has one (CPU, CUDA), else its for-loop.
-
-    Why: torch fuses AdamW by default on no device, and its for-loop runs ~10 small ops per tensor: on a 2-core
-    Xeon the speech tokenizer's 202 tensors took 40-50 ms a step that way and 9-10 ms fused, the image
-    tokenizer's 70 13-14 ms and 3-4 ms (docs/BENCHMARKS.md). The update is the same up to float rounding, provided
-    each gradient and moment is laid out like its parameter: the fused kernel walks them by the parameter's strides
-    (autograd's gradients are; moments loaded from a checkpoint are made so by ``_load_optimizer``).
-    """
-    return torch.optim.AdamW(params, fused=torch.device(device).type in ("cpu", "cuda"), **kwargs)
-
-
-def _save_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer state as safetensors tensors + JSON (never pickle)."""
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    meta_state: dict[str, dict[str, Any]] = {}
-    for pid, st in sd["state"].items():
-        meta_state[str(pid)] = {}
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"{prefix}.{pid}.{k}"] = v.detach().cpu().contiguous()
-                meta_state[str(pid)][k] = "tensor"
-            else:
-                meta_state[str(pid)][k] = v
-    return tensors, {"param_groups": sd["param_groups"], "state": meta_state}
-
-
-def _load_optimizer(
-    opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
-) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for pid, st in meta["state"].items():
-        state[int(pid)] = {k: tensors[f"{prefix}.{pid}.{k}"] if v == "tensor" else v for k, v in st.items()}
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    # Moments are saved contiguous; a fused AdamW reads them with its parameter's strides (the image tokenizer's
-    # convolutions are channels_last), so each is laid out like its parameter again, or a resumed run would drift.
-    for group in opt.param_groups:
-        for p in group["params"]:
-            for k, v in opt.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
-                    opt.state[p][k] = torch.empty_like(p).copy_(v)
-
-
 def content_crops(images: torch.Tensor, size: int, gen: torch.Generator, candidates: int, align: int) -> torch.Tensor:
     """Crop uint8 images [B, H, W, 3] to ``size``, keeping the busiest of ``candidates`` random crops.
 
@@ -760,10 +717,10 @@ def _train_image_tokenizer(
             )
         tensors, opt_t = read_checkpoint(ckpt)
         model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
-        _load_optimizer(opt, "opt", opt_t, st["optimizer"])
+        load_state(opt, "opt", opt_t, st["optimizer"])
         if disc is not None and opt_d is not None:
             disc.load_state_dict({k[len("disc.") :]: v for k, v in tensors.items() if k.startswith("disc.")})
-            _load_optimizer(opt_d, "optd", opt_t, st["optimizer_d"])
+            load_state(opt_d, "optd", opt_t, st["optimizer_d"])
         start, elapsed_before = int(st["step"]), float(st.get("elapsed_s", 0.0))
         log = read_json(out_dir / "log.json", "training log") if (out_dir / "log.json").is_file() else []
         log = [e for e in log if e.get("step", 0) <= start]
@@ -772,7 +729,7 @@ def _train_image_tokenizer(
     def save_checkpoint(step: int, elapsed: float) -> None:
         ckpt.mkdir(exist_ok=True)
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        opt_t, opt_meta = _save_optimizer(opt, "opt")
+        opt_t, opt_meta = save_state(opt, "opt")
         st: dict[str, Any] = {
             "step": step,
             "elapsed_s": elapsed,
@@ -782,7 +739,7 @@ def _train_image_tokenizer(
         }
         if disc is not None and opt_d is not None:
             tensors |= {f"disc.{k}": v for k, v in disc.state_dict().items()}
-            t2, m2 = _save_optimizer(opt_d, "optd")
+            t2, m2 = save_state(opt_d, "optd")
             opt_t |= t2
             st["optimizer_d"] = m2
         for name, t in (("model.safetensors", tensors), ("optimizer.safetensors", opt_t)):

@@ -459,7 +459,7 @@ def _train_speech_tokenizer(
     from safetensors.torch import save_file
 
     from omnitok.io import atomic_path, atomic_write_json, ensure_writable_dir, read_json, write_run_config
-    from omnitok.tokenizers.image import _load_optimizer, _save_optimizer, adamw
+    from omnitok.optim import adamw, load_state, save_state
 
     out_dir = ensure_writable_dir(out, "speech tokenizer training output directory")
     t_load = time.perf_counter()
@@ -518,7 +518,7 @@ def _train_speech_tokenizer(
         tok.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("adversary.")})
         if adversary is not None:
             adversary.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("adversary.")})
-        _load_optimizer(opt, "opt", opt_t, st["optimizer"])
+        load_state(opt, "opt", opt_t, st["optimizer"])
         start, elapsed_before = int(st["step"]), float(st.get("elapsed_s", 0.0))
         log = read_json(out_dir / "log.json", "training log") if (out_dir / "log.json").is_file() else []
         log = [e for e in log if e.get("step", 0) <= start]
@@ -526,7 +526,7 @@ def _train_speech_tokenizer(
 
     def save_checkpoint(step: int, elapsed: float) -> None:
         ckpt.mkdir(exist_ok=True)
-        opt_t, opt_meta = _save_optimizer(opt, "opt")
+        opt_t, opt_meta = save_state(opt, "opt")
         model_t = tok.state_dict() | (
             {f"adversary.{k}": v for k, v in adversary.state_dict().items()} if adversary is not None else {}
         )

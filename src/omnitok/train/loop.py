@@ -58,6 +58,7 @@ from omnitok.data.shards import TokenDataset, load_manifest
 from omnitok.errors import OmnitokError
 from omnitok.io import atomic_write_bytes, ensure_writable_dir, write_run_config
 from omnitok.model import base_vocab_size, build_model, init_code_embeddings
+from omnitok.optim import adamw
 from omnitok.train import checkpoint as ckpt
 from omnitok.train.attention import NAME as PACKED_ATTENTION
 from omnitok.train.attention import DocumentSpans
@@ -208,12 +209,9 @@ def _optimizers(model: torch.nn.Module, o: OptimConfig, device: torch.device) ->
             (hidden if o.name == "muon" else decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    # One kernel for all parameters, on a CPU too: torch's default there is a for-loop of ~10 small ops a tensor
-    # (omnitok.tokenizers.image.adamw says what it cost).
-    fused = True if device.type in ("cpu", "cuda") else None
     opts: list[torch.optim.Optimizer] = []
     if groups:
-        opts.append(torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused))
+        opts.append(adamw(groups, device, lr=o.lr, betas=o.betas, eps=o.eps))
     if hidden:
         # Newton-Schulz in bf16 as the reference does, but in float32 where bf16 matmuls are emulated (a 2-core Xeon
         # without AVX512-BF16: 0.67 s of a 1.5 s step in bf16, 0.20 s in float32; omnitok.train.muon)

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import types
 import typing
 from collections.abc import Mapping
@@ -26,7 +25,7 @@ import numpy as np
 import yaml
 
 from omnitok.data.shards import TokenDataset, load_manifest, read_vocab_size
-from omnitok.errors import OmnitokError
+from omnitok.errors import OmnitokError, is_int, is_number
 from omnitok.model import check_model_spec
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -220,14 +219,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
     elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_int(value):
             return value
     elif tp is float:
         # YAML 1.1 reads "3e-3" as a string; accept any finite number written either way.
         if isinstance(value, str):
             with contextlib.suppress(ValueError):
                 value = float(value)
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        if is_number(value):
             return float(value)
     elif tp is str:
         if isinstance(value, str) and value:
