@@ -528,3 +528,52 @@ def test_a_truncated_checkpoint_is_named_not_a_traceback(tmp_path):
         load_model_state(step)
     with pytest.raises(OmnitokError, match=r"checkpoint optimizer state not found: .*optimizer\.safetensors"):
         load_optimizer_state(step)
+
+
+def test_probe_speed_times_the_first_stage_on_synthetic_documents(tokdir, tmp_path):
+    from omnitok.train.budget import probe_speed
+
+    r = recipe(tokdir, tmp_path / "never-written", precision="fp32")
+    lengths = {"caption": (4, 20), "t2i": (16, 30), "asr": (10, 50)}
+    assert probe_speed(r, vocab_size=96, lengths=lengths, steps=4) > 0
+    assert not (tmp_path / "never-written").exists()  # the probe trains in a directory of its own, then removes it
+    with pytest.raises(OmnitokError, match=r"no document lengths for tasks \['t2i'\]"):
+        probe_speed(r, vocab_size=96, lengths={"caption": (4, 20)})
+    with pytest.raises(OmnitokError, match="at least 4 steps"):
+        probe_speed(r, vocab_size=96, lengths=lengths, steps=3)
+
+
+def test_demo_world_size_follows_the_lm_training_its_budget_buys(tokdir, tmp_path, monkeypatch):
+    import yaml
+
+    from omnitok import demo
+    from omnitok.world.build import WorldConfig, build_world
+
+    assert [demo.world_size_for(p) for p in (0, 3.5e6, 3.6e6, 7.1e6, 7.2e6, 1e9)] == [
+        2000,
+        2000,
+        4000,
+        4000,
+        8000,
+        8000,
+    ]
+    # 15 minutes less the tokenizers' and the evaluation's caps (40 %), the margin and the fixed steps: 420 s
+    assert demo.DemoConfig(minutes=15).lm_seconds_estimate() == pytest.approx(420.0)
+    assert demo.DemoConfig(minutes=3, eval_minutes=2.9).lm_seconds_estimate() == 0.0
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**recipe(tokdir, tmp_path / "x").to_dict(), "precision": "fp32"}))
+    monkeypatch.setattr(demo, "PROBE_VOCAB", 96)
+    n, why = demo.choose_world_size(demo.DemoConfig(minutes=15, recipe=str(path)))
+    assert why["lm_positions_per_s"] > 0 and why["speed_from"] == "probe"
+    assert why["lm_seconds_estimate"] == pytest.approx(420.0)
+    assert n == demo.world_size_for(why["lm_positions_estimate"])
+    # a speed given for planning the LM sizes the world too, without a probe
+    given = demo.DemoConfig(minutes=15, recipe=str(path), lm_tokens_per_s=20_000.0)
+    assert demo.choose_world_size(given) == (
+        8000,
+        {**why, "lm_positions_per_s": 20_000.0, "speed_from": "--lm-tokens-per-s", "lm_positions_estimate": 8_400_000},
+    )
+    # the probe leaves torch's threads in this process; the world's forked workers must still run
+    build_world(tmp_path / "world", WorldConfig(n=16, seed=0, speech=False, samples_per_shard=4), workers=2)
+    assert (tmp_path / "world" / "manifest.json").is_file()

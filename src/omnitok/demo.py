@@ -44,7 +44,7 @@ IMAGE_LEVELS = (8, 5, 5, 5)
 
 # Caps on the budget's shares for the steps that can stop early: the tokenizers train at most this long, the
 # evaluation scores what fits in its share. The world build and pretokenization are fixed-size work (1.1-1.5 min
-# for the default 2,000 scenes) and take what they take. The LM gets the rest: whatever the steps before it left,
+# for 2,000 scenes on the AMD EPYC) and take what they take. The LM gets the rest: whatever the steps before it left,
 # less the evaluation's share and a margin (it keeps to its seconds within ~2 %, re-planning at each stage's end).
 # So a tokenizer that finishes its steps early (the image tokenizer, ~40 s inside its share here) or a faster
 # machine gives the LM more time, and a slow step before it gives it less, never the budget more.
@@ -55,11 +55,44 @@ MARGIN_S = 60.0
 # the fixed share (72 s of 15 min) ended the demo at 15 min 9 s; where the suite needs less it stops at its limit.
 EVAL_TAIL_S = 25.0
 
+# The world's size, when --n is not given, follows how much the LM will train: a world the LM sees many times over
+# is learnt by heart, one it sees about once leaves the LM short of repetitions. 2,000 scenes pretokenize to 1.29 M
+# tokens (~645 a scene). Measured at the demo's budget, a 4,000-scene world against 2,000 with the time its larger
+# build and pretokenization cost taken from the LM (BENCHMARKS "The world the LM wants"): at 2.3 M positions of LM
+# training it did worse (the 2,000 seen 1.9 times), at 3.0 M a little better (mean held-out loss -0.06; ASR's worse),
+# at 5.3 M much better (-0.20; ASR WER 0.02 against 0.09; the 2,000 seen 4.3 times). So the world doubles from 2,000
+# while the LM's estimated positions cover the doubled world at least POSITIONS_PER_SCENE times a scene (~1.4 passes),
+# the estimate being a short timed probe of the LM (omnitok.train.budget.probe_speed) times the seconds the budget
+# leaves it; it read 3.1-3.3 M on the machine where the measured 3.0 M was a wash, so that one keeps 2,000. The 30-
+# and 60-minute runs' hand-picked 4,000 and 8,000 come out of the same rule. Beyond 8,000 the world's build and
+# pretokenization would eat into a CPU's LM share; a GPU run that wants more (BENCHMARKS "The GPU recipe on an
+# H200") passes --n.
+WORLD_SIZES = (2000, 4000, 8000)
+POSITIONS_PER_SCENE = 900.0
+# What the probe trains on: the demo's vocabulary and its align stage's document lengths (tokens; 0.6-1.4x the
+# means of a demo's token shards: caption 94, t2i 93, asr 160, tts 162, text 63).
+PROBE_VOCAB = 2602
+PROBE_LENGTHS = {
+    "caption": (56, 132),
+    "t2i": (56, 130),
+    "asr": (96, 224),
+    "tts": (97, 227),
+    "text": (38, 88),
+    "interleaved": (142, 332),
+    "video_caption": (248, 578),
+    "spoken_qa": (97, 226),
+    "edit": (87, 204),
+    "caption_filter": (62, 146),
+}
+# World build and pretokenization of 2,000 scenes (35-60 s on the faster machines, ~150 s on Xeon-2.0): what the
+# LM's estimate leaves for them.
+FIXED_STEPS_S = 60.0
+
 
 @dataclass(frozen=True)
 class DemoConfig:
     minutes: float = 15.0
-    n: int = 2000  # scene samples in the world
+    n: int | None = None  # scene samples in the world; None: sized to the LM's estimated training (world_size_for)
     seed: int = 0
     eval_limit: int = 30
     device: str = "cpu"
@@ -76,6 +109,45 @@ class DemoConfig:
         if step == "eval" and self.eval_minutes is not None:
             return self.eval_minutes
         return self.minutes * SHARES[step]
+
+    def lm_seconds_estimate(self) -> float:
+        """Seconds the LM will get, as far as they are known before anything ran: the budget less every cap."""
+        caps = self.budget("image_tokenizer") + self.budget("speech_tokenizer") + self.budget("eval")
+        return max(0.0, (self.minutes - caps) * 60 - MARGIN_S - FIXED_STEPS_S)
+
+
+def world_size_for(positions: float) -> int:
+    """The demo world's scenes for an LM that trains ``positions``: the largest of ``WORLD_SIZES`` it covers
+    ``POSITIONS_PER_SCENE`` times, at least the smallest."""
+    fits = [n for n in WORLD_SIZES if n * POSITIONS_PER_SCENE <= positions]
+    return fits[-1] if fits else WORLD_SIZES[0]
+
+
+def choose_world_size(cfg: DemoConfig) -> tuple[int, dict[str, float]]:
+    """``(scenes, why)``: the world size for ``cfg``'s budget on this machine, from a short probe of the LM's speed.
+
+    The probe runs in this process on the cores free now (8 steps: ~2.5 s at 7,500 positions/s, ~7 s at 1,900);
+    a speed given with ``--lm-tokens-per-s`` is used instead. ``why`` holds the speed and the positions it implies,
+    written into the demo's config.
+    """
+    from omnitok.threads import free_cores
+    from omnitok.train.budget import probe_speed
+    from omnitok.train.recipe import load_recipe
+
+    speed = cfg.lm_tokens_per_s
+    if speed is None:
+        recipe = replace(load_recipe(cfg.recipe), device=cfg.device)
+        with free_cores():
+            speed = probe_speed(recipe, vocab_size=PROBE_VOCAB, lengths=PROBE_LENGTHS)
+    seconds = cfg.lm_seconds_estimate()
+    positions = speed * seconds
+    why = {
+        "lm_positions_per_s": round(speed, 1),
+        "speed_from": "probe" if cfg.lm_tokens_per_s is None else "--lm-tokens-per-s",
+        "lm_seconds_estimate": seconds,
+        "lm_positions_estimate": round(positions),
+    }
+    return world_size_for(positions), why
 
 
 def _done(path: Path) -> bool:
@@ -124,19 +196,38 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
     write_run_config(out, "omnitok demo", cfg.__dict__)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
+    chosen: dict[str, Any] = {}  # the world's size as built (and why, when the demo chose it), kept in its config
 
     def step(name: str) -> None:
         timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 1)
         console.print(f"[green]✓[/] {name} ({timings[name]:.0f} s)")
 
-    # 1. world
+    # 1. world (its size chosen first when --n is not given; a resumed demo keeps the world it built)
     world = out / "world"
+    sizing = out / "world_size.json"  # why the world has its size, when the demo chose it
     if not _done(world / "manifest.json"):
         from omnitok.world.build import WorldConfig
         from omnitok.world.cli import run_build
 
         console.rule("world")
-        run_build(world, WorldConfig(n=cfg.n, seed=cfg.seed), workers=None, overwrite=False)
+        n = cfg.n
+        if n is None:
+            n, why = choose_world_size(cfg)
+            atomic_write_json(sizing, why)
+            speed, seconds = why["lm_positions_per_s"], why["lm_seconds_estimate"]
+            console.print(
+                f"world size: {n:,} scenes for ~{why['lm_positions_estimate'] / 1e6:.1f} M positions of LM training "
+                f"(~{seconds:.0f} s at {speed:,.0f} positions/s, {why['speed_from']})"
+            )
+        elif sizing.exists():
+            sizing.unlink()  # a world of the size asked for: an earlier choice no longer explains it
+        run_build(world, WorldConfig(n=n, seed=cfg.seed), workers=None, overwrite=False)
+    chosen["n"] = read_json(world / "manifest.json", "world manifest")["config"]["n"]
+    if cfg.n is not None and cfg.n != chosen["n"]:
+        console.print(f"note: {world} was built with {chosen['n']:,} scenes; --n {cfg.n} takes a new --out")
+    if sizing.exists():
+        chosen["world_size"] = read_json(sizing, "demo world size")
+    write_run_config(out, "omnitok demo", {**cfg.__dict__, **chosen})
     step("world")
 
     # 2. image tokenizer
@@ -203,7 +294,7 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
                 progress=lambda t: status.update(f"evaluating {t}"),
             )
     step("eval")
-    write_run_config(out, "omnitok demo", {**cfg.__dict__, "timings_s": timings})
+    write_run_config(out, "omnitok demo", {**cfg.__dict__, **chosen, "timings_s": timings})
     return metrics
 
 
@@ -259,7 +350,12 @@ def _demo_recipe(tokens: Path, out: Path, cfg: DemoConfig) -> Any:
 def demo_command(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory for everything the demo writes."),
     minutes: float = typer.Option(15.0, "--minutes", help="Time budget, split across the steps."),
-    n: int = typer.Option(2000, "--n", help="Scene samples in the demo world."),
+    n: int | None = typer.Option(
+        None,
+        "--n",
+        help="Scene samples in the demo world; default: 2,000, 4,000 or 8,000 by the LM training the budget buys "
+        "on this machine (a few seconds' probe of its speed).",
+    ),
     seed: int = typer.Option(0, "--seed"),
     eval_limit: int = typer.Option(30, "--eval-limit", help="Test examples per task in the evaluation."),
     device: str = typer.Option("cpu", "--device", help="torch device for tokenizers and the LM (cpu, cuda)."),

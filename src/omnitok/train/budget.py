@@ -110,6 +110,58 @@ def calibrate(recipe: Recipe, *, progress: bool = True) -> tuple[float, int]:
     return speed, n
 
 
+def probe_speed(
+    recipe: Recipe, *, vocab_size: int, lengths: dict[str, tuple[int, int]], steps: int = 8, progress: bool = False
+) -> float:
+    """Positions/s of ``recipe``'s first stage on synthetic documents, before any real tokens exist.
+
+    Why: a choice made ahead of the data (how large a world the demo builds) depends on how much the LM will train,
+    and the run's own speed is only known once its tokens are there. A throwaway copy of the model is trained for
+    ``steps`` steps on synthetic documents of ``lengths`` (task -> (shortest, longest) tokens, for the stage's
+    tasks) in a temporary directory; the first log window (kernel builds) is not timed. Such a probe read
+    0.84-1.14x the speed the real run then trained at (docs/BENCHMARKS.md): good for a coarse choice, not a plan.
+    The model is the recipe's without what needs real tokenizers (codec-initialised rows, image positions).
+    """
+    import tempfile
+    from pathlib import Path
+
+    from omnitok.train.loop import train
+    from omnitok.train.recipe import CheckpointConfig, LogConfig
+    from omnitok.train.synthetic import write_synthetic_tokens
+
+    first = recipe.stages[0]
+    missing = sorted(set(first.mixture) - set(lengths))
+    if missing:
+        raise OmnitokError(f"recipe {recipe.name}: probe_speed has no document lengths for tasks {missing}")
+    if steps < 4:
+        raise OmnitokError(f"probe_speed needs at least 4 steps (two timed log windows), got {steps}")
+    batch = first.batch(recipe.batch)
+    positions = batch.seq_len * batch.micro_batch * batch.grad_accum * (steps + 1)
+    mean_len = sum((lo + hi) / 2 for lo, hi in lengths.values()) / len(lengths)
+    docs = max(8, int(positions / mean_len / len(first.mixture)) + 1)  # every step fills from fresh documents
+    with tempfile.TemporaryDirectory(prefix="omnitok-probe-") as tmp:
+        tokens = Path(tmp) / "tokens"
+        write_synthetic_tokens(
+            tokens, vocab_size=vocab_size, tasks={t: lengths[t] for t in first.mixture}, docs=docs, shards=1
+        )
+        probe = replace(
+            recipe,
+            name=f"{recipe.name}-probe",
+            data=tokens,
+            out=Path(tmp) / "run",
+            model={**recipe.model, "image_positions": False},
+            code_embeddings="random",
+            stages=[replace(first, steps=steps + 1)],
+            checkpoint=CheckpointConfig(every=0, keep=1),
+            log=LogConfig(every=2, tensorboard=False),
+            validation=replace(recipe.validation, docs=0),
+        )
+        speed = logged_speed(train(probe, resume=False, progress=progress, max_steps=steps)["log"], probe)
+    if speed is None:
+        raise OmnitokError(f"recipe {recipe.name}: the probe logged fewer than 2 records in {steps} steps")
+    return speed
+
+
 def train_for_seconds(
     recipe: Recipe,
     seconds: float,
@@ -151,5 +203,6 @@ __all__ = [
     "logged_speed",
     "plan_for_speed",
     "positions_per_step",
+    "probe_speed",
     "train_for_seconds",
 ]
