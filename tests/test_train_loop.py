@@ -373,7 +373,7 @@ def test_a_stage_with_a_larger_batch_costs_its_steps_more_time(tokdir, tmp_path)
 
 
 def test_a_run_fitted_to_seconds_equals_its_last_plan_trained_straight(tokdir, tmp_path):
-    from omnitok.train.budget import calibration_steps, train_for_seconds
+    from omnitok.train.budget import calibration_steps, plan_for_speed, train_for_seconds
 
     def r(out):
         return recipe(tokdir, out, optim={"lr": 1e-2, "warmup_steps": 3}, checkpoint={"every": 0, "keep": 2})
@@ -397,6 +397,17 @@ def test_a_run_fitted_to_seconds_equals_its_last_plan_trained_straight(tokdir, t
     assert given == [1000.0] and sorted(losses(tmp_path / "given")) == list(range(1, 11))
     with pytest.raises(OmnitokError, match="already holds checkpoints"):  # a run that trained can't be timed again
         train_for_seconds(r(timed), 2.0, progress=False)
+    # time kept for work after the training is asked at every plan, at that plan's speed, and not planned for
+    seen, kept = [], []
+    reserve = lambda speed: seen.append(speed) or 3.0  # noqa: E731
+    train_for_seconds(r(tmp_path / "kept"), 6.0, progress=False, on_plan=lambda p, s: kept.append(s), reserve=reserve)
+    assert seen == kept and len(seen) == 2
+    given = []
+    train_for_seconds(
+        r(tmp_path / "given-kept"), 100.0, speed=200.0, progress=False, on_plan=lambda p, s: given.append(p),
+        reserve=lambda speed: 100.0 - 40.0 * speed / 200.0,
+    )  # fmt: skip
+    assert [s.steps for s in given[0].stages] == [s.steps for s in plan_for_speed(r(tmp_path), 40.0, 200.0).stages]
     with pytest.raises(OmnitokError, match="timing the run needs more than its first 7"):
         train_for_seconds(recipe(tokdir, tmp_path / "short", optim={"lr": 1e-2, "warmup_steps": 7}), 2.0)
 
@@ -486,6 +497,20 @@ def test_demo_evaluation_minutes_replace_its_share(tmp_path):
         with pytest.raises(OmnitokError, match="--eval-minutes must be above 0 and below --minutes"):
             run_demo(tmp_path / "demo", DemoConfig(minutes=10, eval_minutes=bad))
     assert not (tmp_path / "demo").exists()  # refused before anything is written
+
+
+def test_demo_evaluation_box_follows_the_lm_speed_up_to_its_share():
+    from omnitok.demo import EVAL_TAIL_S, MARGIN_S, DemoConfig
+
+    cfg = DemoConfig(minutes=15)
+    cap = 0.08 * 15 * 60 + MARGIN_S - EVAL_TAIL_S  # what the LM kept back before: the share and margin, less the tail
+    assert cfg.eval_reserve(1_900.0) == pytest.approx(cap)  # a slow machine's suite needs all of it
+    # 10 s of slack + 1.2 x (10 s + 228,000 positions' worth): 88 s at Zen 4's 4,140 positions/s, 58 s at Zen 5's
+    assert cfg.eval_reserve(4_140.0) == pytest.approx(10 + 1.2 * (10 + 228_000 / 4_140))
+    assert cfg.eval_reserve(10_500.0) < cfg.eval_reserve(4_140.0) < cap
+    # minutes given for the evaluation are kept whatever the speed
+    given = DemoConfig(minutes=15, eval_minutes=2.0)
+    assert given.eval_reserve(10_500.0) == given.eval_reserve(1_000.0) == pytest.approx(120 + MARGIN_S - EVAL_TAIL_S)
 
 
 def test_demo_lm_timed_on_its_first_steps(tokdir, tmp_path):

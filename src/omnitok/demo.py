@@ -9,10 +9,10 @@ steps are planned with) in a clean heap, not in the 1.5 GB fragmented one the sp
 behind, which slowed it by 15-25 % on CPU-2 (docs/BENCHMARKS.md).
 
 The budget (``--minutes``) caps the tokenizers and the evaluation at fixed shares; the LM gets what the steps
-before it left (less the evaluation's share and a margin), and its step counts come from ``recipes/toyworld.yaml``
-scaled to the time its stages get, at the speed its own steps train at, re-planned at each stage's end
-(``omnitok.train.budget``). The same code with a larger budget (or ``--recipe recipes/toyworld_gpu.yaml --device
-cuda``) is the "longer run".
+before it left (less a box for the evaluation, sized by the LM's speed), and its step counts come from
+``recipes/toyworld.yaml`` scaled to the time its stages get, at the speed its own steps train at, re-planned at each
+stage's end (``omnitok.train.budget``). The same code with a larger budget (or ``--recipe
+recipes/toyworld_gpu.yaml --device cuda``) is the "longer run".
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ IMAGE_LEVELS = (8, 5, 5, 5)
 # Caps on the budget's shares for the steps that can stop early: the tokenizers train at most this long, the
 # evaluation scores what fits in its share. The world build and pretokenization are fixed-size work (1.1-1.5 min
 # for 2,000 scenes on the AMD EPYC) and take what they take. The LM gets the rest: whatever the steps before it left,
-# less the evaluation's share and a margin (it keeps to its seconds within ~2 %, re-planning at each stage's end).
+# less the evaluation's share and a margin (it keeps to its seconds within ~2 %, re-planning at each stage's end), or
+# less than those where its own speed says the evaluation will need less (EVAL_SUITE_S below).
 # So a tokenizer that finishes its steps early (the image tokenizer, ~40 s inside its share here) or a faster
 # machine gives the LM more time, and a slow step before it gives it less, never the budget more.
 SHARES = {"image_tokenizer": 0.16, "speech_tokenizer": 0.16, "eval": 0.08}
@@ -54,6 +55,15 @@ MARGIN_S = 60.0
 # the margin when the LM kept to its seconds, less when a slow machine overran. On a 2-core Xeon without AVX512-BF16
 # the fixed share (72 s of 15 min) ended the demo at 15 min 9 s; where the suite needs less it stops at its limit.
 EVAL_TAIL_S = 25.0
+# What the evaluation needs (30 examples a task) follows the machine's speed as the LM's training does: the step took
+# 68 s (the suite 65) at 4,140 positions/s (Zen 4), 54 s at ~5,300 (Zen 4), 41 s at ~6,900 (Xeon-AMX), 35 s at
+# ~10,500 (Zen 5), and more than its ~100 s box at ~1,900 (Xeon-2.0: TTS cut short). So the LM keeps back for the
+# suite EVAL_HEADROOM times 10 s + 228,000 positions' worth of its own measured speed (a fit through the suite's
+# seconds: 65, 53, 43, 32 s at those speeds), plus LM_SLACK_S for the LM ending late, never more than the share and
+# margin above: with those alone the faster machines' demos ended 70-90 s inside the budget, most of the box unused.
+EVAL_SUITE_S = (10.0, 228_000.0)  # (fixed seconds, positions of LM training it takes as long as)
+EVAL_HEADROOM = 1.2
+LM_SLACK_S = 10.0
 
 # The world's size, when --n is not given, follows how much the LM will train: a world the LM sees many times over
 # is learnt by heart, one it sees about once leaves the LM short of repetitions. 2,000 scenes pretokenize to 1.29 M
@@ -109,6 +119,18 @@ class DemoConfig:
         if step == "eval" and self.eval_minutes is not None:
             return self.eval_minutes
         return self.minutes * SHARES[step]
+
+    def eval_reserve(self, speed: float) -> float:
+        """Seconds the LM keeps back for the evaluation's box, the LM training at ``speed`` positions/s.
+
+        Counted after ``EVAL_TAIL_S``: the share and margin less the tail when the evaluation's minutes are given
+        or its estimated need is larger (a slow machine), less on a machine where the suite needs less.
+        """
+        cap = self.budget("eval") * 60 + MARGIN_S - EVAL_TAIL_S
+        if self.eval_minutes is not None:
+            return cap
+        fixed, work = EVAL_SUITE_S
+        return min(cap, LM_SLACK_S + EVAL_HEADROOM * (fixed + work / speed))
 
     def lm_seconds_estimate(self) -> float:
         """Seconds the LM will get, as far as they are known before anything ran: the budget less every cap."""
@@ -265,7 +287,7 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
     bundle = out / "bundle"
     if not _done(bundle / "omnitok.json"):
         console.rule("train")
-        left = cfg.minutes * 60 - (time.perf_counter() - t0) - cfg.budget("eval") * 60 - MARGIN_S
+        left = cfg.minutes * 60 - (time.perf_counter() - t0) - EVAL_TAIL_S  # the LM's and the evaluation's box
         in_fresh_process(_train_lm, tokens, out, cfg, left, time.time())
         if bundle.exists():
             shutil.rmtree(bundle)
@@ -299,10 +321,11 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
 
 
 def _train_lm(tokens: Path, out: Path, cfg: DemoConfig, seconds: float, since: float | None = None) -> None:
-    """Plan the LM's steps for ``seconds`` of training and train them (in the demo's fresh process for it).
+    """Plan the LM's steps for ``seconds`` less the evaluation's box and train them (in a fresh process).
 
     ``since``: the ``time.time()`` the seconds count from, so that starting this process and importing torch are
-    paid from them: ~10 s on a 2-core Xeon, where the LM's step ran 13-22 s over its seconds in three demos.
+    paid from them: ~10 s on a 2-core Xeon, where the LM's step ran 13-22 s over its seconds in three demos. The
+    evaluation's box (``DemoConfig.eval_reserve``) is taken at each plan from the speed the LM trains at.
 
     Without ``--lm-tokens-per-s`` the steps follow the speed the run's own steps train at, re-planned at each stage's
     end (``omnitok.train.budget``). The newest plan is kept in ``OUT/lm_plan.json``: a resumed demo trains the steps
@@ -332,7 +355,7 @@ def _train_lm(tokens: Path, out: Path, cfg: DemoConfig, seconds: float, since: f
     shutil.rmtree(out / "lm", ignore_errors=True)
     if since is not None:
         seconds -= time.time() - since
-    train_for_seconds(recipe, seconds, speed=cfg.lm_tokens_per_s, on_plan=keep)
+    train_for_seconds(recipe, seconds, speed=cfg.lm_tokens_per_s, on_plan=keep, reserve=cfg.eval_reserve)
 
 
 def _demo_recipe(tokens: Path, out: Path, cfg: DemoConfig) -> Any:

@@ -169,13 +169,16 @@ def train_for_seconds(
     speed: float | None = None,
     progress: bool = True,
     on_plan: Callable[[Recipe, float], None] | None = None,
+    reserve: Callable[[float], float] | None = None,
 ) -> dict[str, Any]:
     """Train ``recipe``'s curriculum in ~``seconds``, its stages scaled to the speed measured as it trains.
 
     ``speed`` (positions/s) instead plans every stage once from that figure and trains them straight: a given speed
     is a plan, not an estimate (equal positions for runs compared side by side). ``on_plan(recipe, speed)`` sees
     every plan before the steps it adds are trained: a caller keeps the newest to resume an interrupted run with
-    ``train(kept plan)``. ``recipe.out`` must hold no checkpoints. Returns the last ``train`` call's result.
+    ``train(kept plan)``. ``reserve(speed)``: seconds of ``seconds`` kept for work after the training whose length
+    scales with the machine as the training does (the demo's evaluation), asked again at every plan with the speed
+    it is made at. ``recipe.out`` must hold no checkpoints. Returns the last ``train`` call's result.
     """
     from omnitok.train.loop import train
 
@@ -184,16 +187,18 @@ def train_for_seconds(
             on_plan(r, s)
         return r
 
+    def left(speed: float) -> float:
+        return seconds - (time.perf_counter() - t0) - (reserve(speed) if reserve is not None else 0.0)
+
     t0 = time.perf_counter()
     if speed is not None:
-        return train(plan(plan_for_speed(recipe, seconds, speed), speed), resume=False, progress=progress)
+        return train(plan(plan_for_speed(recipe, left(speed), speed), speed), resume=False, progress=progress)
     speed, trained = calibrate(recipe, progress=progress)
-    recipe = plan(plan_for_speed(recipe, seconds - (time.perf_counter() - t0), speed, trained=trained), speed)
+    recipe = plan(plan_for_speed(recipe, left(speed), speed, trained=trained), speed)
     for i in range(len(recipe.stages) - 1):
         end = sum(s.steps for s in recipe.stages[: i + 1])
         speed = logged_speed(train(recipe, progress=progress, max_steps=end)["log"], recipe) or speed
-        left = seconds - (time.perf_counter() - t0)
-        recipe = plan(plan_for_speed(recipe, left, speed, trained=end, from_stage=i + 1), speed)
+        recipe = plan(plan_for_speed(recipe, left(speed), speed, trained=end, from_stage=i + 1), speed)
     return train(recipe, progress=progress)
 
 
