@@ -602,3 +602,27 @@ def test_demo_world_size_follows_the_lm_training_its_budget_buys(tokdir, tmp_pat
     # the probe leaves torch's threads in this process; the world's forked workers must still run
     build_world(tmp_path / "world", WorldConfig(n=16, seed=0, speech=False, samples_per_shard=4), workers=2)
     assert (tmp_path / "world" / "manifest.json").is_file()
+
+
+def test_demo_world_step_keeps_why_its_world_has_its_size(tmp_path, monkeypatch):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from omnitok import demo
+    from omnitok.io import read_json
+
+    why = {"lm_positions_per_s": 5e3, "speed_from": "probe", "lm_seconds_estimate": 420.0, "lm_positions_estimate": 2}
+    monkeypatch.setattr(demo, "choose_world_size", lambda cfg: (12, why))
+    world, sizing, text = tmp_path / "world", tmp_path / "world_size.json", StringIO()
+    console = Console(file=text, width=200)
+    # chosen: built to the choice, and the choice kept beside it
+    assert demo._world_step(world, sizing, demo.DemoConfig(), console) == {"n": 12, "world_size": why}
+    assert read_json(sizing) == why and "world size: 12 scenes" in text.getvalue()
+    # resumed with another --n: the world the later steps were made from stays, and the run says so
+    assert demo._world_step(world, sizing, demo.DemoConfig(n=40), console) == {"n": 12, "world_size": why}
+    assert "was built with 12 scenes; --n 40 takes a new --out" in text.getvalue()
+    # built afresh to --n: an earlier choice no longer explains the world and goes
+    shutil.rmtree(world)
+    assert demo._world_step(world, sizing, demo.DemoConfig(n=8), console) == {"n": 8}
+    assert not sizing.exists()

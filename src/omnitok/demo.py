@@ -218,7 +218,6 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
     write_run_config(out, "omnitok demo", cfg.__dict__)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    chosen: dict[str, Any] = {}  # the world's size as built (and why, when the demo chose it), kept in its config
 
     def step(name: str) -> None:
         timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 1)
@@ -226,29 +225,7 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
 
     # 1. world (its size chosen first when --n is not given; a resumed demo keeps the world it built)
     world = out / "world"
-    sizing = out / "world_size.json"  # why the world has its size, when the demo chose it
-    if not _done(world / "manifest.json"):
-        from omnitok.world.build import WorldConfig
-        from omnitok.world.cli import run_build
-
-        console.rule("world")
-        n = cfg.n
-        if n is None:
-            n, why = choose_world_size(cfg)
-            atomic_write_json(sizing, why)
-            speed, seconds = why["lm_positions_per_s"], why["lm_seconds_estimate"]
-            console.print(
-                f"world size: {n:,} scenes for ~{why['lm_positions_estimate'] / 1e6:.1f} M positions of LM training "
-                f"(~{seconds:.0f} s at {speed:,.0f} positions/s, {why['speed_from']})"
-            )
-        elif sizing.exists():
-            sizing.unlink()  # a world of the size asked for: an earlier choice no longer explains it
-        run_build(world, WorldConfig(n=n, seed=cfg.seed), workers=None, overwrite=False)
-    chosen["n"] = read_json(world / "manifest.json", "world manifest")["config"]["n"]
-    if cfg.n is not None and cfg.n != chosen["n"]:
-        console.print(f"note: {world} was built with {chosen['n']:,} scenes; --n {cfg.n} takes a new --out")
-    if sizing.exists():
-        chosen["world_size"] = read_json(sizing, "demo world size")
+    chosen = _world_step(world, out / "world_size.json", cfg, console)
     write_run_config(out, "omnitok demo", {**cfg.__dict__, **chosen})
     step("world")
 
@@ -318,6 +295,38 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
     step("eval")
     write_run_config(out, "omnitok demo", {**cfg.__dict__, **chosen, "timings_s": timings})
     return metrics
+
+
+def _world_step(world: Path, sizing: Path, cfg: DemoConfig, console: Console) -> dict[str, Any]:
+    """Build the demo's world unless it is there; return its size as built (and why, where the demo chose it).
+
+    ``sizing`` keeps why the world has its size when the demo chose it; a world built to ``--n`` removes an earlier
+    choice's file, which would no longer explain it. A world already there is kept whatever ``--n`` says now (the
+    later steps were made from it), with a note when the two differ.
+    """
+    if not _done(world / "manifest.json"):
+        from omnitok.world.build import WorldConfig
+        from omnitok.world.cli import run_build
+
+        console.rule("world")
+        n = cfg.n
+        if n is None:
+            n, why = choose_world_size(cfg)
+            atomic_write_json(sizing, why)
+            speed, seconds = why["lm_positions_per_s"], why["lm_seconds_estimate"]
+            console.print(
+                f"world size: {n:,} scenes for ~{why['lm_positions_estimate'] / 1e6:.1f} M positions of LM training "
+                f"(~{seconds:.0f} s at {speed:,.0f} positions/s, {why['speed_from']})"
+            )
+        elif sizing.exists():
+            sizing.unlink()
+        run_build(world, WorldConfig(n=n, seed=cfg.seed), workers=None, overwrite=False)
+    chosen: dict[str, Any] = {"n": read_json(world / "manifest.json", "world manifest")["config"]["n"]}
+    if cfg.n is not None and cfg.n != chosen["n"]:
+        console.print(f"note: {world} was built with {chosen['n']:,} scenes; --n {cfg.n} takes a new --out")
+    if sizing.exists():
+        chosen["world_size"] = read_json(sizing, "demo world size")
+    return chosen
 
 
 def _train_lm(tokens: Path, out: Path, cfg: DemoConfig, seconds: float, since: float | None = None) -> None:
