@@ -487,7 +487,7 @@ def test_demo_lm_step_runs_in_a_fresh_process(tokdir, tmp_path):
         _train_lm(tokdir, tmp_path, replace(cfg, recipe=str(other)), 60.0)
 
 
-def test_demo_evaluation_minutes_replace_its_share(tmp_path):
+def test_demo_evaluation_minutes_replace_its_share_and_bad_flags_write_nothing(tmp_path):
     from omnitok.demo import DemoConfig, run_demo
 
     assert DemoConfig(minutes=10).budget("eval") == pytest.approx(0.8)
@@ -496,6 +496,11 @@ def test_demo_evaluation_minutes_replace_its_share(tmp_path):
     for bad in (0.0, 10.0):
         with pytest.raises(OmnitokError, match="--eval-minutes must be above 0 and below --minutes"):
             run_demo(tmp_path / "demo", DemoConfig(minutes=10, eval_minutes=bad))
+    for bad in (0.0, -5.0, float("nan")):
+        with pytest.raises(OmnitokError, match="--lm-tokens-per-s must be a number > 0"):
+            run_demo(tmp_path / "demo", DemoConfig(lm_tokens_per_s=bad))
+    with pytest.raises(OmnitokError, match="--n must be a positive number of scene samples, got 0"):
+        run_demo(tmp_path / "demo", DemoConfig(n=0))
     assert not (tmp_path / "demo").exists()  # refused before anything is written
 
 

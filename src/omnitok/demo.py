@@ -31,7 +31,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from omnitok.errors import OmnitokError
+from omnitok.errors import OmnitokError, is_number
 from omnitok.io import atomic_write_json, ensure_writable_dir, read_json, write_run_config
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "toyworld.yaml"
@@ -212,6 +212,12 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
         raise OmnitokError(
             f"--eval-minutes must be above 0 and below --minutes ({cfg.minutes}), got {cfg.eval_minutes}"
         )
+    if cfg.lm_tokens_per_s is not None and not (is_number(cfg.lm_tokens_per_s) and cfg.lm_tokens_per_s > 0):
+        raise OmnitokError(f"--lm-tokens-per-s must be a number > 0, got {cfg.lm_tokens_per_s}")
+    if cfg.n is not None:
+        from omnitok.world.build import WorldConfig
+
+        WorldConfig(n=cfg.n, seed=cfg.seed).validate()
     if not Path(cfg.recipe).is_file():
         raise OmnitokError(f"recipe {cfg.recipe} not found: run the demo from an omnitok checkout or pass --recipe")
     out = ensure_writable_dir(out, "demo output directory")
