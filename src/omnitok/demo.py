@@ -133,7 +133,12 @@ class DemoConfig:
         return min(cap, LM_SLACK_S + EVAL_HEADROOM * (fixed + work / speed))
 
     def lm_seconds_estimate(self) -> float:
-        """Seconds the LM will get, as far as they are known before anything ran: the budget less every cap."""
+        """Seconds the LM will get, as far as they are known before anything ran: the budget less every cap.
+
+        A floor more than a forecast: a tokenizer that finishes early, or an evaluation the LM's speed says needs
+        less than its cap (``eval_reserve``), gives the LM more (20-60 s of 15 minutes on the machines measured).
+        ``POSITIONS_PER_SCENE`` was set against this floor, so the two stay as they are measured together.
+        """
         caps = self.budget("image_tokenizer") + self.budget("speech_tokenizer") + self.budget("eval")
         return max(0.0, (self.minutes - caps) * 60 - MARGIN_S - FIXED_STEPS_S)
 
