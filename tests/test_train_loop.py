@@ -2,6 +2,7 @@ import importlib.util
 import itertools
 import json
 import shutil
+import time
 from dataclasses import replace
 
 import pytest
@@ -501,6 +502,9 @@ def test_demo_evaluation_minutes_replace_its_share_and_bad_flags_write_nothing(t
             run_demo(tmp_path / "demo", DemoConfig(lm_tokens_per_s=bad))
     with pytest.raises(OmnitokError, match="--n must be a positive number of scene samples, got 0"):
         run_demo(tmp_path / "demo", DemoConfig(n=0))
+    for started in (time.time() + 60, time.time() - 15 * 60):  # in the future, or the whole budget ago
+        with pytest.raises(OmnitokError, match=r"--started-at .* expected a time in the budget's past"):
+            run_demo(tmp_path / "demo", DemoConfig(started_at=started))
     assert not (tmp_path / "demo").exists()  # refused before anything is written
 
 
@@ -604,6 +608,8 @@ def test_demo_world_size_follows_the_lm_training_its_budget_buys(tokdir, tmp_pat
         8000,
         {**why, "lm_positions_per_s": 20_000.0, "speed_from": "--lm-tokens-per-s", "lm_positions_estimate": 8_400_000},
     )
+    # seconds gone before the demo started (make demo installing) are not the LM's: 270 s x 20,000 = 5.4 M -> 4,000
+    assert demo.choose_world_size(given, 150.0)[0] == 4000
     # the probe leaves torch's threads in this process; the world's forked workers must still run
     build_world(tmp_path / "world", WorldConfig(n=16, seed=0, speech=False, samples_per_shard=4), workers=2)
     assert (tmp_path / "world" / "manifest.json").is_file()
@@ -618,7 +624,7 @@ def test_demo_world_step_keeps_why_its_world_has_its_size(tmp_path, monkeypatch)
     from omnitok.io import read_json
 
     why = {"lm_positions_per_s": 5e3, "speed_from": "probe", "lm_seconds_estimate": 420.0, "lm_positions_estimate": 2}
-    monkeypatch.setattr(demo, "choose_world_size", lambda cfg: (12, why))
+    monkeypatch.setattr(demo, "choose_world_size", lambda cfg, spent: (12, why))
     world, sizing, text = tmp_path / "world", tmp_path / "world_size.json", StringIO()
     console = Console(file=text, width=200)
     # chosen: built to the choice, and the choice kept beside it

@@ -114,6 +114,9 @@ class DemoConfig:
     # the evaluation's instruments (pocketsphinx, the tokenizers' decoders) run on the CPU as before, so a short
     # budget's 8 % would score only part of each task.
     eval_minutes: float | None = None
+    # Unix time the budget counts from (None: when run_demo starts); `make demo` passes the time it started, so that
+    # creating .venv on a fresh machine is paid from the budget and the whole job keeps to it.
+    started_at: float | None = None
 
     def budget(self, step: str) -> float:
         if step == "eval" and self.eval_minutes is not None:
@@ -150,12 +153,13 @@ def world_size_for(positions: float) -> int:
     return fits[-1] if fits else WORLD_SIZES[0]
 
 
-def choose_world_size(cfg: DemoConfig) -> tuple[int, dict[str, float]]:
+def choose_world_size(cfg: DemoConfig, spent: float = 0.0) -> tuple[int, dict[str, float]]:
     """``(scenes, why)``: the world size for ``cfg``'s budget on this machine, from a short probe of the LM's speed.
 
     The probe runs in this process on the cores free now (8 steps: ~2.5 s at 7,500 positions/s, ~7 s at 1,900);
-    a speed given with ``--lm-tokens-per-s`` is used instead. ``why`` holds the speed and the positions it implies,
-    written into the demo's config.
+    a speed given with ``--lm-tokens-per-s`` is used instead. ``spent``: seconds of the budget gone before the demo
+    started (``make demo`` installing), which the LM will not get. ``why`` holds the speed and the positions it
+    implies, written into the demo's config.
     """
     from omnitok.threads import free_cores
     from omnitok.train.budget import probe_speed
@@ -166,7 +170,7 @@ def choose_world_size(cfg: DemoConfig) -> tuple[int, dict[str, float]]:
         recipe = replace(load_recipe(cfg.recipe), device=cfg.device)
         with free_cores():
             speed = probe_speed(recipe, vocab_size=PROBE_VOCAB, lengths=PROBE_LENGTHS)
-    seconds = cfg.lm_seconds_estimate()
+    seconds = max(0.0, cfg.lm_seconds_estimate() - spent)  # less what went before the demo started
     positions = speed * seconds
     why = {
         "lm_positions_per_s": round(speed, 1),
@@ -225,10 +229,19 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
         WorldConfig(n=cfg.n, seed=cfg.seed).validate()
     if not Path(cfg.recipe).is_file():
         raise OmnitokError(f"recipe {cfg.recipe} not found: run the demo from an omnitok checkout or pass --recipe")
+    spent = 0.0 if cfg.started_at is None else time.time() - cfg.started_at
+    if not 0.0 <= spent < cfg.minutes * 60:
+        raise OmnitokError(
+            f"--started-at {cfg.started_at}: the budget of {cfg.minutes} minutes would have started {spent:.0f} s "
+            "ago; expected a time in the budget's past (make demo passes the time it started)"
+        )
     out = ensure_writable_dir(out, "demo output directory")
     write_run_config(out, "omnitok demo", cfg.__dict__)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - spent
     timings: dict[str, float] = {}
+    if spent >= 1:  # installing .venv, under make demo
+        timings["before the demo"] = round(spent, 1)
+        console.print(f"{spent:.0f} s of the {cfg.minutes:g}-minute budget went before the demo started")
 
     def step(name: str) -> None:
         timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 1)
@@ -236,7 +249,7 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
 
     # 1. world (its size chosen first when --n is not given; a resumed demo keeps the world it built)
     world = out / "world"
-    chosen = _world_step(world, out / "world_size.json", cfg, console)
+    chosen = _world_step(world, out / "world_size.json", cfg, console, spent)
     write_run_config(out, "omnitok demo", {**cfg.__dict__, **chosen})
     step("world")
 
@@ -308,7 +321,7 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
     return metrics
 
 
-def _world_step(world: Path, sizing: Path, cfg: DemoConfig, console: Console) -> dict[str, Any]:
+def _world_step(world: Path, sizing: Path, cfg: DemoConfig, console: Console, spent: float = 0.0) -> dict[str, Any]:
     """Build the demo's world unless it is there; return its size as built (and why, where the demo chose it).
 
     ``sizing`` keeps why the world has its size when the demo chose it; a world built to ``--n`` removes an earlier
@@ -322,7 +335,7 @@ def _world_step(world: Path, sizing: Path, cfg: DemoConfig, console: Console) ->
         console.rule("world")
         n = cfg.n
         if n is None:
-            n, why = choose_world_size(cfg)
+            n, why = choose_world_size(cfg, spent)
             atomic_write_json(sizing, why)
             speed, seconds = why["lm_positions_per_s"], why["lm_seconds_estimate"]
             console.print(
@@ -411,6 +424,12 @@ def demo_command(
         "--lm-tokens-per-s",
         help="Positions/s to plan the LM's steps with, once; default: its own steps' speed, re-planned by stage.",
     ),
+    started_at: float | None = typer.Option(
+        None,
+        "--started-at",
+        help="Unix time the budget counts from; default: now. make demo passes its own start, so that installing "
+        "on a fresh machine is inside the budget.",
+    ),
 ) -> None:
     """The main job: world -> tokenizers -> LM through four stages -> bundle -> evaluation report."""
     from omnitok.eval.cli import metrics_table
@@ -425,6 +444,7 @@ def demo_command(
         recipe=str(recipe),
         lm_tokens_per_s=lm_tokens_per_s,
         eval_minutes=eval_minutes,
+        started_at=started_at,
     )
     metrics = run_demo(out, cfg, console)
     console.print(metrics_table(metrics))
