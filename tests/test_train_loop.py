@@ -514,7 +514,7 @@ def test_demo_evaluation_box_follows_the_lm_speed_up_to_its_share():
     cfg = DemoConfig(minutes=15)
     cap = 0.08 * 15 * 60 + MARGIN_S - EVAL_TAIL_S  # what the LM kept back before: the share and margin, less the tail
     assert cfg.eval_reserve(1_900.0) == pytest.approx(cap)  # a slow machine's suite needs all of it
-    # 10 s of slack + 1.2 x (10 s + 228,000 positions' worth): 88 s at Zen 4's 4,140 positions/s, 58 s at Zen 5's
+    # 10 s of slack + 1.2 x (10 s + 228,000 positions' worth): 88 s at Zen 4's 4,140 positions/s, 48 s at Zen 5's
     assert cfg.eval_reserve(4_140.0) == pytest.approx(10 + 1.2 * (10 + 228_000 / 4_140))
     assert cfg.eval_reserve(10_500.0) < cfg.eval_reserve(4_140.0) < cap
     # minutes given for the evaluation are kept whatever the speed

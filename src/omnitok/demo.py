@@ -358,7 +358,7 @@ def _train_lm(tokens: Path, out: Path, cfg: DemoConfig, seconds: float, since: f
 
     ``since``: the ``time.time()`` the seconds count from, so that starting this process and importing torch are
     paid from them: ~10 s on a 2-core Xeon, where the LM's step ran 13-22 s over its seconds in three demos. The
-    evaluation's box (``DemoConfig.eval_reserve``) is taken at each plan from the speed the LM trains at.
+    evaluation's box (``DemoConfig.eval_reserve``) is taken at each plan from the slowest speed the LM has trained at.
 
     Without ``--lm-tokens-per-s`` the steps follow the speed the run's own steps train at, re-planned at each stage's
     end (``omnitok.train.budget``). The newest plan is kept in ``OUT/lm_plan.json``: a resumed demo trains the steps

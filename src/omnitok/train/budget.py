@@ -135,8 +135,7 @@ def probe_speed(
         raise OmnitokError(f"recipe {recipe.name}: probe_speed has no document lengths for tasks {missing}")
     if steps < 4:
         raise OmnitokError(f"probe_speed needs at least 4 steps (two timed log windows), got {steps}")
-    batch = first.batch(recipe.batch)
-    positions = batch.seq_len * batch.micro_batch * batch.grad_accum * (steps + 1)
+    positions = positions_per_step(recipe) * (steps + 1)
     mean_len = sum((lo + hi) / 2 for lo, hi in lengths.values()) / len(lengths)
     docs = max(8, int(positions / mean_len / len(first.mixture)) + 1)  # every step fills from fresh documents
     with tempfile.TemporaryDirectory(prefix="omnitok-probe-") as tmp:
