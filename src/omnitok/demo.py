@@ -49,6 +49,9 @@ IMAGE_LEVELS = (8, 5, 5, 5)
 # less than those where its own speed says the evaluation will need less (EVAL_SUITE_S below).
 # So a tokenizer that finishes its steps early (the image tokenizer, ~40 s inside its share here) or a faster
 # machine gives the LM more time, and a slow step before it gives it less, never the budget more.
+# The speech tokenizer's 16 % was measured against 8 % and 24 % on Zen 4, the LM given the difference: half the box
+# doubles the codec's phone error for ~6 % more LM steps, half again as much costs the LM 18 % of its steps; both
+# left ASR and TTS worse (BENCHMARKS "The speech tokenizer's share").
 SHARES = {"image_tokenizer": 0.16, "speech_tokenizer": 0.16, "eval": 0.08}
 MARGIN_S = 60.0
 # The evaluation then gets what is left of the budget, less loading the bundle and writing the report: its share plus
