@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m compileall -q -j 0 $(VENV)/lib/python3*/site-packages >/dev/null || true
 	($(PY) -m pip install --quiet uv \
 	  && $(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode -e '.[test]') \
-	  || $(PY) -m pip install --quiet -e '.[test]'
+	  || (echo "uv could not install omnitok (above); installing it with pip instead" \
+	      && $(PY) -m pip install --quiet -e '.[test]')
 	touch $(STAMP)
 
 # The demo's budget counts from when make started, so that creating .venv on a fresh machine is paid from it.
