@@ -10,12 +10,13 @@ DEMO_OUT ?= runs/demo
 
 install: $(STAMP)
 
-# Installing is paid from the demo's 15 minutes, so it is made fast (benchmarks/install_time.py: ~100 s with plain
-# pip on the 2-core machine, ~30 s this way). pip still installs torch, because only pip's configuration knows where
-# the CPU build lies; it byte-compiles one file at a time, so torch and what it pulled in (sympy, networkx, ...) are
-# compiled afterwards on every core (files that need a newer Python fail there as they do, silently, in pip;
-# uncompiled, each process the demo starts would import ~2.5 s slower where Python may not write __pycache__). uv then resolves, downloads and compiles the rest in
-# parallel; it keeps the installed torch, which satisfies pyproject's range. Where uv cannot be had, pip does it all.
+# Installing is paid from the demo's 15 minutes, so it is made fast (benchmarks/install_time.py: 103 s with plain pip
+# on the 2-core machine, 59 s this way). pip still installs torch, because only pip's configuration knows where the
+# CPU build lies, but without byte-compiling (pip does it one file at a time): what it installed (torch, sympy,
+# networkx, ...) is compiled afterwards on every core. Files that need a newer Python fail there as they do, silently,
+# in pip. Left uncompiled, each process the demo starts imports ~2.5 s slower where Python may not write __pycache__.
+# uv then resolves, downloads and compiles the rest in parallel, keeping the installed torch (it satisfies
+# pyproject's range). Where uv cannot be installed or fails, pip does it all.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-compile torch==2.13.0
