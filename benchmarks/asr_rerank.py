@@ -10,7 +10,13 @@ The speech counterpart of ``caption_rerank.py``. For each test clip: the greedy 
 reporting the corpus WER (``omnitok.eval.asr.wer``, as ``omnitok eval``'s asr_wer) of each candidate, of the oracle
 (each clip's best candidate: the ceiling of any re-ranker) and of each re-ranker.
 
-    python benchmarks/asr_rerank.py runs/demo15/bundle --world runs/demo15/world --limit 60
+``--beams W ...`` adds beam search: the W likeliest transcripts by the listener's own log-probability, kept step by
+step under the same modality automaton as greedy decoding (text only, then EOS), the likeliest finished one taken
+(``--length-penalty a`` divides its score by length**a). One beam is greedy decoding: the benchmark checks that it
+writes the same transcripts. It asks whether the listener's errors are search errors (a likelier transcript that
+greedy missed) or the model's (the wrong transcript is the likelier one).
+
+    python benchmarks/asr_rerank.py runs/demo15/bundle --world runs/demo15/world --limit 60 --beams 1 4 8
 
 A measurement for a decision, not a feature.
 """
@@ -34,6 +40,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=60, help="test clips")
     ap.add_argument("--candidates", type=int, default=6, help="the greedy transcript and this many less one samples")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--beams", type=int, nargs="*", default=[], help="beam widths to compare with greedy")
+    ap.add_argument("--length-penalty", type=float, default=0.0, help="finished beams score log p / length**a")
     args = ap.parse_args()
 
     import omnitok
@@ -82,8 +90,59 @@ def main() -> None:
     both = [[a + b for a, b in zip(x, y, strict=True)] for x, y in zip(listener, speaker, strict=True)]
     for name, score in (("the listener", listener), ("the speaker", speaker), ("their sum", both)):
         rows.append([f"best by {name}", f"{wer(refs, pick(score)):.3f}"])
+    for width in args.beams:
+        t0 = time.perf_counter()
+        found = [beam_search(model, ask, width, args.length_penalty) for ask in asks]
+        same = sum(a == b for a, b in zip(found, cands[0], strict=True))
+        took = time.perf_counter() - t0
+        name = f"beam search, {width} beams (length penalty {args.length_penalty:g}; {took:.0f} s; "
+        rows.append([name + f"{same} of {n} transcripts as greedy)", f"{wer(refs, found):.3f}"])
     print(f"{command()}\n{machine()}; {n} test clips; writing {written_s:.0f} s, scoring {scored_s:.0f} s\n")
     print(table(["transcript", "WER"], rows))
+
+
+def beam_search(model: object, ask: list, width: int, length_penalty: float, limit: int = 96) -> str:
+    """The likeliest transcript of ``ask`` that ``width`` beams find; one beam is greedy decoding.
+
+    Each step runs the LM over every live beam's whole sequence (no KV cache: a measurement of quality, not speed),
+    masks the logits with the request's modality automaton as ``omnitok.decoding`` does, and keeps the ``width``
+    likeliest extensions; a beam that ends (EOS) is set aside. Without a length penalty the search stops once the best
+    finished beam is likelier than every live one (log-probabilities only fall as a beam grows).
+    """
+    from omnitok.constraints import DONE
+    from omnitok.generate import GenerateOptions
+    from omnitok.sequence import Text
+
+    opts = GenerateOptions(output="text")
+    prompt, automaton = model._request(model._coded(ask, opts), opts)
+    live = [(0.0, [], automaton.after_prompt(prompt.view(1, -1)))]
+    done: list[tuple[float, list[int]]] = []
+    for _ in range(limit):
+        rows = torch.stack([torch.cat([prompt, torch.tensor(ids, dtype=torch.long)]) for _, ids, _ in live])
+        with torch.inference_mode():
+            logits = model.lm(input_ids=rows).logits[:, -1].float()
+        state = {k: torch.cat([st[k] for _, _, st in live]) for k in live[0][2]}
+        logp = automaton.apply(logits, state).log_softmax(-1)
+        top = logp.topk(width, dim=-1)
+        grown = [
+            (score + v, [*ids, t], st)
+            for (score, ids, st), vs, ts in zip(live, top.values.tolist(), top.indices.tolist(), strict=True)
+            for v, t in zip(vs, ts, strict=True)
+            if v > float("-inf")
+        ]
+        grown.sort(key=lambda c: -c[0])
+        live = []
+        for score, ids, st in grown:
+            after = automaton.advance(st, torch.tensor([ids[-1]]))
+            if int(after["state"][0]) == DONE:
+                done.append((score / len(ids) ** length_penalty, ids))
+            elif len(live) < width:
+                live.append((score, ids, after))
+        if not live or (not length_penalty and done and max(d[0] for d in done) >= live[0][0]):
+            break
+    best = max(done, key=lambda d: d[0])[1] if done else live[0][1]
+    reply = model._render(best, opts, [])
+    return " ".join(s.text for s in reply if isinstance(s, Text)).strip()
 
 
 if __name__ == "__main__":
