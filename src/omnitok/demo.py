@@ -57,7 +57,7 @@ MARGIN_S = 60.0
 # The evaluation then gets what is left of the budget, less EVAL_TAIL_S for what its box does not hold: importing the
 # evaluation, loading the bundle, the last batch's overrun of the box, writing the report. On a 2-core Xeon without
 # AVX512-BF16 the fixed share (72 s of 15 min) ended the demo at 15 min 9 s; where the suite needs less it stops at its
-# limit. The tail measured 7-10 s on that Xeon (demo21-23) and 1.6-5.6 s on a Zen 4 on two cores and pinned to one
+# limit. The tail measured 7-10 s on that Xeon (demo21-23) and 1.6-5.6 s on a Zen 5 on two cores and pinned to one
 # (benchmarks/eval_tail.py); 15 s keeps the slowest with room, and the 10 s of the 25 s kept before go to the LM.
 EVAL_TAIL_S = 15.0
 # What the evaluation needs (30 examples a task) follows the machine's speed as the LM's training does: the step took
