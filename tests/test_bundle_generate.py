@@ -147,7 +147,7 @@ def test_best_of_keeps_the_picture_read_back_likeliest(bundle_dir):
     with pytest.raises(OmnitokError, match="best_of must be an int >= 1"):
         model.generate(requests[0], output="image", best_of=0)
     with pytest.raises(OmnitokError, match="best_of applies to text-to-image"):
-        model.generate(requests[0], output="speech", best_of=2)
+        model.generate(requests[0], output="text+speech", best_of=2)
     with pytest.raises(OmnitokError, match="describing one picture"):
         model.generate(requests[0], output="text", continuation=True, best_of=2)
     with pytest.raises(OmnitokError, match="descriptions of one picture; request 0 holds 0 pictures"):
@@ -383,3 +383,48 @@ def test_best_of_for_a_description_keeps_the_likeliest_as_read_and_as_drawn(bund
         totals = [a + b for a, b in zip(reader, drawer, strict=True)]
         assert text(reply) == candidates[max(range(3), key=totals.__getitem__)]
     assert requests[0][0].codes is None  # the caller's segments are left as they were
+
+
+def test_best_of_for_speech_keeps_the_clip_the_model_hears_the_text_in_likeliest(tmp_path):
+    from omnitok.generate import HEAR_BACK_ASK, READ_ALOUD_SAMPLING
+    from omnitok.sequence import Audio
+    from serve_helpers import build_tiny_bundle
+
+    model = omnitok.load(str(build_tiny_bundle(tmp_path)))
+    requests = [[Text("Say this: hello there")], [Text("Read aloud:   a small star ")]]
+    opts = {"output": "speech", "max_new_tokens": 12, "seed": 3, "style": [{"voice": "us_f1"}, {"rate": "slow"}]}
+    best = model.generate_batch(requests, best_of=3, **opts)
+    # the candidates it chose among: the plain clip, then 2 samples a request, spoken together seeded after it
+    plain = model.generate_batch(requests, **opts)
+    sampled = model.generate_batch(
+        [r for r in requests for _ in (1, 2)],
+        **{
+            **opts,
+            "seed": 4,
+            "speech": READ_ALOUD_SAMPLING,
+            "style": [{"voice": "us_f1"}] * 2 + [{"rate": "slow"}] * 2,
+        },
+    )
+
+    def clip(reply):
+        return next(s for s in reply if isinstance(s, Audio))
+
+    for i, (reply, said) in enumerate(zip(best, ["hello there", "a small star"], strict=True)):
+        candidates = [clip(r) for r in (plain[i], *sampled[2 * i : 2 * i + 2])]
+        # by hand: log p(the text | the clip's codes, the transcription ask), the clip given without style tokens
+        heard = model.score(
+            [[Audio(codes=c.codes, role="user"), Text(HEAR_BACK_ASK, role="user"), Text(said, role="assistant")]
+             for c in candidates]
+        )  # fmt: skip
+        assert all(np.isfinite(x) and x < 0 for x in heard)
+        kept = clip(reply)
+        assert np.array_equal(kept.codes, candidates[max(range(3), key=heard.__getitem__)].codes)
+        assert kept.samples is not None and kept.samples.ndim == 1 and kept.sample_rate == 16000
+    assert requests[0][0].text == "Say this: hello there"  # the caller's segments are left as they were
+
+    with pytest.raises(OmnitokError, match=r"request 1 asks 'What is red\?', which does not start with one of"):
+        model.generate_batch([requests[0], [Text("What is red?")]], output="speech", best_of=2)
+    with pytest.raises(OmnitokError, match="does not start with one of"):  # the ask alone: no text to read
+        model.generate([Text("Say this:  ")], output="speech", best_of=2)
+    with pytest.raises(OmnitokError, match="cannot stream"):
+        next(model.stream(requests[0], output="speech", best_of=2))

@@ -157,6 +157,8 @@ def test_caption_best_of_reaches_generation_and_is_checked(setup, tmp_path):
     assert seen[0]["output"] == "text" and seen[0]["best_of"] == 2 and metrics["caption_acc"]["n"]["all"] == 2
     with pytest.raises(OmnitokError, match=r"caption_best_of \(--caption-best-of\) must be an int >= 1, got 0"):
         evaluate(model, setup / "world", tmp_path / "o2", EvalConfig(tasks=["caption"], caption_best_of=0))
+    with pytest.raises(OmnitokError, match=r"tts_best_of \(--tts-best-of\) must be an int >= 1, got 0"):
+        evaluate(model, setup / "world", tmp_path / "o3", EvalConfig(tasks=["caption"], tts_best_of=0))
     with pytest.raises(OmnitokError, match=r"limit \(--limit\) must be an int >= 1, got 0"):  # it scored one
         evaluate(model, setup / "world", tmp_path / "o3", EvalConfig(tasks=["caption"], limit=0))
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

@@ -194,6 +194,10 @@ def test_speech(client):
         model=MODEL, voice="nova", input="hello", response_format="pcm", speed=1.5, extra_body={"pitch": "high"}
     )
     assert len(pcm.content) % 2 == 0 and len(pcm.content) > 0
+    best = client.audio.speech.create(
+        model=MODEL, voice="us_f1", input="hello there", response_format="wav", extra_body={"best_of": 3, "seed": 1}
+    )
+    assert _read_wav(best.content)[0] > 0
 
 
 def test_transcription(client):
@@ -284,6 +288,8 @@ FUZZ = [
     ("post", "/v1/audio/speech", {"json": {"model": MODEL, "voice": "us_m1", "input": "hi", "speed": 10}}, 400),
     ("post", "/v1/audio/speech", {"json": {"model": MODEL, "voice": "us_m1", "input": "hi", "pitch": "shrill"}}, 400),
     ("post", "/v1/audio/speech", {"json": {"model": MODEL, "input": "hi"}}, 400),  # no voice
+    ("post", "/v1/audio/speech", {"json": {"model": MODEL, "voice": "us_m1", "input": "hi", "best_of": 0}}, 400),
+    ("post", "/v1/audio/speech", {"json": {"model": MODEL, "voice": "us_m1", "input": "hi", "best_of": 17}}, 400),
     ("post", "/v1/audio/transcriptions", {"data": {"model": MODEL}, "files": {"other": ("a.txt", b"x")}}, 400),
     ("post", "/v1/audio/transcriptions", {"json": {"model": MODEL}}, 400),
     ("post", "/v1/audio/transcriptions", {"data": {"model": MODEL}, "files": {"file": ("a.mp3", b"ID3junk")}}, 400),

@@ -19,6 +19,7 @@ import torch
 
 from omnitok.bundle import Bundle, load_bundle
 from omnitok.constraints import DONE, SPEECH_CODE0, ModalityConstraint
+from omnitok.data.tasks import ASR_ASKS, TTS_ASKS
 from omnitok.decoding import (
     IMAGE_CFG_SCALE,
     IMAGE_SAMPLING,
@@ -84,7 +85,8 @@ class GenerateOptions:
     # Draw or write this many replies (the one these options give, then samples) and keep the model's likeliest:
     # text-to-image by reading each picture back against its caption (BENCHMARKS "Drawing several pictures": 0.20
     # -> 0.30 exact scenes with 7), a description of one picture by reader + drawer ("The other way": 0.645 ->
-    # 0.69 exact captions with 6). Costs best_of decodes and as many scoring passes.
+    # 0.69 exact captions with 6), a text read aloud by hearing each clip back against the text ("Speaking several
+    # clips": tts_wer 0.44 -> 0.33 and 0.54 -> 0.47 with 6). Costs best_of decodes and as many scoring passes.
     best_of: int = 1
 
     def __post_init__(self) -> None:
@@ -113,6 +115,11 @@ class GenerateOptions:
 BEST_OF_SAMPLING = Sampling(temperature=0.7, top_k=64)
 # best_of's extra descriptions of a picture (benchmarks/caption_rerank.py: temperature 0.7 among the 32 likeliest)
 DESCRIBE_SAMPLING = Sampling(temperature=0.7, top_k=32)
+# best_of's extra clips of a text read aloud: the shipped speech sampling (benchmarks/tts_rerank.py: at 0.7 the
+# samples were worse and the listener's pick no better than the plain clip; at 0.5 it cut the WER by 0.05-0.07), and the
+# question each is heard back with (the evaluation's ASR prompt, as trained)
+READ_ALOUD_SAMPLING = SPEECH_SAMPLING
+HEAR_BACK_ASK = ASR_ASKS[0]
 READ_BACK_ASK = "Describe the picture."
 SCORE_ROWS = 8  # samples a scoring pass holds
 
@@ -336,13 +343,25 @@ class OmniModel:
           log p(text | request) + log p(picture | text), the reader and the drawer. The drawer asks whether the text
           accounts for the whole picture, so this is for descriptions (exact captions 0.645 -> 0.69 on 200 test
           scenes); it would prefer a describing answer to a terse one for any other question.
+        - **Reading a text aloud** (``output="speech"``, a request "Say this: <text>", or another of the trained
+          asks ``TTS_ASKS``): the clip in which the model hears the text likeliest, log p(text | clip). The LM hears
+          far better than it speaks, so its ear tells a garbled clip from a clear one (tts_wer 0.44 -> 0.33 and
+          0.54 -> 0.47 on 60 test sentences of two demo bundles). A spoken answer's words are not known before it
+          is spoken, so it takes only these requests.
         """
-        if opts.continuation or opts.output not in ("image", "text"):
+        if opts.continuation or opts.output not in ("image", "text", "speech"):
             raise OmnitokError(
-                "best_of applies to text-to-image (output='image') and to describing one picture (output='text'), "
-                f"got output={opts.output!r}" + (" with continuation" if opts.continuation else "")
+                "best_of applies to text-to-image (output='image'), to describing one picture (output='text') and to "
+                f"reading a text aloud (output='speech'), got output={opts.output!r}"
+                + (" with continuation" if opts.continuation else "")
             )
-        if opts.output == "image":
+        if opts.output == "speech":
+            texts = [self._read_aloud(sample, i) for i, sample in enumerate(samples)]
+            candidates = self._candidates(samples, opts, options, {"speech": READ_ALOUD_SAMPLING})
+            scores = self._hear_back(
+                [c for cs in candidates for c in cs], [t for t in texts for _ in range(opts.best_of)]
+            )
+        elif opts.output == "image":
             captions = [text_of(sample) for sample in samples]
             if not all(captions):
                 raise OmnitokError("best_of reads each picture back against the request's text; a request has none")
@@ -405,6 +424,32 @@ class OmniModel:
                     drawer.append([Text(t, role="user"), Image(codes=picture, role="assistant")])
         it = iter([a + b for a, b in zip(self.score(reader), self.score(drawer), strict=True)])
         return [next(it) if t else float("-inf") for ts in texts for t in ts]
+
+    @staticmethod
+    def _read_aloud(sample: Sequence[Segment], i: int) -> str:
+        """The text a request asks to be read aloud: its text after one of the trained asks (``TTS_ASKS``)."""
+        asked = text_of(sample) if isinstance(sample, Sequence) and not isinstance(sample, str | bytes) else ""
+        for ask in TTS_ASKS:
+            if asked.startswith(ask.strip()) and asked[len(ask.strip()) :].strip():
+                return asked[len(ask.strip()) :].strip()
+        raise OmnitokError(
+            f"best_of with output='speech' keeps the clip in which the model hears the text it was asked to read; "
+            f"request {i} asks {asked[:60]!r}, which does not start with one of {[a.strip() for a in TTS_ASKS]} "
+            "followed by the text"
+        )
+
+    def _hear_back(self, replies: list[list[Segment]], texts: list[str]) -> list[float]:
+        """Log-probability of each text as the LM's transcript of the reply's clip (HEAR_BACK_ASK)."""
+        clips = [
+            next((s for s in r if isinstance(s, Audio) and s.codes is not None and len(s.codes)), None) for r in replies
+        ]
+        asks = [
+            [Audio(codes=c.codes, role="user"), Text(HEAR_BACK_ASK, role="user"), Text(t, role="assistant")]
+            for c, t in zip(clips, texts, strict=True)
+            if c is not None
+        ]
+        it = iter(self.score(asks))
+        return [float("-inf") if c is None else next(it) for c in clips]  # nothing spoken: never preferred
 
     def _read_back(self, replies: list[list[Segment]], captions: list[str]) -> list[float]:
         """Log-probability of each caption as the LM's answer to READ_BACK_ASK about the reply's picture."""

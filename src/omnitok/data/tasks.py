@@ -18,8 +18,10 @@ Sample = list[Segment]
 
 _CAPTION_ASKS = ("Describe the picture.", "What is in this image?", "Caption this image.", "What do you see?")
 _DRAW_ASKS = ("Draw: ", "Make a picture of this: ", "Paint this: ", "")
-_ASR_ASKS = ("Transcribe the speech.", "What was said?", "Write down what you hear.")
-_TTS_ASKS = ("Say this: ", "Read aloud: ", "Speak: ")
+# The asks for transcribing and reading aloud are public: generation reads its own speech back with the first, and
+# knows a request to read a text aloud by the second (omnitok.generate, best_of for speech).
+ASR_ASKS = ("Transcribe the speech.", "What was said?", "Write down what you hear.")
+TTS_ASKS = ("Say this: ", "Read aloud: ", "Speak: ")
 _VIDEO_ASKS = ("What happens in the video?", "Describe the clip.", "What changed?")
 _FILTER_ASK = "Does this caption match the picture? "
 SAMPLE_RATE_KEY = "sample_rate"
@@ -76,7 +78,7 @@ def asr(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
     return [
         [
             _audio(s["wav"], rec, "user", False),
-            Text(_pick(rng, _ASR_ASKS), role="user"),
+            Text(_pick(rng, ASR_ASKS), role="user"),
             Text(rec["text"], role="assistant"),
         ]
     ]
@@ -86,7 +88,7 @@ def tts(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
     if "wav" not in s:
         return []
     rec = s["meta"]["speech"]
-    return [[Text(_pick(rng, _TTS_ASKS) + rec["text"], role="user"), _audio(s["wav"], rec, "assistant", True)]]
+    return [[Text(_pick(rng, TTS_ASKS) + rec["text"], role="user"), _audio(s["wav"], rec, "assistant", True)]]
 
 
 def video_caption(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:

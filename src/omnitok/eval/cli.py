@@ -47,6 +47,9 @@ def eval_command(
     caption_best_of: int = typer.Option(
         1, "--caption-best-of", help="Captions: write N per picture, keep the one likeliest as read and as drawn."
     ),
+    tts_best_of: int = typer.Option(
+        1, "--tts-best-of", help="TTS: speak N clips per sentence, keep the one the model hears the sentence in best."
+    ),
 ) -> None:
     """Run every task on the held-out test split; write metrics.json and an HTML report."""
     import omnitok
@@ -65,6 +68,7 @@ def eval_command(
         sampling=sampling_overrides(temperature, top_k, top_p),
         t2i_best_of=t2i_best_of,
         caption_best_of=caption_best_of,
+        tts_best_of=tts_best_of,
     )
     model = omnitok.load(str(bundle), device)
     with free_cores(), console.status("evaluating") as status:

@@ -52,6 +52,7 @@ class EvalConfig:
     cfg_scale: float = IMAGE_CFG_SCALE
     t2i_best_of: int = 1  # text-to-image pictures drawn per caption, the one read back likeliest kept (1: plain)
     caption_best_of: int = 1  # captions written per picture, the reader + drawer likeliest kept (1: plain)
+    tts_best_of: int = 1  # clips spoken per sentence, the one the LM hears the sentence in likeliest kept (1: plain)
     # Per-modality sampling instead of the generation defaults (omnitok.decoding), e.g. {"speech": Sampling(0.7)}:
     # the metrics depend on it, so it is part of the run's recorded config.
     sampling: dict[str, Sampling] = field(default_factory=dict)
@@ -272,7 +273,9 @@ class Suite:
                     }
                 measured.append(got)
 
-        self._gen(prompts, {"style": lm_styles, "reference": refs}, after=hear, output="speech")
+        self._gen(
+            prompts, {"style": lm_styles, "reference": refs}, after=hear, output="speech", best_of=self.cfg.tts_best_of
+        )
         for k, (s, style, wav, got) in enumerate(zip(samples, styles, wavs, measured, strict=False)):
             sp = s["meta"]["speech"]
             heard = heard_by.get(k, "")
@@ -458,7 +461,7 @@ def evaluate(
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise OmnitokError(f"--tasks: unknown task(s) {unknown}; known: {list(TASKS)}")
-    for name in ("limit", "t2i_best_of", "caption_best_of"):
+    for name in ("limit", "t2i_best_of", "caption_best_of", "tts_best_of"):
         value = getattr(cfg, name)
         if not is_int(value) or value < 1:
             raise OmnitokError(f"{name} (--{name.replace('_', '-')}) must be an int >= 1, got {value!r}")

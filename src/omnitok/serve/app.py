@@ -49,7 +49,7 @@ log = logging.getLogger("omnitok.serve")
 STATIC = Path(__file__).parent / "static"
 ROLE = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 AUDIO_EXPIRY_S = 3600
-MAX_BEST_OF = 16  # an image request's best_of: each candidate is a full drawing on the shared worker
+MAX_BEST_OF = 16  # a request's best_of: each candidate is a full drawing or clip on the shared worker
 
 
 # ------------------------------------------------------------------------------------------------- body limit
@@ -459,7 +459,12 @@ class Server:
         rate = self.engine.rate_for_speed(req.speed)
         if rate is not None:
             style["rate"] = rate
-        task = Task([Text(TTS_PROMPT + req.input, role="user")], "speech", style or None, seed=req.seed)
+        best_of = 1 if req.best_of is None else req.best_of
+        if not 1 <= best_of <= MAX_BEST_OF:
+            raise bad_request(f"best_of: between 1 and {MAX_BEST_OF}, got {req.best_of}", "best_of")
+        task = Task(
+            [Text(TTS_PROMPT + req.input, role="user")], "speech", style or None, seed=req.seed, best_of=best_of
+        )
         result = await self.run(task)
         assert result.audio is not None
         if fmt == "pcm":

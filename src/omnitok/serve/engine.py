@@ -46,7 +46,7 @@ class Task:
     top_p: float | None = None
     seed: int | None = None
     cfg_scale: float = IMAGE_CFG  # image outputs only
-    best_of: int = 1  # images, and text describing one picture: replies made, the model's likeliest returned
+    best_of: int = 1  # images, text describing one picture, speech read aloud: replies made, the likeliest returned
 
     @property
     def key(self) -> Hashable:
@@ -188,7 +188,11 @@ class Engine:
             return [Result(images=[s.pixels for s in o if isinstance(s, Image) and s.pixels is not None]) for o in outs]
         if first.output == "speech":
             outs = self.model.generate_batch(
-                prompts, output="speech", style=[t.style for t in tasks], **self._speech_options(first)
+                prompts,
+                output="speech",
+                style=[t.style for t in tasks],
+                best_of=first.best_of,
+                **self._speech_options(first),
             )
             return [self._audio_result(o, "") for o in outs]
         opts = self._options(first, first.max_new_tokens)

@@ -88,6 +88,7 @@ class SpeechRequest(_Lenient):
     stream_format: str | None = None  # only "audio" (one response body); "sse" is not supported
     pitch: str | None = None  # omnitok extension: a pitch class of the bundle (low/mid/high)
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)  # omnitok extension
+    best_of: int | None = None  # omnitok extension: speak N, return the clip the model hears the input in likeliest
 
 
 class ImageRequest(_Lenient):
