@@ -4,12 +4,13 @@ The speech counterpart of ``image_rerank.py``: the LM transcribes far better tha
 Zen 5: ASR WER 0.13, its own speech heard at 0.43), so reading each spoken candidate back may tell a clear one from a
 garbled one. For each of the evaluation's TTS examples (test split, its styles; held-out voices get pitch and rate
 only and a reference clip, as ``omnitok eval`` does): the plain clip (the shipped sampling) and samples, each scored by
-the same LM as a listener, log p(the sentence | the clip's codes, "Transcribe the speech."). Every candidate is heard by
-the evaluation's instrument (pocketsphinx with its domain LM), and the table gives the corpus WER (as ``tts_wer``) of
-the plain clip, of each sample, of the oracle (each sentence's best clip as pocketsphinx hears it: the ceiling of any
-re-ranker) and of the listener's pick.
+the same LM as a listener, log p(the sentence | the clip's codes, "Transcribe the speech."), as a speaker, log p(the
+clip's codes | the request), and by their sum. Every candidate is heard by the evaluation's instrument (pocketsphinx
+with its domain LM), and the table gives the corpus WER (as ``tts_wer``) of the plain clip, of each sample, of the
+oracle (each sentence's best clip as pocketsphinx hears it: the ceiling of any re-ranker) and of each re-ranker's pick.
+``omnitok.generate``'s ``best_of`` for speech is the listener's pick.
 
-    python benchmarks/tts_rerank.py runs/demo37/bundle --world runs/demo37/world --limit 30 --candidates 6
+    python benchmarks/tts_rerank.py runs/demo37/bundle --world runs/demo37/world --limit 60 --candidates 6
 
 A measurement for a decision, not a feature.
 """
@@ -74,15 +75,18 @@ def main() -> None:
     sampled = Sampling(temperature=args.temperature, top_k=32)
     cands = [speak(0)] + [speak(j, speech=sampled) for j in range(1, k)]
     spoken_s, t0 = time.perf_counter() - t0, time.perf_counter()
-    listener = []  # -inf where nothing was spoken: never picked
+    listener, speaker = [], []  # -inf where nothing was spoken: never picked
     for c in cands:
         said = [i for i in range(n) if c[i] is not None]
-        asks = [[Audio(codes=c[i].codes, role="user"), Text(LISTEN, role="user"), Text(texts[i], role="assistant")]
+        hear = [[Audio(codes=c[i].codes, role="user"), Text(LISTEN, role="user"), Text(texts[i], role="assistant")]
                 for i in said]  # fmt: skip
-        row = [float("-inf")] * n
-        for i, score in zip(said, model.score(asks), strict=True):
-            row[i] = score
-        listener.append(row)
+        # the speaker: log p(the clip's codes | the request), held-out voices without their voice token, as spoken
+        speak_again = [[*prompts[i], Audio(codes=c[i].codes, role="assistant", style=styles[i])] for i in said]
+        for scores, out in ((model.score(hear), listener), (model.score(speak_again), speaker)):
+            row = [float("-inf")] * n
+            for i, score in zip(said, scores, strict=True):
+                row[i] = score
+            out.append(row)
     scored_s, t0 = time.perf_counter() - t0, time.perf_counter()
     clips = [c[i].samples if c[i] is not None else None for c in cands for i in range(n)]
     heard_flat = suite.transcriber.transcribe_many([x for x in clips if x is not None], 16000)
@@ -98,9 +102,11 @@ def main() -> None:
     ]  # fmt: skip
     oracle = [min((h[i] for h in heard), key=lambda x, i=i: wer([texts[i]], [x])) for i in range(n)]
     rows.append(["oracle: each sentence's best clip as pocketsphinx hears it", f"{wer(texts, oracle):.3f}"])
-    pick = [max(range(k), key=lambda j, i=i: listener[j][i]) for i in range(n)]
-    rows.append([f"best of {k} by the listener", f"{wer(texts, [heard[pick[i]][i] for i in range(n)]):.3f}"])
-    rows.append([f"  (plain clip kept for {sum(p == 0 for p in pick)} of {n})", ""])
+    both = [[a + b for a, b in zip(x, y, strict=True)] for x, y in zip(listener, speaker, strict=True)]
+    for name, score in (("the listener", listener), ("the speaker", speaker), ("their sum", both)):
+        pick = [max(range(k), key=lambda j, i=i: score[j][i]) for i in range(n)]
+        rows.append([f"best of {k} by {name}", f"{wer(texts, [heard[pick[i]][i] for i in range(n)]):.3f}"])
+        rows.append([f"  (plain clip kept for {sum(p == 0 for p in pick)} of {n})", ""])
     ref = suite.transcriber.transcribe_many([s["wav"] for s in samples], 16000)
     rows.append(["eSpeak's own audio (tts_wer_ref)", f"{wer(texts, ref):.3f}"])
     print(
