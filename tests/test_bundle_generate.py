@@ -391,7 +391,7 @@ def test_best_of_for_speech_keeps_the_clip_the_model_hears_the_text_in_likeliest
     from serve_helpers import build_tiny_bundle
 
     model = omnitok.load(str(build_tiny_bundle(tmp_path)))
-    requests = [[Text("Say this: hello there")], [Text("Read aloud:   a small star ")]]
+    requests = [[Text("Say this: hello there")], [Text("read aloud:   a small star ")]]
     opts = {"output": "speech", "max_new_tokens": 12, "seed": 3, "style": [{"voice": "us_f1"}, {"rate": "slow"}]}
     best = model.generate_batch(requests, best_of=3, **opts)
     # the candidates it chose among: the plain clip, then 2 samples a request, spoken together seeded after it

@@ -427,11 +427,12 @@ class OmniModel:
 
     @staticmethod
     def _read_aloud(sample: Sequence[Segment], i: int) -> str:
-        """The text a request asks to be read aloud: its text after one of the trained asks (``TTS_ASKS``)."""
+        """The text a request asks to be read aloud: its text after one of the trained asks (``TTS_ASKS``, in any
+        case: "say this: ..." is the same request to a user)."""
         asked = text_of(sample) if isinstance(sample, Sequence) and not isinstance(sample, str | bytes) else ""
-        for ask in TTS_ASKS:
-            if asked.startswith(ask.strip()) and asked[len(ask.strip()) :].strip():
-                return asked[len(ask.strip()) :].strip()
+        for ask in (a.strip() for a in TTS_ASKS):
+            if asked.casefold().startswith(ask.casefold()) and asked[len(ask) :].strip():
+                return asked[len(ask) :].strip()
         raise OmnitokError(
             f"best_of with output='speech' keeps the clip in which the model hears the text it was asked to read; "
             f"request {i} asks {asked[:60]!r}, which does not start with one of {[a.strip() for a in TTS_ASKS]} "
