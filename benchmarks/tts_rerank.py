@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--world", required=True)
     ap.add_argument("--limit", type=int, default=30, help="test sentences (the evaluation's first ones)")
     ap.add_argument("--candidates", type=int, default=6, help="the plain clip and this many less one samples")
-    ap.add_argument("--temperature", type=float, default=0.7, help="the samples' speech temperature (top-k 32)")
+    ap.add_argument("--temperature", type=float, default=0.5, help="the samples' speech temperature (top-k 32)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 

@@ -441,27 +441,26 @@ class OmniModel:
 
     def _hear_back(self, replies: list[list[Segment]], texts: list[str]) -> list[float]:
         """Log-probability of each text as the LM's transcript of the reply's clip (HEAR_BACK_ASK)."""
-        clips = [
-            next((s for s in r if isinstance(s, Audio) and s.codes is not None and len(s.codes)), None) for r in replies
-        ]
-        asks = [
-            [Audio(codes=c.codes, role="user"), Text(HEAR_BACK_ASK, role="user"), Text(t, role="assistant")]
-            for c, t in zip(clips, texts, strict=True)
-            if c is not None
-        ]
-        it = iter(self.score(asks))
-        return [float("-inf") if c is None else next(it) for c in clips]  # nothing spoken: never preferred
+        return self._understood(replies, texts, Audio, HEAR_BACK_ASK)
 
     def _read_back(self, replies: list[list[Segment]], captions: list[str]) -> list[float]:
         """Log-probability of each caption as the LM's answer to READ_BACK_ASK about the reply's picture."""
-        pics = [next((s for s in reply if isinstance(s, Image) and s.codes is not None), None) for reply in replies]
+        return self._understood(replies, captions, Image, READ_BACK_ASK)
+
+    def _understood(
+        self, replies: list[list[Segment]], texts: list[str], kind: type[Image] | type[Audio], ask: str
+    ) -> list[float]:
+        """log p(text | the reply's first picture or clip given back to the LM with ``ask``), one per reply."""
+        made = [
+            next((s for s in r if isinstance(s, kind) and s.codes is not None and len(s.codes)), None) for r in replies
+        ]
         asks = [
-            [Image(codes=p.codes, role="user"), Text(READ_BACK_ASK, role="user"), Text(caption, role="assistant")]
-            for p, caption in zip(pics, captions, strict=True)
-            if p is not None
+            [kind(codes=m.codes, role="user"), Text(ask, role="user"), Text(t, role="assistant")]
+            for m, t in zip(made, texts, strict=True)
+            if m is not None
         ]
         it = iter(self.score(asks))
-        return [float("-inf") if p is None else next(it) for p in pics]  # nothing drawn: never preferred
+        return [float("-inf") if m is None else next(it) for m in made]  # nothing made: never preferred
 
     def score(self, samples: Sequence[Sequence[Segment]]) -> list[float]:
         """How likely the model finds each sample's assistant turn: its tokens' log-probabilities, summed.
