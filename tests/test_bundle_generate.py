@@ -252,7 +252,7 @@ def test_requests_are_kept_inside_the_context(bundle_dir, monkeypatch):
             yield torch.full((len(prompts),), 7), state
 
     monkeypatch.setattr(gen_module, "iter_decode", endless)
-    monkeypatch.setattr(model, "_render", lambda ids, opts, prefix: ids)
+    monkeypatch.setattr(model, "_render", lambda ids, opts, prefix, media=True: ids)
     long_ids, short_ids = model.generate_batch([[Text(long_text)], [Text("hi")]], output="text", max_new_tokens=600)
     short_n = len(model._prompt_ids([Text("hi", role="user")], gen_module.GenerateOptions()))
     assert steps == [512 - short_n] and len(short_ids) == 512 - short_n

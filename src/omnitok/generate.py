@@ -270,10 +270,22 @@ class OmniModel:
         return []
 
     # --- outputs ----------------------------------------------------------------------------------
-    def _render(self, ids: list[int], opts: GenerateOptions, forced_prefix: list[int]) -> list[Segment]:
+    def _render(
+        self, ids: list[int], opts: GenerateOptions, forced_prefix: list[int], media: bool = True
+    ) -> list[Segment]:
+        """The reply's segments; ``media``: with its pictures' pixels and its speech's samples decoded."""
         segs = decode([*forced_prefix, *ids], self.vocab, self.bundle.text)
         for s in segs:
             s.role = "assistant"
+        if media:
+            self._decode_media(segs, opts)
+        return segs
+
+    def _decode_media(self, segs: list[Segment], opts: GenerateOptions) -> None:
+        """Pixels for a reply's pictures and samples for its speech, in place (``opts``: its request's style and
+        reference). Separate so that ``best_of`` decodes only the reply it keeps: the speech decoder's ~0.2 s a clip
+        was most of what five more candidates cost."""
+        for s in segs:
             if isinstance(s, Image) and self.bundle.image is not None and len(s.codes) == self.image_tokens:
                 s.pixels = np.asarray(self.bundle.image.decode(torch.as_tensor(s.codes)))
             elif isinstance(s, Video) and self.bundle.image is not None and s.frames:
@@ -286,7 +298,6 @@ class OmniModel:
                     self.bundle.speech.decode(s.codes, style=style, reference=opts.reference), dtype=np.float32
                 )
                 s.sample_rate = int(self.bundle.speech.sample_rate)
-        return segs
 
     def generate(self, sample: Sequence[Segment], **options: Any) -> list[Segment]:
         """One request; see :class:`GenerateOptions` for ``output``, ``style``, sampling and CFG."""
@@ -308,6 +319,12 @@ class OmniModel:
             raise OmnitokError(f"best_of must be an int >= 1, got {opts.best_of!r}")
         if opts.best_of > 1:
             return self._best_of(samples, opts, options)
+        return self._replies(samples, opts)
+
+    def _replies(
+        self, samples: Sequence[Sequence[Segment]], opts: GenerateOptions, media: bool = True
+    ) -> list[list[Segment]]:
+        """:meth:`generate_batch` for one reply a request; ``media=False`` leaves pictures and speech as codes."""
         styles = opts.style if isinstance(opts.style, list) else [opts.style] * len(samples)
         refs = opts.reference if isinstance(opts.reference, list) else [opts.reference] * len(samples)
         if len(styles) != len(samples) or len(refs) != len(samples):
@@ -328,7 +345,7 @@ class OmniModel:
             finished = (st["state"] == DONE).tolist()  # one device read a step, not one per row
         out = []
         for p, ids, st, ref in zip(prompts, new, styles, refs, strict=True):
-            out.append(self._render(ids, replace(opts, style=st, reference=ref), self._forced_prefix(p)))
+            out.append(self._render(ids, replace(opts, style=st, reference=ref), self._forced_prefix(p), media))
         return out
 
     def _best_of(
@@ -382,10 +399,14 @@ class OmniModel:
                 pictures.append(found[0].codes)
             candidates = self._candidates(coded, opts, options, {"text": DESCRIBE_SAMPLING})
             scores = self._describe_scores(coded, pictures, candidates)
+        styles = opts.style if isinstance(opts.style, list) else [opts.style] * len(samples)
+        refs = opts.reference if isinstance(opts.reference, list) else [opts.reference] * len(samples)
         out = []
         for i, cs in enumerate(candidates):
             mine = scores[i * opts.best_of : (i + 1) * opts.best_of]
-            out.append(cs[max(range(len(cs)), key=mine.__getitem__)])  # a tie keeps the plain reply
+            kept = cs[max(range(len(cs)), key=mine.__getitem__)]  # a tie keeps the plain reply
+            self._decode_media(kept, replace(opts, style=styles[i], reference=refs[i]))
+            out.append(kept)
         return out
 
     def _candidates(
@@ -402,13 +423,13 @@ class OmniModel:
         pictures").
         """
         plain = {**options, "best_of": 1}
-        first = self.generate_batch(samples, **plain)
+        first = self._replies(samples, GenerateOptions(**plain), media=False)  # the kept one is decoded after
         k = opts.best_of - 1
         sampled = {**plain, **sampling, "seed": (0 if opts.seed is None else opts.seed) + 1}
         for key in ("style", "reference"):  # per-request lists follow their request's rows
             if isinstance(options.get(key), list):
                 sampled[key] = [v for v in options[key] for _ in range(k)]
-        more = self.generate_batch([s for s in samples for _ in range(k)], **sampled)
+        more = self._replies([s for s in samples for _ in range(k)], GenerateOptions(**sampled), media=False)
         return [[first[i], *more[i * k : (i + 1) * k]] for i in range(len(samples))]
 
     def _describe_scores(
