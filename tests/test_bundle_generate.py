@@ -393,7 +393,12 @@ def test_best_of_for_speech_keeps_the_clip_the_model_hears_the_text_in_likeliest
     model = omnitok.load(str(build_tiny_bundle(tmp_path)))
     requests = [[Text("Say this: hello there")], [Text("read aloud:   a small star ")]]
     opts = {"output": "speech", "max_new_tokens": 12, "seed": 3, "style": [{"voice": "us_f1"}, {"rate": "slow"}]}
+    speech, decoded = model.bundle.speech, []
+    decode = speech.decode
+    speech.decode = lambda codes, **kw: decoded.append(len(codes)) or decode(codes, **kw)
     best = model.generate_batch(requests, best_of=3, **opts)
+    assert len(decoded) == 2  # only the two kept clips become audio; the four dropped stay codes
+    speech.decode = decode
     # the candidates it chose among: the plain clip, then 2 samples a request, spoken together seeded after it
     plain = model.generate_batch(requests, **opts)
     sampled = model.generate_batch(
