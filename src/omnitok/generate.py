@@ -321,14 +321,20 @@ class OmniModel:
             return self._best_of(samples, opts, options)
         return self._replies(samples, opts)
 
+    @staticmethod
+    def _per_request(opts: GenerateOptions, n: int) -> tuple[list[Any], list[Any]]:
+        """Each of ``n`` requests' style and reference clip: ``opts`` gives one for all, or a list of one each."""
+        styles = opts.style if isinstance(opts.style, list) else [opts.style] * n
+        refs = opts.reference if isinstance(opts.reference, list) else [opts.reference] * n
+        if len(styles) != n or len(refs) != n:
+            raise OmnitokError(f"style/reference: need one per request ({n}), got {len(styles)}/{len(refs)}")
+        return styles, refs
+
     def _replies(
         self, samples: Sequence[Sequence[Segment]], opts: GenerateOptions, media: bool = True
     ) -> list[list[Segment]]:
         """:meth:`generate_batch` for one reply a request; ``media=False`` leaves pictures and speech as codes."""
-        styles = opts.style if isinstance(opts.style, list) else [opts.style] * len(samples)
-        refs = opts.reference if isinstance(opts.reference, list) else [opts.reference] * len(samples)
-        if len(styles) != len(samples) or len(refs) != len(samples):
-            raise OmnitokError(f"style/reference: need one per request ({len(samples)}), got {len(styles)}/{len(refs)}")
+        styles, refs = self._per_request(opts, len(samples))
         coded = [self._coded(s, opts) for s in samples]
         requests = [self._request(c, replace(opts, style=st)) for c, st in zip(coded, styles, strict=True)]
         constraint = requests[0][1]
@@ -399,8 +405,7 @@ class OmniModel:
                 pictures.append(found[0].codes)
             candidates = self._candidates(coded, opts, options, {"text": DESCRIBE_SAMPLING})
             scores = self._describe_scores(coded, pictures, candidates)
-        styles = opts.style if isinstance(opts.style, list) else [opts.style] * len(samples)
-        refs = opts.reference if isinstance(opts.reference, list) else [opts.reference] * len(samples)
+        styles, refs = self._per_request(opts, len(samples))
         out = []
         for i, cs in enumerate(candidates):
             mine = scores[i * opts.best_of : (i + 1) * opts.best_of]
