@@ -1,5 +1,6 @@
 """Bundles save and load whole; generation returns well-formed segments in the requested modality."""
 
+import functools
 import json
 from dataclasses import replace
 
@@ -147,7 +148,7 @@ def test_best_of_keeps_the_picture_read_back_likeliest(bundle_dir):
     with pytest.raises(OmnitokError, match="best_of must be an int >= 1"):
         model.generate(requests[0], output="image", best_of=0)
     with pytest.raises(OmnitokError, match="best_of applies to text-to-image"):
-        model.generate(requests[0], output="text+speech", best_of=2)
+        model.generate(requests[0], output="auto", best_of=2)
     with pytest.raises(OmnitokError, match="describing one picture"):
         model.generate(requests[0], output="text", continuation=True, best_of=2)
     with pytest.raises(OmnitokError, match="descriptions of one picture; request 0 holds 0 pictures"):
@@ -433,3 +434,59 @@ def test_best_of_for_speech_keeps_the_clip_the_model_hears_the_text_in_likeliest
         model.generate([Text("Say this:  ")], output="speech", best_of=2)
     with pytest.raises(OmnitokError, match="cannot stream"):
         next(model.stream(requests[0], output="speech", best_of=2))
+
+
+def test_best_of_for_a_spoken_answer_writes_it_once_and_keeps_the_clip_heard_likeliest(tmp_path):
+    from omnitok.generate import HEAR_BACK_ASK
+    from omnitok.sequence import Audio
+    from omnitok.vocab import SPAN_TOKENS
+    from serve_helpers import build_tiny_bundle
+
+    model = omnitok.load(str(build_tiny_bundle(tmp_path)))
+    opener, text_size = model.vocab.special(SPAN_TOKENS["speech"][0]), model.vocab.text_size
+    forward = model.lm.forward
+
+    @functools.wraps(forward)  # decoding reads the forward's signature (its cache argument's name)
+    def answer_then_speak(*args, **kw):  # the random LM, steered to open speech after each word it writes
+        out = forward(*args, **kw)
+        out.logits[kw["input_ids"][:, -1] < text_size, -1, opener] += 100.0
+        return out
+
+    model.lm.forward = answer_then_speak
+    scored = []
+    hear_back = model._hear_back
+    model._hear_back = lambda replies, texts: scored.append((replies, texts)) or hear_back(replies, texts)
+    speech, decoded = model.bundle.speech, []
+    decode = speech.decode
+    speech.decode = lambda codes, **kw: decoded.append(len(codes)) or decode(codes, **kw)
+    requests = [[Text("What is red?")], [Text("Which shape is on the left?")]]
+    opts = {"output": "text+speech", "max_new_tokens": 16, "seed": 3}
+    best = model.generate_batch(requests, best_of=3, **opts)
+    assert len(decoded) == 2  # only the kept clips become audio
+    speech.decode = decode
+    plain = model.generate_batch(requests, **opts)
+    assert len(scored) == 2 and all(len(replies) == 3 for replies, _ in scored)  # one scoring per request
+    for reply, first, (candidates, texts) in zip(best, plain, scored, strict=True):
+        words = "".join(s.text for s in first if isinstance(s, Text)).strip()
+        assert words and texts == [words] * 3  # every clip is heard against the plain reply's written words
+        clips = [next(s for s in c if isinstance(s, Audio)) for c in candidates]
+        assert np.array_equal(clips[0].codes, next(s for s in first if isinstance(s, Audio)).codes)
+        for c in candidates:  # the words are written once: every candidate holds the plain reply's text
+            assert "".join(s.text for s in c if isinstance(s, Text)).strip() == words
+        heard = model.score(
+            [[Audio(codes=c.codes, role="user"), Text(HEAR_BACK_ASK, role="user"), Text(words, role="assistant")]
+             for c in clips]
+        )  # fmt: skip
+        kept = next(s for s in reply if isinstance(s, Audio))
+        assert np.array_equal(kept.codes, clips[max(range(3), key=heard.__getitem__)].codes)
+        assert kept.samples is not None and kept.samples.ndim == 1 and kept.sample_rate == 16000
+    first_clips = {next(s for s in r if isinstance(s, Audio)).codes.tobytes() for r in scored[0][0]}
+    assert len(first_clips) > 1  # the extra clips are samples, not copies of the plain one
+
+    model.lm.forward = forward  # unsteered, the random LM writes words and never speaks: the reply comes as it was
+    scored.clear()
+    quiet = {**opts, "max_new_tokens": 3}
+    plain = model.generate_batch(requests, **quiet)
+    assert not any(isinstance(s, Audio) for r in plain for s in r)
+    best = model.generate_batch(requests, best_of=3, **quiet)
+    assert not scored and [[s.text for s in r] for r in best] == [[s.text for s in r] for r in plain]

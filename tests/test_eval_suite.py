@@ -159,6 +159,8 @@ def test_caption_best_of_reaches_generation_and_is_checked(setup, tmp_path):
         evaluate(model, setup / "world", tmp_path / "o2", EvalConfig(tasks=["caption"], caption_best_of=0))
     with pytest.raises(OmnitokError, match=r"tts_best_of \(--tts-best-of\) must be an int >= 1, got 0"):
         evaluate(model, setup / "world", tmp_path / "o3", EvalConfig(tasks=["caption"], tts_best_of=0))
+    with pytest.raises(OmnitokError, match=r"spoken_qa_best_of \(--spoken-qa-best-of\) must be an int >= 1, got 0"):
+        evaluate(model, setup / "world", tmp_path / "o3", EvalConfig(tasks=["caption"], spoken_qa_best_of=0))
     with pytest.raises(OmnitokError, match=r"limit \(--limit\) must be an int >= 1, got 0"):  # it scored one
         evaluate(model, setup / "world", tmp_path / "o3", EvalConfig(tasks=["caption"], limit=0))
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

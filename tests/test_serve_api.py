@@ -147,6 +147,35 @@ def test_chat_audio_out(client):
         modalities=["text", "audio"], audio={"voice": "us_f1", "format": "wav", "pitch": "high", "rate": "fast"},
     )  # fmt: skip
     assert _read_wav(base64.b64decode(r.choices[0].message.audio.data))[0] > 0
+    ask = {"messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 4, "seed": 0}
+    voice = {"modalities": ["text", "audio"], "audio": {"voice": "us_f1", "format": "wav"}}
+    plain = client.chat.completions.create(model=MODEL, **ask, **voice)
+    # omnitok extension: the answer is written once, its clip spoken 3 times and the one heard likeliest returned
+    best = client.chat.completions.create(model=MODEL, **ask, **voice, extra_body={"best_of": 3})
+    assert best.choices[0].message.audio.transcript == plain.choices[0].message.audio.transcript
+    assert _read_wav(base64.b64decode(best.choices[0].message.audio.data))[0] > 0
+
+
+def test_a_spoken_answer_with_best_of_speaks_an_empty_answer_once(bundles):
+    import omnitok
+    from omnitok.sequence import Text
+    from omnitok.serve.engine import Engine, Task
+
+    engine = Engine(omnitok.load(str(bundles[0])), speech_max_tokens=8)
+    calls = []
+    generate_batch = engine.model.generate_batch
+
+    def spy(prompts, **kw):
+        calls.append((kw["output"], [p[0].text for p in prompts], kw.get("best_of", 1)))
+        if kw["output"] == "text":  # the written answers: one empty, as a model that ends at once writes it
+            return [[Text("")], [Text("a red star")]]
+        return generate_batch(prompts, **kw)
+
+    engine.model.generate_batch = spy
+    tasks = [Task([Text(q, role="user")], "speech_answer", {"voice": "us_f1"}, 4, best_of=3) for q in ("hi", "what?")]
+    results = engine.run_batch(tasks)
+    assert calls[1:] == [("speech", ["Say this: a red star"], 3), ("speech", ["Say this: "], 1)]
+    assert [r.text for r in results] == ["", "a red star"] and all(r.audio is not None for r in results)
 
 
 def test_chat_image_out(client):
@@ -308,6 +337,7 @@ FUZZ = [
     ("post", CHAT, {"json": _user(_image(_data_url(_png())), {"type": "text", "text": "hi"}) | {"best_of": 17}}, 400),
     ("post", CHAT, {"json": _user(_image(_data_url(_png()))) | {"best_of": 2, "stream": True}}, 400),
     ("post", CHAT, {"json": _user(_image(_data_url(_png()))) | {"best_of": 2, "modalities": ["image"]}}, 400),
+    ("post", CHAT, {"json": _chat(best_of=2, modalities=["text", "audio"], stream=True)}, 400),
     ("post", CHAT, {"json": _chat(modalities=["text", "audio"], audio={"voice": "us_m1", "rate": 3})}, 400),
     ("post", CHAT, {"json": _chat(seed=10**30)}, 400),  # beyond torch's seeds
     ("post", "/v1/images/generations", {"json": {"prompt": "a star", "seed": -(2**64)}}, 400),

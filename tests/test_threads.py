@@ -129,7 +129,7 @@ def test_the_demo_s_steps_and_the_heavy_commands_run_on_free_cores(monkeypatch, 
         eval_command(
             tmp_path, data=tmp_path, out=tmp_path / "eval", limit=1, tasks=None, seed=0, max_minutes=None,
             temperature=None, top_k=None, top_p=None, device="cpu", t2i_best_of=1, caption_best_of=1,
-            tts_best_of=1,
+            tts_best_of=1, spoken_qa_best_of=1,
         )  # fmt: skip
         assert seen == {"train": 1, "pretokenize": 1, "eval": 1}
         assert torch.get_num_threads() == 2

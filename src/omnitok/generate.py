@@ -86,7 +86,8 @@ class GenerateOptions:
     # text-to-image by reading each picture back against its caption (BENCHMARKS "Drawing several pictures": 0.20
     # -> 0.30 exact scenes with 7), a description of one picture by reader + drawer ("The other way": 0.645 ->
     # 0.69 exact captions with 6), a text read aloud by hearing each clip back against the text ("Speaking several
-    # clips": tts_wer 0.44 -> 0.33 and 0.54 -> 0.47 with 6). Costs best_of decodes and as many scoring passes.
+    # clips": tts_wer 0.44 -> 0.33 and 0.54 -> 0.47 with 6), a spoken answer the same way, its words written once.
+    # Costs best_of decodes and as many scoring passes.
     best_of: int = 1
 
     def __post_init__(self) -> None:
@@ -335,24 +336,44 @@ class OmniModel:
     ) -> list[list[Segment]]:
         """:meth:`generate_batch` for one reply a request; ``media=False`` leaves pictures and speech as codes."""
         styles, refs = self._per_request(opts, len(samples))
-        coded = [self._coded(s, opts) for s in samples]
-        requests = [self._request(c, replace(opts, style=st)) for c, st in zip(coded, styles, strict=True)]
-        constraint = requests[0][1]
-        prompts = [r[0] for r in requests]
-        uncond = [self._uncond(c, opts) for c in coded] if opts.output == "image" and opts.cfg_scale != 1 else None
-        cfg, rooms = self._fit(self._config(opts), prompts, uncond, opts.output)
-        gen = self._generator(opts.seed)
-        new: list[list[int]] = [[] for _ in samples]
-        finished = [False] * len(samples)
-        for tokens, st in iter_decode(self.lm, prompts, constraint, cfg, uncond, gen):
-            for i, t in enumerate(tokens.tolist()):
-                if not finished[i] and len(new[i]) < rooms[i]:  # a row past its room is cut at the context's end
-                    new[i].append(t)
-            finished = (st["state"] == DONE).tolist()  # one device read a step, not one per row
+        prompts, constraint, cfg, uncond, rooms = self._plan(samples, opts)
+        new = self._decode_ids(prompts, constraint, cfg, uncond, rooms, opts.seed)
         out = []
         for p, ids, st, ref in zip(prompts, new, styles, refs, strict=True):
             out.append(self._render(ids, replace(opts, style=st, reference=ref), self._forced_prefix(p), media))
         return out
+
+    def _plan(
+        self, samples: Sequence[Sequence[Segment]], opts: GenerateOptions
+    ) -> tuple[list[torch.Tensor], ModalityConstraint, DecodeConfig, list[torch.Tensor] | None, list[int]]:
+        """Each request's prompt ids, the automaton, the decoding config, guidance rows and each request's room."""
+        styles, _ = self._per_request(opts, len(samples))
+        coded = [self._coded(s, opts) for s in samples]
+        requests = [self._request(c, replace(opts, style=st)) for c, st in zip(coded, styles, strict=True)]
+        prompts = [r[0] for r in requests]
+        uncond = [self._uncond(c, opts) for c in coded] if opts.output == "image" and opts.cfg_scale != 1 else None
+        cfg, rooms = self._fit(self._config(opts), prompts, uncond, opts.output)
+        return prompts, requests[0][1], cfg, uncond, rooms
+
+    def _decode_ids(
+        self,
+        prompts: list[torch.Tensor],
+        constraint: ModalityConstraint,
+        cfg: DecodeConfig,
+        uncond: list[torch.Tensor] | None,
+        rooms: list[int],
+        seed: int | None,
+    ) -> list[list[int]]:
+        """The new ids of every row, each cut at its room (a row past it would leave the LM's context)."""
+        gen = self._generator(seed)
+        new: list[list[int]] = [[] for _ in prompts]
+        finished = [False] * len(prompts)
+        for tokens, st in iter_decode(self.lm, prompts, constraint, cfg, uncond, gen):
+            for i, t in enumerate(tokens.tolist()):
+                if not finished[i] and len(new[i]) < rooms[i]:
+                    new[i].append(t)
+            finished = (st["state"] == DONE).tolist()  # one device read a step, not one per row
+        return new
 
     def _best_of(
         self, samples: Sequence[Sequence[Segment]], opts: GenerateOptions, options: dict[str, Any]
@@ -369,15 +390,19 @@ class OmniModel:
         - **Reading a text aloud** (``output="speech"``, a request "Say this: <text>", or another of the trained
           asks ``TTS_ASKS``): the clip in which the model hears the text likeliest, log p(text | clip). The LM hears
           far better than it speaks, so its ear tells a garbled clip from a clear one (tts_wer 0.44 -> 0.33 and
-          0.54 -> 0.47 on 60 test sentences of two demo bundles). A spoken answer's words are not known before it
-          is spoken, so it takes only these requests.
+          0.54 -> 0.47 on 60 test sentences of two demo bundles). A request of another kind is refused: its words
+          are not known before it is spoken.
+        - **A spoken answer** (``output="text+speech"``): the answer is written once, then its clip is spoken
+          ``best_of`` times and kept the same way, heard against the written words (:meth:`_best_spoken`).
         """
-        if opts.continuation or opts.output not in ("image", "text", "speech"):
+        if opts.continuation or opts.output not in ("image", "text", "speech", "text+speech"):
             raise OmnitokError(
-                "best_of applies to text-to-image (output='image'), to describing one picture (output='text') and to "
-                f"reading a text aloud (output='speech'), got output={opts.output!r}"
-                + (" with continuation" if opts.continuation else "")
+                "best_of applies to text-to-image (output='image'), to describing one picture (output='text'), to "
+                "reading a text aloud (output='speech') and to speaking a written answer (output='text+speech'), "
+                f"got output={opts.output!r}" + (" with continuation" if opts.continuation else "")
             )
+        if opts.output == "text+speech":
+            return self._best_spoken(samples, opts)
         if opts.output == "speech":
             texts = [self._read_aloud(sample, i) for i, sample in enumerate(samples)]
             candidates = self._candidates(samples, opts, options, {"speech": READ_ALOUD_SAMPLING})
@@ -412,6 +437,53 @@ class OmniModel:
             kept = cs[max(range(len(cs)), key=mine.__getitem__)]  # a tie keeps the plain reply
             self._decode_media(kept, replace(opts, style=styles[i], reference=refs[i]))
             out.append(kept)
+        return out
+
+    def _best_spoken(self, samples: Sequence[Sequence[Segment]], opts: GenerateOptions) -> list[list[Segment]]:
+        """best_of for spoken answers: one written answer, ``best_of`` clips of it, the one heard likeliest kept.
+
+        The reply is decoded as these options give it; its words and the voice tokens it chose up to the first
+        speech code are then kept and the rest re-spoken ``best_of - 1`` times (all requests' rows in one batch, at
+        the read-aloud sampling). Once the words are written they are the text a clip must say, so each clip is
+        scored as a read-aloud clip is, log p(words | clip): the answer's content is the plain one's, only how
+        intelligibly it is said changes. A reply that wrote no words or spoke nothing is returned as it came.
+        """
+        styles, refs = self._per_request(opts, len(samples))
+        prompts, constraint, cfg, _, rooms = self._plan(samples, opts)
+        plain = self._decode_ids(prompts, constraint, cfg, None, rooms, opts.seed)
+        opener = self.vocab.special(SPAN_TOKENS["speech"][0])
+        voice_ids = set(constraint.style_ids)
+        mine = [replace(opts, style=st, reference=ref) for st, ref in zip(styles, refs, strict=True)]
+        heads: dict[int, list[int]] = {}  # request -> its reply up to the first speech code, when there is one
+        words: dict[int, str] = {}
+        for i, ids in enumerate(plain):
+            if opener not in ids:
+                continue
+            k = ids.index(opener) + 1
+            while k < len(ids) and ids[k] in voice_ids:
+                k += 1
+            said = text_of(self._render(ids[: ids.index(opener)], mine[i], [], media=False)).strip()
+            if said and k < rooms[i]:
+                heads[i], words[i] = ids[:k], said
+        k = opts.best_of - 1
+        asked = sorted(heads)
+        rows = [torch.cat([prompts[i], torch.tensor(heads[i], dtype=torch.long)]) for i in asked for _ in range(k)]
+        row_rooms = [rooms[i] - len(heads[i]) for i in asked for _ in range(k)]
+        more: list[list[int]] = []
+        if rows:
+            again = replace(cfg, speech=READ_ALOUD_SAMPLING, max_new_tokens=max(row_rooms))
+            seed = (0 if opts.seed is None else opts.seed) + 1  # the samples' generator, seeded after the request's
+            more = self._decode_ids(rows, constraint, again, None, row_rooms, seed)
+        out = []
+        for i, ids in enumerate(plain):
+            reply = self._render(ids, mine[i], self._forced_prefix(prompts[i]), media=False)
+            if i in heads:
+                j = asked.index(i) * k
+                cands = [reply, *(self._render(heads[i] + m, mine[i], [], media=False) for m in more[j : j + k])]
+                scores = self._hear_back(cands, [words[i]] * len(cands))
+                reply = cands[max(range(len(cands)), key=scores.__getitem__)]  # a tie keeps the plain reply
+            self._decode_media(reply, mine[i])
+            out.append(reply)
         return out
 
     def _candidates(

@@ -139,7 +139,8 @@ def generate_command(
         typer.Option(
             help="images: draw N, keep the one whose caption the model reads back likeliest; text about one "
             "--image: write N, keep the likeliest as read and as drawn (for descriptions); speech for 'Say this: "
-            "<text>': speak N, keep the one in which the model hears the text likeliest"
+            "<text>': speak N, keep the one in which the model hears the text likeliest; text+speech: write the "
+            "answer once, speak it N times, keep the clip heard likeliest the same way"
         ),
     ] = 1,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = 0,

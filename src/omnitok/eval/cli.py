@@ -50,6 +50,11 @@ def eval_command(
     tts_best_of: int = typer.Option(
         1, "--tts-best-of", help="TTS: speak N clips per sentence, keep the one the model hears the sentence in best."
     ),
+    spoken_qa_best_of: int = typer.Option(
+        1,
+        "--spoken-qa-best-of",
+        help="Spoken answers: write the answer once, speak it N times, keep the clip the model hears it in best.",
+    ),
 ) -> None:
     """Run every task on the held-out test split; write metrics.json and an HTML report."""
     import omnitok
@@ -69,6 +74,7 @@ def eval_command(
         t2i_best_of=t2i_best_of,
         caption_best_of=caption_best_of,
         tts_best_of=tts_best_of,
+        spoken_qa_best_of=spoken_qa_best_of,
     )
     model = omnitok.load(str(bundle), device)
     with free_cores(), console.status("evaluating") as status:

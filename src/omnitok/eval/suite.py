@@ -53,6 +53,7 @@ class EvalConfig:
     t2i_best_of: int = 1  # text-to-image pictures drawn per caption, the one read back likeliest kept (1: plain)
     caption_best_of: int = 1  # captions written per picture, the reader + drawer likeliest kept (1: plain)
     tts_best_of: int = 1  # clips spoken per sentence, the one the LM hears the sentence in likeliest kept (1: plain)
+    spoken_qa_best_of: int = 1  # clips spoken per written answer, the one the LM hears it in likeliest kept (1: plain)
     # Per-modality sampling instead of the generation defaults (omnitok.decoding), e.g. {"speech": Sampling(0.7)}:
     # the metrics depend on it, so it is part of the run's recorded config.
     sampling: dict[str, Sampling] = field(default_factory=dict)
@@ -404,7 +405,7 @@ class Suite:
             texts = transcriber.transcribe_many([audios[i].samples for i in spoken], 16000)  # type: ignore[union-attr]
             heard_by.update(zip(spoken, texts, strict=True))
 
-        outs = self._gen(prompts, after=hear, output="text+speech", style=None)
+        outs = self._gen(prompts, after=hear, output="text+speech", style=None, best_of=self.cfg.spoken_qa_best_of)
         recs = []
         for k, (s, o, audio) in enumerate(zip(samples, outs, audios, strict=False)):  # outs: a prefix if time ran out
             heard = heard_by.get(k, "")
@@ -461,7 +462,7 @@ def evaluate(
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise OmnitokError(f"--tasks: unknown task(s) {unknown}; known: {list(TASKS)}")
-    for name in ("limit", "t2i_best_of", "caption_best_of", "tts_best_of"):
+    for name in ("limit", "t2i_best_of", "caption_best_of", "tts_best_of", "spoken_qa_best_of"):
         value = getattr(cfg, name)
         if not is_int(value) or value < 1:
             raise OmnitokError(f"{name} (--{name.replace('_', '-')}) must be an int >= 1, got {value!r}")

@@ -330,10 +330,11 @@ class Server:
         if req.best_of not in (None, 1):
             if not 1 <= req.best_of <= MAX_BEST_OF:
                 raise bad_request(f"best_of: between 1 and {MAX_BEST_OF}, got {req.best_of}", "best_of")
-            if output != "text" or req.stream:
+            if output not in ("text", "speech_answer") or req.stream:
                 raise bad_request(
-                    "best_of: re-ranks a text reply describing one picture, so it needs modalities ['text'] and no "
-                    "stream (pictures: /v1/images/generations takes best_of)",
+                    "best_of: re-ranks a text reply describing one picture (modalities ['text']) or the clip of a "
+                    "spoken answer (modalities ['text', 'audio']), without stream (pictures: /v1/images/generations "
+                    "takes best_of)",
                     "best_of",
                 )
             task.best_of = req.best_of
@@ -345,7 +346,7 @@ class Server:
         task.segments = await run_in_threadpool(self.segments, req)
         if task.output == "image" and any(isinstance(s, Image) for s in task.segments):
             task.cfg_scale = EDIT_CFG  # editing a given picture: guidance off, as evaluated
-        if task.best_of > 1:  # checked here, not in the worker, where it would fail the batch it shares
+        if task.best_of > 1 and task.output == "text":  # checked here, not in the worker, where it would fail its batch
             pictures = sum(isinstance(s, Image) for s in task.segments)
             if pictures != 1:
                 raise bad_request(

@@ -46,7 +46,8 @@ class Task:
     top_p: float | None = None
     seed: int | None = None
     cfg_scale: float = IMAGE_CFG  # image outputs only
-    best_of: int = 1  # images, text describing one picture, speech read aloud: replies made, the likeliest returned
+    best_of: int = 1  # images, text describing one picture, speech read aloud or a spoken answer's clip: replies made,
+    # the likeliest returned
 
     @property
     def key(self) -> Hashable:
@@ -196,21 +197,29 @@ class Engine:
             )
             return [self._audio_result(o, "") for o in outs]
         opts = self._options(first, first.max_new_tokens)
-        if first.best_of > 1:  # only a text reply about one picture gets here with it (the app checks)
+        if first.best_of > 1 and first.output == "text":  # a text reply about one picture (the app checks)
             opts["best_of"] = first.best_of
         outs = self.model.generate_batch(prompts, output="text", **opts)
         texts = [_text_of(o) for o in outs]
         results = [Result(text=t, finish_reason=self._finish(t, first.max_new_tokens)) for t in texts]
         if first.output == "speech_answer":
-            spoken = self.model.generate_batch(
-                [[Text(TTS_PROMPT + t, role="user")] for t in texts],
-                output="speech",
-                style=[t.style for t in tasks],
-                **self._speech_options(first),
-            )
-            for r, o in zip(results, spoken, strict=True):
-                a = self._audio_result(o, r.text)
-                r.audio, r.sample_rate = a.audio, a.sample_rate
+            # best_of keeps the clip in which the model hears the written answer likeliest; an empty answer has no
+            # words to hear, so it is spoken once (in its own call: one reply must not change the others' options)
+            heard = [i for i, t in enumerate(texts) if t.strip()] if first.best_of > 1 else []
+            once = [i for i in range(len(texts)) if i not in heard]
+            for rows, best_of in ((heard, first.best_of), (once, 1)):
+                if not rows:
+                    continue
+                spoken = self.model.generate_batch(
+                    [[Text(TTS_PROMPT + texts[i], role="user")] for i in rows],
+                    output="speech",
+                    style=[tasks[i].style for i in rows],
+                    best_of=best_of,
+                    **self._speech_options(first),
+                )
+                for i, o in zip(rows, spoken, strict=True):
+                    a = self._audio_result(o, texts[i])
+                    results[i].audio, results[i].sample_rate = a.audio, a.sample_rate
         return results
 
     def run_stream(self, task: Task) -> Iterator[tuple[str, Any]]:

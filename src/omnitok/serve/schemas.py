@@ -76,7 +76,9 @@ class ChatRequest(_Lenient):
     n: int | None = 1
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
-    best_of: int | None = None  # omnitok extension: describing one picture, write N, return the model's likeliest
+    # omnitok extension: describing one picture, write N and return the model's likeliest; a spoken answer (audio
+    # out), speak its written answer N times and return the clip the model hears it in likeliest
+    best_of: int | None = None
 
 
 class SpeechRequest(_Lenient):
