@@ -1,14 +1,15 @@
 """How should a spoken answer be spoken? In one sequence or read aloud, once or best of N.
 
-A spoken question about a picture is answered in words, then in speech. Two ways to speak the words: in the same
-reply (``output="text+speech"``: the clip follows the written answer, as the spoken_qa task was trained and as
-``omnitok eval`` asks), or as the server's chat completions do, a second request "Say this: <answer>" (the read-aloud
-task). Either can take ``best_of``: the words are written once, the clip spoken N times and the one in which the LM
-hears the words likeliest kept. For the evaluation's spoken_qa examples (test split), each arm's answers are heard by
-the evaluation's instrument (pocketsphinx with its domain LM) and graded as ``spoken_qa_acc`` grades them; the
-written answers' own accuracy is the ceiling of any way of speaking them.
+A spoken question about a picture is answered in words, then in speech. Ways to speak the words: in the same reply
+(``output="text+speech"``: the clip follows the written answer, as the spoken_qa task was trained), with the voice
+of the model's own choosing (as ``omnitok eval`` asks) or a voice given (placed after ``<speech>``, as the server's
+chat completions ask for one), or as those chat completions did before, a second request "Say this: <answer>" (the
+read-aloud task) in the given voice. Each can take ``best_of``: the words are written once, the clip spoken N times
+and the one in which the LM hears the words likeliest kept. For the evaluation's spoken_qa examples (test split),
+each arm's answers are heard by the evaluation's instrument (pocketsphinx with its domain LM) and graded as
+``spoken_qa_acc`` grades them; the written answers' own accuracy is the ceiling of any way of speaking them.
 
-    python benchmarks/spoken_answer.py runs/demo38/bundle --world runs/demo38/world --limit 60 --best-of 6
+    python benchmarks/spoken_answer.py runs/demo38/bundle --world runs/demo38/world --limit 50 --best-of 6
 
 A measurement for a decision, not a feature.
 """
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--world", required=True)
     ap.add_argument("--limit", type=int, default=30, help="spoken questions (the evaluation's first ones)")
     ap.add_argument("--best-of", type=int, default=6, help="clips spoken per answer in the best_of arms")
+    ap.add_argument("--voice", help="the voice given to the arms that name one (default: the bundle's first)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
@@ -51,31 +53,32 @@ def main() -> None:
     def clip(reply: list):
         return next((s.samples for s in reply if isinstance(s, Audio) and s.samples is not None), None)
 
-    def run(batches: list[list], **opts: object) -> tuple[list[list], float]:
+    def run(batches: list[list], style: list | None = None, **opts: object) -> tuple[list[list], float]:
         t0, out = time.perf_counter(), []
         for lo in range(0, len(batches), 16):
-            out += model.generate_batch(batches[lo : lo + 16], seed=0, **opts)
+            per = {"style": style[lo : lo + 16]} if style is not None else {}
+            out += model.generate_batch(batches[lo : lo + 16], seed=0, **opts, **per)
         return out, time.perf_counter() - t0
 
     arms: dict[str, tuple[list[str], list, float]] = {}  # name -> (written words, clips, seconds)
+    voices = [n[len("<|voice:") : -2] for n in model.vocab.specials if n.startswith("<|voice:")]
+    given = [{"voice": args.voice or voices[0]}] * len(prompts)  # the server's default: the bundle's first voice
     for k in (1, args.best_of):
-        replies, secs = run(prompts, output="text+speech", best_of=k)
-        arms[f"in one sequence, best of {k}" if k > 1 else "in one sequence (the evaluation's)"] = (
-            [words(r) for r in replies],
-            [clip(r) for r in replies],
-            secs,
-        )
+        for name, style in (("its own voice", None), (f"voice {given[0]['voice']} given", given)):
+            replies, secs = run(prompts, output="text+speech", best_of=k, style=style)
+            label = f"in one sequence, {name}" + (f", best of {k}" if k > 1 else "")
+            arms[label] = ([words(r) for r in replies], [clip(r) for r in replies], secs)
     written, write_s = run(prompts, output="text")
     texts = [words(r) for r in written]
     for k in (1, args.best_of):
         asks = [[Text("Say this: " + t)] for t in texts]
         said = [i for i, t in enumerate(texts) if t]  # an empty answer has nothing to read
-        spoken, secs = run([asks[i] for i in said], output="speech", best_of=k)
+        spoken, secs = run([asks[i] for i in said], output="speech", best_of=k, style=[given[i] for i in said])
         clips = [None] * len(texts)
         for i, r in zip(said, spoken, strict=True):
             clips[i] = clip(r)
-        name = f"written, then read aloud, best of {k}" if k > 1 else "written, then read aloud (the server's)"
-        arms[name] = (texts, clips, write_s + secs)
+        label = f"written, then read aloud in voice {given[0]['voice']}" + (f", best of {k}" if k > 1 else "")
+        arms[label] = (texts, clips, write_s + secs)
 
     t0 = time.perf_counter()
     flat = [c for _, clips, _ in arms.values() for c in clips if c is not None and len(c) > 160]

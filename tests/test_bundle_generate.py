@@ -1,6 +1,7 @@
 """Bundles save and load whole; generation returns well-formed segments in the requested modality."""
 
 import functools
+import importlib
 import json
 from dataclasses import replace
 
@@ -436,23 +437,99 @@ def test_best_of_for_speech_keeps_the_clip_the_model_hears_the_text_in_likeliest
         next(model.stream(requests[0], output="speech", best_of=2))
 
 
-def test_best_of_for_a_spoken_answer_writes_it_once_and_keeps_the_clip_heard_likeliest(tmp_path):
-    from omnitok.generate import HEAR_BACK_ASK
-    from omnitok.sequence import Audio
+def _answer_then_speak(model):
+    """Steer a random LM to open speech after each word it writes, as a trained one answers a spoken question."""
     from omnitok.vocab import SPAN_TOKENS
-    from serve_helpers import build_tiny_bundle
 
-    model = omnitok.load(str(build_tiny_bundle(tmp_path)))
     opener, text_size = model.vocab.special(SPAN_TOKENS["speech"][0]), model.vocab.text_size
     forward = model.lm.forward
 
     @functools.wraps(forward)  # decoding reads the forward's signature (its cache argument's name)
-    def answer_then_speak(*args, **kw):  # the random LM, steered to open speech after each word it writes
+    def steered(*args, **kw):
         out = forward(*args, **kw)
         out.logits[kw["input_ids"][:, -1] < text_size, -1, opener] += 100.0
         return out
 
-    model.lm.forward = answer_then_speak
+    model.lm.forward = steered
+
+
+def test_a_spoken_answer_speaks_in_the_requested_style_streamed_or_not(tmp_path):
+    from omnitok.sequence import Audio
+    from omnitok.vocab import SPAN_TOKENS, style_token
+    from serve_helpers import build_tiny_bundle
+
+    model = omnitok.load(str(build_tiny_bundle(tmp_path)))
+    _answer_then_speak(model)
+    style = {"voice": "us_f1", "rate": "slow"}
+    opener = model.vocab.special(SPAN_TOKENS["speech"][0])
+    forced = [model.vocab.special(style_token(k, v)) for k, v in style.items()]
+    prompts = []
+    module = importlib.import_module("omnitok.generate")
+    iter_decode = module.iter_decode
+
+    def spy(lm, rows, *a, **kw):
+        prompts.extend(r.tolist() for r in rows)
+        return iter_decode(lm, rows, *a, **kw)
+
+    module.iter_decode = spy
+    try:
+        ask = {"output": "text+speech", "style": style, "seed": 1, "max_new_tokens": 40}
+        [reply] = model.generate_batch([[Text("What is red?")]], **ask)
+        streamed = list(model.stream([Text("What is red?")], **ask))
+    finally:
+        module.iter_decode = iter_decode
+    # two passes: the words up to <speech>, then the clip from the words, <speech> and the requested style tokens
+    assert len(prompts) == 4 and prompts[2:] == prompts[:2]  # streamed alike
+    head = prompts[1][len(prompts[0]) :]
+    assert head[-1 - len(forced)] == opener and head[-len(forced) :] == forced
+    clip = next(s for s in reply if isinstance(s, Audio))
+    assert clip.style is not None and all(clip.style[k] == v for k, v in style.items())
+    assert clip.samples is not None and len(clip.samples) > 0
+    words = "".join(s.text for s in reply if isinstance(s, Text))
+    assert "".join(e.text for e in streamed if isinstance(e, TextDelta)) == words
+    assert any(isinstance(e, AudioChunk) for e in streamed)
+    with pytest.raises(OmnitokError, match="style voice='nobody' is not in this bundle"):
+        model.generate([Text("What is red?")], output="text+speech", style={"voice": "nobody"})
+
+
+def test_a_spoken_answer_cut_at_max_text_tokens_is_spoken_as_cut(tmp_path):
+    from omnitok.sequence import Audio
+    from omnitok.vocab import SPAN_TOKENS
+    from serve_helpers import build_tiny_bundle
+
+    model = omnitok.load(str(build_tiny_bundle(tmp_path)))  # unsteered, the random LM writes words and never speaks
+    ask = {"output": "text+speech", "seed": 2, "max_new_tokens": 30}
+    [free] = model.generate_batch([[Text("What is red?")]], **ask)
+    assert not any(isinstance(s, Audio) for s in free)
+    module, prompts = importlib.import_module("omnitok.generate"), []
+    iter_decode = module.iter_decode
+    module.iter_decode = lambda lm, rows, *a, **kw: (
+        prompts.extend(r.tolist() for r in rows) or iter_decode(lm, rows, *a, **kw)
+    )
+    try:
+        [cut] = model.generate_batch([[Text("What is red?")]], **ask, max_text_tokens=3)
+        streamed = list(model.stream([Text("What is red?")], **ask, max_text_tokens=3))
+    finally:
+        module.iter_decode = iter_decode
+    head = prompts[1][len(prompts[0]) :]  # the clip's pass starts from three words and <speech>
+    assert len(prompts) == 4 and prompts[2:] == prompts[:2] and len(head) == 4
+    assert head[-1] == model.vocab.special(SPAN_TOKENS["speech"][0])
+    words = "".join(s.text for s in cut if isinstance(s, Text))
+    assert words == model.bundle.text.decode(head[:3]) and isinstance(cut[-1], Audio) and len(cut[-1].samples)
+    assert "".join(e.text for e in streamed if isinstance(e, TextDelta)) == words
+    assert any(isinstance(e, AudioChunk) for e in streamed)
+    with pytest.raises(OmnitokError, match="max_text_tokens must be an int >= 1 or None, got 0"):
+        model.generate([Text("What is red?")], **ask, max_text_tokens=0)
+
+
+def test_best_of_for_a_spoken_answer_writes_it_once_and_keeps_the_clip_heard_likeliest(tmp_path):
+    from omnitok.generate import HEAR_BACK_ASK
+    from omnitok.sequence import Audio
+    from serve_helpers import build_tiny_bundle
+
+    model = omnitok.load(str(build_tiny_bundle(tmp_path)))
+    forward = model.lm.forward
+    _answer_then_speak(model)
     scored = []
     hear_back = model._hear_back
     model._hear_back = lambda replies, texts: scored.append((replies, texts)) or hear_back(replies, texts)

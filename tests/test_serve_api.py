@@ -156,7 +156,7 @@ def test_chat_audio_out(client):
     assert _read_wav(base64.b64decode(best.choices[0].message.audio.data))[0] > 0
 
 
-def test_a_spoken_answer_with_best_of_speaks_an_empty_answer_once(bundles):
+def test_a_spoken_answer_is_one_reply_and_words_left_unspoken_are_read_aloud(bundles):
     import omnitok
     from omnitok.sequence import Text
     from omnitok.serve.engine import Engine, Task
@@ -166,16 +166,23 @@ def test_a_spoken_answer_with_best_of_speaks_an_empty_answer_once(bundles):
     generate_batch = engine.model.generate_batch
 
     def spy(prompts, **kw):
-        calls.append((kw["output"], [p[0].text for p in prompts], kw.get("best_of", 1)))
-        if kw["output"] == "text":  # the written answers: one empty, as a model that ends at once writes it
+        calls.append(({k: kw.get(k) for k in ("output", "style", "best_of", "max_text_tokens")}, prompts))
+        if kw["output"] == "text+speech":  # replies that ended without speaking: one empty, one with words
             return [[Text("")], [Text("a red star")]]
         return generate_batch(prompts, **kw)
 
     engine.model.generate_batch = spy
-    tasks = [Task([Text(q, role="user")], "speech_answer", {"voice": "us_f1"}, 4, best_of=3) for q in ("hi", "what?")]
+    styles = [{"voice": "us_f1"}, {"voice": "us_m1", "rate": "slow"}]
+    asks = zip(("hi", "what?"), styles, strict=True)
+    tasks = [Task([Text(q, role="user")], "speech_answer", st, 4, best_of=3) for q, st in asks]
     results = engine.run_batch(tasks)
-    assert calls[1:] == [("speech", ["Say this: a red star"], 3), ("speech", ["Say this: "], 1)]
-    assert [r.text for r in results] == ["", "a red star"] and all(r.audio is not None for r in results)
+    # one reply a request, words then clip in the voice asked for; the words capped at the request's max tokens
+    assert calls[0][0] == {"output": "text+speech", "style": styles, "best_of": 3, "max_text_tokens": 4}
+    # the reply with words but no clip has them read aloud in its voice; the empty one has nothing to say
+    assert calls[1][0]["output"] == "speech" and calls[1][0]["style"] == styles[1:]
+    assert [p[0].text for p in calls[1][1]] == ["Say this: a red star"] and len(calls) == 2
+    assert [r.text for r in results] == ["", "a red star"]
+    assert len(results[0].audio) == 0 and len(results[1].audio) > 0
 
 
 def test_chat_image_out(client):

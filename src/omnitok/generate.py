@@ -8,6 +8,7 @@ images and audio. ``stream`` yields text deltas and audio chunks while tokens ar
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from omnitok.bundle import Bundle, load_bundle
-from omnitok.constraints import DONE, SPEECH_CODE0, ModalityConstraint
+from omnitok.constraints import DONE, SPEECH_CODE0, SPEECH_START, ModalityConstraint
 from omnitok.data.tasks import ASR_ASKS, TTS_ASKS
 from omnitok.decoding import (
     IMAGE_CFG_SCALE,
@@ -43,7 +44,7 @@ from omnitok.sequence import (
     prompt,
     text_of,
 )
-from omnitok.vocab import SPAN_TOKENS, style_token
+from omnitok.vocab import END, EOS, SPAN_TOKENS, style_token
 
 OUTPUTS = ("auto", "text", "image", "speech", "text+speech")
 DEFAULT_MAX_TOKENS = {"text": 128, "speech": 300}  # speech: 12 s at 25 tokens/s
@@ -72,6 +73,9 @@ class GenerateOptions:
     output: str = "auto"
     style: dict[str, str] | list[dict[str, str] | None] | None = None  # a list: one style per batched request
     max_new_tokens: int | None = None
+    # output="text+speech": the most tokens the words may take; words cut there are spoken as cut (the clip's room is
+    # what max_new_tokens leaves). None: the words end where the model opens its speech.
+    max_text_tokens: int | None = None
     cfg_scale: float = IMAGE_CFG_SCALE
     text: Sampling = TEXT_SAMPLING
     image: Sampling = IMAGE_SAMPLING
@@ -96,6 +100,8 @@ class GenerateOptions:
             raise OmnitokError(f"output must be one of {list(OUTPUTS)}, got {self.output!r}")
         if self.max_new_tokens is not None and not is_int(self.max_new_tokens):
             raise OmnitokError(f"max_new_tokens must be an int >= 1 or None, got {self.max_new_tokens!r}")
+        if self.max_text_tokens is not None and (not is_int(self.max_text_tokens) or self.max_text_tokens < 1):
+            raise OmnitokError(f"max_text_tokens must be an int >= 1 or None, got {self.max_text_tokens!r}")
         cfg = self.cfg_scale
         if not is_number(cfg) or cfg < 0:
             raise OmnitokError(f"cfg_scale must be a finite number >= 0 (1: no guidance), got {cfg!r}")
@@ -201,6 +207,8 @@ class OmniModel:
             ids.append(self.vocab.special(SPAN_TOKENS["image"][0]))
         elif opts.output == "speech":
             ids += [self.vocab.special(SPAN_TOKENS["speech"][0]), *self._style_ids(opts.style)]
+        elif opts.output == "text+speech":
+            self._style_ids(opts.style)  # checked now: they follow the reply's <speech> (_words), after its words
         constraint = ModalityConstraint(
             self.vocab, image_tokens=self.image_tokens if "image" in outputs else None, outputs=outputs
         )
@@ -337,7 +345,12 @@ class OmniModel:
         """:meth:`generate_batch` for one reply a request; ``media=False`` leaves pictures and speech as codes."""
         styles, refs = self._per_request(opts, len(samples))
         prompts, constraint, cfg, uncond, rooms = self._plan(samples, opts)
-        new = self._decode_ids(prompts, constraint, cfg, uncond, rooms, opts.seed)
+        gen = self._generator(opts.seed)
+        if opts.output == "text+speech":
+            heads = self._words(prompts, constraint, cfg, rooms, styles, gen, opts.max_text_tokens)
+            new = [h + c for h, c in zip(heads, self._spoken(prompts, heads, constraint, cfg, rooms, gen), strict=True)]
+        else:
+            new = self._decode_ids(prompts, constraint, cfg, uncond, rooms, gen)
         out = []
         for p, ids, st, ref in zip(prompts, new, styles, refs, strict=True):
             out.append(self._render(ids, replace(opts, style=st, reference=ref), self._forced_prefix(p), media))
@@ -362,18 +375,83 @@ class OmniModel:
         cfg: DecodeConfig,
         uncond: list[torch.Tensor] | None,
         rooms: list[int],
-        seed: int | None,
+        gen: torch.Generator | None,
+        stop_at: int | None = None,
     ) -> list[list[int]]:
-        """The new ids of every row, each cut at its room (a row past it would leave the LM's context)."""
-        gen = self._generator(seed)
+        """The new ids of every row, each cut at its room (a row past it would leave the LM's context).
+
+        ``stop_at``: a row also ends with this id (kept); decoding stops once every row has ended.
+        """
         new: list[list[int]] = [[] for _ in prompts]
         finished = [False] * len(prompts)
         for tokens, st in iter_decode(self.lm, prompts, constraint, cfg, uncond, gen):
             for i, t in enumerate(tokens.tolist()):
                 if not finished[i] and len(new[i]) < rooms[i]:
                     new[i].append(t)
-            finished = (st["state"] == DONE).tolist()  # one device read a step, not one per row
+            done = (st["state"] == DONE).tolist()  # one device read a step, not one per row
+            finished = [
+                f or d or len(ids) >= room or (stop_at is not None and bool(ids) and ids[-1] == stop_at)
+                for f, d, ids, room in zip(finished, done, new, rooms, strict=True)
+            ]
+            if stop_at is not None and all(finished):
+                break
         return new
+
+    def _words(
+        self,
+        prompts: list[torch.Tensor],
+        constraint: ModalityConstraint,
+        cfg: DecodeConfig,
+        rooms: list[int],
+        styles: list[dict[str, str] | None],
+        gen: torch.Generator | None,
+        max_text: int | None = None,
+    ) -> list[list[int]]:
+        """A spoken answer's first pass: each reply up to the speech span it opens, then the request's style tokens.
+
+        Why two passes: the spoken_qa task puts the answer's voice, pitch and rate after ``<speech>``, so a reply
+        decoded in one pass speaks in a voice of its own choosing and a caller's ``style`` was lost; placed there,
+        the request's style is the voice the clip is spoken in. A row that ends without opening speech is whole.
+        """
+        opener = self.vocab.special(SPAN_TOKENS["speech"][0])
+        cap = max_text if max_text is not None else max(rooms)
+        heads = self._decode_ids(prompts, constraint, cfg, None, [min(r, cap + 1) for r in rooms], gen, stop_at=opener)
+        ended = {self.vocab.special(END), self.vocab.special(EOS)}
+        out = []
+        for h, st, room in zip(heads, styles, rooms, strict=True):
+            if len(h) > cap and h[-1] != opener and not ended & set(h) and cap + 1 < room:
+                h = [*h[:cap], opener]  # words cut at max_text_tokens: spoken as cut
+            out.append(h + self._style_ids(st) if h and h[-1] == opener else h)
+        return out
+
+    def _spoken(
+        self,
+        prompts: list[torch.Tensor],
+        heads: list[list[int]],
+        constraint: ModalityConstraint,
+        cfg: DecodeConfig,
+        rooms: list[int],
+        gen: torch.Generator | None,
+    ) -> list[list[int]]:
+        """The second pass: each head (from :meth:`_words`) that opened speech continued into its clip, which ends
+        the reply (the spoken_qa form: words, one clip; what a weak model would write after it is not the answer)."""
+        opener = self.vocab.special(SPAN_TOKENS["speech"][0])
+        rows = [i for i, h in enumerate(heads) if opener in h and len(h) < rooms[i]]
+        out: list[list[int]] = [[] for _ in heads]
+        if rows:
+            row_rooms = [rooms[i] - len(heads[i]) for i in rows]
+            more = self._decode_ids(
+                [torch.cat([prompts[i], torch.tensor(heads[i], dtype=torch.long)]) for i in rows],
+                constraint,
+                replace(cfg, max_new_tokens=max(row_rooms)),
+                None,
+                row_rooms,
+                gen,
+                stop_at=self.vocab.special(SPAN_TOKENS["speech"][1]),
+            )
+            for i, m in zip(rows, more, strict=True):
+                out[i] = m
+        return out
 
     def _best_of(
         self, samples: Sequence[Sequence[Segment]], opts: GenerateOptions, options: dict[str, Any]
@@ -442,44 +520,49 @@ class OmniModel:
     def _best_spoken(self, samples: Sequence[Sequence[Segment]], opts: GenerateOptions) -> list[list[Segment]]:
         """best_of for spoken answers: one written answer, ``best_of`` clips of it, the one heard likeliest kept.
 
-        The reply is decoded as these options give it; its words and the voice tokens it chose up to the first
-        speech code are then kept and the rest re-spoken ``best_of - 1`` times (all requests' rows in one batch, at
-        the read-aloud sampling). Once the words are written they are the text a clip must say, so each clip is
-        scored as a read-aloud clip is, log p(words | clip): the answer's content is the plain one's, only how
-        intelligibly it is said changes. A reply that wrote no words or spoke nothing is returned as it came.
+        The reply is decoded as these options give it (:meth:`_words`, :meth:`_spoken`); its words and the style
+        tokens its clip starts with are then kept and the clip re-spoken ``best_of - 1`` times (all requests' rows
+        in one batch, at the read-aloud sampling). Once the words are written they are the text a clip must say, so
+        each clip is scored as a read-aloud clip is, log p(words | clip): the answer's content and voice are the
+        plain one's, only how intelligibly it is said changes. A reply that wrote no words or spoke nothing is
+        returned as it came.
         """
         styles, refs = self._per_request(opts, len(samples))
         prompts, constraint, cfg, _, rooms = self._plan(samples, opts)
-        plain = self._decode_ids(prompts, constraint, cfg, None, rooms, opts.seed)
+        gen = self._generator(opts.seed)
+        heads = self._words(prompts, constraint, cfg, rooms, styles, gen, opts.max_text_tokens)
+        plain = self._spoken(prompts, heads, constraint, cfg, rooms, gen)
         opener = self.vocab.special(SPAN_TOKENS["speech"][0])
         voice_ids = set(constraint.style_ids)
         mine = [replace(opts, style=st, reference=ref) for st, ref in zip(styles, refs, strict=True)]
-        heads: dict[int, list[int]] = {}  # request -> its reply up to the first speech code, when there is one
+        again: dict[int, list[int]] = {}  # request -> the head its samples share: words, opener, style tokens
         words: dict[int, str] = {}
-        for i, ids in enumerate(plain):
-            if opener not in ids:
+        for i, (head, cont) in enumerate(zip(heads, plain, strict=True)):
+            if opener not in head or not cont:
                 continue
-            k = ids.index(opener) + 1
-            while k < len(ids) and ids[k] in voice_ids:
-                k += 1
-            said = text_of(self._render(ids[: ids.index(opener)], mine[i], [], media=False)).strip()
-            if said and k < rooms[i]:
-                heads[i], words[i] = ids[:k], said
+            said = text_of(self._render(head[: head.index(opener)], mine[i], [], media=False)).strip()
+            shared = head + list(itertools.takewhile(voice_ids.__contains__, cont))
+            if said and len(shared) < rooms[i]:
+                again[i], words[i] = shared, said
         k = opts.best_of - 1
-        asked = sorted(heads)
-        rows = [torch.cat([prompts[i], torch.tensor(heads[i], dtype=torch.long)]) for i in asked for _ in range(k)]
-        row_rooms = [rooms[i] - len(heads[i]) for i in asked for _ in range(k)]
+        asked = sorted(again)
         more: list[list[int]] = []
-        if rows:
-            again = replace(cfg, speech=READ_ALOUD_SAMPLING, max_new_tokens=max(row_rooms))
+        if asked:
             seed = (0 if opts.seed is None else opts.seed) + 1  # the samples' generator, seeded after the request's
-            more = self._decode_ids(rows, constraint, again, None, row_rooms, seed)
+            more = self._spoken(
+                [prompts[i] for i in asked for _ in range(k)],
+                [again[i] for i in asked for _ in range(k)],
+                constraint,
+                replace(cfg, speech=READ_ALOUD_SAMPLING),
+                [rooms[i] for i in asked for _ in range(k)],
+                self._generator(seed),
+            )
         out = []
-        for i, ids in enumerate(plain):
-            reply = self._render(ids, mine[i], self._forced_prefix(prompts[i]), media=False)
-            if i in heads:
+        for i, (head, cont) in enumerate(zip(heads, plain, strict=True)):
+            reply = self._render(head + cont, mine[i], [], media=False)
+            if i in again:
                 j = asked.index(i) * k
-                cands = [reply, *(self._render(heads[i] + m, mine[i], [], media=False) for m in more[j : j + k])]
+                cands = [reply, *(self._render(again[i] + m, mine[i], [], media=False) for m in more[j : j + k])]
                 scores = self._hear_back(cands, [words[i]] * len(cands))
                 reply = cands[max(range(len(cands)), key=scores.__getitem__)]  # a tie keeps the plain reply
             self._decode_media(reply, mine[i])
@@ -630,9 +713,7 @@ class OmniModel:
                 emitted_samples = keep
 
         cfg = self._fit(self._config(opts), [ids], None, opts.output)[0]
-        for tokens, st in iter_decode(self.lm, [ids], constraint, cfg, None, gen):
-            tok = int(tokens[0])
-            state = int(st["state"][0])
+        for tok, state in self._stream_ids(ids, constraint, cfg, gen, opts):
             kind = self.vocab.kind(tok)
             if kind == "text":
                 text_ids.append(tok)
@@ -664,6 +745,48 @@ class OmniModel:
             text = self.bundle.text.decode(text_ids)
             if len(text) > len(emitted_text):
                 yield TextDelta(text[len(emitted_text) :])
+
+    def _stream_ids(
+        self,
+        ids: torch.Tensor,
+        constraint: ModalityConstraint,
+        cfg: DecodeConfig,
+        gen: torch.Generator | None,
+        opts: GenerateOptions,
+    ) -> Iterator[tuple[int, int]]:
+        """(token, automaton state) as they are decoded; a spoken answer (``output="text+speech"``) is decoded in
+        the two passes of :meth:`_words`, so the request's style tokens follow ``<speech>`` as they do there."""
+        if opts.output != "text+speech":
+            for tokens, st in iter_decode(self.lm, [ids], constraint, cfg, None, gen):
+                yield int(tokens[0]), int(st["state"][0])
+            return
+        opener = self.vocab.special(SPAN_TOKENS["speech"][0])
+        cap = opts.max_text_tokens
+        head: list[int] = []
+        for tokens, st in iter_decode(self.lm, [ids], constraint, cfg, None, gen):
+            head.append(int(tokens[0]))
+            yield head[-1], int(st["state"][0])
+            if head[-1] == opener or (cap is not None and len(head) >= cap):
+                break
+        ended = {self.vocab.special(END), self.vocab.special(EOS)}
+        cut = cap is not None and len(head) >= cap and head[-1] != opener and not ended & set(head)
+        if cut and len(head) + 1 < cfg.max_new_tokens:  # words cut at max_text_tokens: spoken as cut, as _words does
+            head.append(opener)
+            yield opener, SPEECH_START
+        if not head or head[-1] != opener:
+            return
+        style = self._style_ids(opts.style if isinstance(opts.style, dict) else None)
+        for t in style:
+            yield t, SPEECH_START
+        head += style
+        if len(head) < cfg.max_new_tokens:
+            rest = replace(cfg, max_new_tokens=cfg.max_new_tokens - len(head))
+            prompt_ids = torch.cat([ids, torch.tensor(head, dtype=torch.long)])
+            closer = self.vocab.special(SPAN_TOKENS["speech"][1])
+            for tokens, st in iter_decode(self.lm, [prompt_ids], constraint, rest, None, gen):
+                yield int(tokens[0]), int(st["state"][0])
+                if int(tokens[0]) == closer:  # the clip ends the reply, as in _spoken
+                    break
 
 
 def load(path: str | os.PathLike[str], device: str = "cpu") -> OmniModel:
