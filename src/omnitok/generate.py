@@ -344,7 +344,7 @@ class OmniModel:
     ) -> list[list[Segment]]:
         """:meth:`generate_batch` for one reply a request; ``media=False`` leaves pictures and speech as codes."""
         styles, refs = self._per_request(opts, len(samples))
-        prompts, constraint, cfg, uncond, rooms = self._plan(samples, opts)
+        prompts, constraint, cfg, uncond, rooms = self._plan(samples, opts, styles)
         gen = self._generator(opts.seed)
         if opts.output == "text+speech":
             heads = self._words(prompts, constraint, cfg, rooms, styles, gen, opts.max_text_tokens)
@@ -357,10 +357,10 @@ class OmniModel:
         return out
 
     def _plan(
-        self, samples: Sequence[Sequence[Segment]], opts: GenerateOptions
+        self, samples: Sequence[Sequence[Segment]], opts: GenerateOptions, styles: list[dict[str, str] | None]
     ) -> tuple[list[torch.Tensor], ModalityConstraint, DecodeConfig, list[torch.Tensor] | None, list[int]]:
-        """Each request's prompt ids, the automaton, the decoding config, guidance rows and each request's room."""
-        styles, _ = self._per_request(opts, len(samples))
+        """Each request's prompt ids, the automaton, the decoding config, guidance rows and each request's room
+        (``styles``: each request's, from :meth:`_per_request`)."""
         coded = [self._coded(s, opts) for s in samples]
         requests = [self._request(c, replace(opts, style=st)) for c, st in zip(coded, styles, strict=True)]
         prompts = [r[0] for r in requests]
@@ -528,7 +528,7 @@ class OmniModel:
         returned as it came.
         """
         styles, refs = self._per_request(opts, len(samples))
-        prompts, constraint, cfg, _, rooms = self._plan(samples, opts)
+        prompts, constraint, cfg, _, rooms = self._plan(samples, opts, styles)
         gen = self._generator(opts.seed)
         heads = self._words(prompts, constraint, cfg, rooms, styles, gen, opts.max_text_tokens)
         plain = self._spoken(prompts, heads, constraint, cfg, rooms, gen)

@@ -199,7 +199,7 @@ class Engine:
             )
             return [self._audio_result(o, "") for o in outs]
         if first.output == "speech_answer":
-            return self._spoken_answers(tasks)
+            return self._spoken_answers(tasks, prompts)
         opts = self._options(first, first.max_new_tokens)
         if first.best_of > 1:  # a text reply about one picture (the app checks)
             opts["best_of"] = first.best_of
@@ -212,7 +212,7 @@ class Engine:
         clip = self.speech_max_tokens or DEFAULT_MAX_TOKENS["speech"]
         return {**self._options(task, words + ANSWER_SPAN + clip), "max_text_tokens": words}
 
-    def _spoken_answers(self, tasks: list[Task]) -> list[Result]:
+    def _spoken_answers(self, tasks: list[Task], prompts: list[list[Segment]]) -> list[Result]:
         """Spoken chat answers: the words, then their clip in the requested voice, as one reply (the spoken_qa task's
         form). Read aloud as a second request "Say this: <words>" instead, the same words were heard right for 0 of
         50 test questions against 7-9 (BENCHMARKS "How a spoken answer is spoken"): the read-aloud task was trained
@@ -221,7 +221,7 @@ class Engine:
         """
         first = tasks[0]
         outs = self.model.generate_batch(
-            [t.segments for t in tasks],
+            prompts,
             output="text+speech",
             style=[t.style for t in tasks],
             best_of=first.best_of,
