@@ -624,7 +624,7 @@ def test_demo_world_step_keeps_why_its_world_has_its_size(tmp_path, monkeypatch)
     from omnitok.io import read_json
 
     why = {"lm_positions_per_s": 5e3, "speed_from": "probe", "lm_seconds_estimate": 420.0, "lm_positions_estimate": 2}
-    monkeypatch.setattr(demo, "choose_world_size", lambda cfg, spent: (12, why))
+    monkeypatch.setattr(demo, "choose_world_size", lambda cfg, spent, estimate: (12, why))
     world, sizing, text = tmp_path / "world", tmp_path / "world_size.json", StringIO()
     console = Console(file=text, width=200)
     # chosen: built to the choice, and the choice kept beside it
@@ -637,3 +637,70 @@ def test_demo_world_step_keeps_why_its_world_has_its_size(tmp_path, monkeypatch)
     shutil.rmtree(world)
     assert demo._world_step(world, sizing, demo.DemoConfig(n=8), console) == {"n": 8}
     assert not sizing.exists()
+
+
+def test_demo_lm_width_follows_the_training_its_budget_buys(tmp_path, monkeypatch):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from omnitok import demo
+    from omnitok.io import read_json
+
+    speeds = {demo.RECIPE: 2_000.0, demo.SMALL_RECIPE: 6_000.0}
+    probed = []
+
+    def probe(recipe, device):
+        probed.append(recipe)
+        return speeds[recipe]
+
+    monkeypatch.setattr(demo, "_probe", probe)
+    cfg = demo.DemoConfig(minutes=15)  # 420 s for the LM before anything ran
+    # 2,000 positions/s x 420 s = 0.84 M < 2 M: the narrow model, and the world sized by its own probe
+    recipe, why = demo.choose_recipe(cfg)
+    assert recipe == str(demo.SMALL_RECIPE) and probed == [demo.RECIPE, demo.SMALL_RECIPE]
+    assert why[demo.RECIPE.name]["lm_positions_estimate"] == 840_000
+    assert why["chosen"] == why[demo.SMALL_RECIPE.name] and why["chosen"]["lm_positions_estimate"] == 2_520_000
+    assert demo.choose_world_size(replace(cfg, recipe=recipe), 0.0, why["chosen"]) == (2000, why["chosen"])
+    # fast enough: the recipe's model, one probe
+    speeds[demo.RECIPE], probed[:] = 5_000.0, []
+    recipe, why = demo.choose_recipe(cfg)
+    assert recipe == str(demo.RECIPE) and probed == [demo.RECIPE] and why["chosen"]["lm_positions_estimate"] == 2.1e6
+    # seconds gone before the demo started count: 5,000 x 270 s = 1.35 M
+    assert demo.choose_recipe(cfg, 150.0)[0] == str(demo.SMALL_RECIPE)
+    # a planning speed given on the command line is the recipe's: no probe, no choice
+    probed[:] = []
+    given = demo.choose_recipe(replace(cfg, lm_tokens_per_s=100.0))
+    assert given[0] == str(demo.RECIPE) and probed == [] and given[1]["chosen"]["speed_from"] == "--lm-tokens-per-s"
+
+    # the demo's step: chosen once as the demo starts, kept for a resumed one, never over --recipe
+    text, path = StringIO(), tmp_path / "lm_recipe.json"
+    console = Console(file=text, width=200)
+    speeds[demo.RECIPE] = 2_000.0
+    settled, why = demo._recipe_step(path, cfg, console, 0.0, fresh=True)
+    assert settled.recipe == str(demo.SMALL_RECIPE) and read_json(path) == why
+    assert "LM recipe: toyworld_small.yaml (~2.5 M positions" in text.getvalue()
+    speeds[demo.RECIPE], probed[:] = 9_000.0, []  # the machine is faster now: a resumed demo keeps its choice
+    assert demo._recipe_step(path, cfg, console, 0.0, fresh=False)[0].recipe == str(demo.SMALL_RECIPE)
+    assert probed == []
+    path.unlink()  # a demo begun before the choice was recorded keeps the recipe its LM started with
+    assert demo._recipe_step(path, cfg, console, 0.0, fresh=False) == (replace(cfg, recipe=str(demo.RECIPE)), {})
+    named = replace(cfg, recipe="mine.yaml")
+    assert demo._recipe_step(path, named, console, 0.0, fresh=True) == (named, {}) and not path.exists()
+    path.write_text('{"recipe": "/nowhere/gone.yaml"}')
+    with pytest.raises(OmnitokError, match=r"lm_recipe\.json: recipe /nowhere/gone\.yaml not found"):
+        demo._recipe_step(path, cfg, console, 0.0, fresh=False)
+
+
+def test_demo_evaluation_box_is_sized_at_the_speed_of_the_recipe_s_model(tmp_path, monkeypatch):
+    """A narrower LM trains faster, the evaluation's instruments do not: the box follows the machine, not the LM."""
+    from omnitok import demo
+    from omnitok.train import budget
+
+    got = {}
+    monkeypatch.setattr(budget, "train_for_seconds", lambda recipe, seconds, **kw: got.update(kw))
+    cfg = demo.DemoConfig(minutes=15, recipe=str(demo.SMALL_RECIPE))
+    demo._train_lm(tmp_path / "tokens", tmp_path, cfg, 300.0, faster=3.0)
+    assert got["reserve"](9_000.0) == pytest.approx(cfg.eval_reserve(3_000.0))
+    assert got["reserve"](12_000.0) == pytest.approx(cfg.eval_reserve(3_000.0))  # the slowest so far
+    assert cfg.eval_reserve(3_000.0) > cfg.eval_reserve(9_000.0)

@@ -201,7 +201,58 @@ def test_cli_reports_one_error_line(tmp_path, raw, monkeypatch, capsys):
     assert err.startswith("error:") and "stages[0].mixture: weights must sum to 1, got 0.5" in err
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "toyworld.yaml", "toyworld_long.yaml", "toyworld_gpu.yaml"])
+@pytest.mark.parametrize(
+    "name", ["tiny.yaml", "toyworld.yaml", "toyworld_long.yaml", "toyworld_gpu.yaml", "toyworld_small.yaml"]
+)
 def test_shipped_lm_recipes_validate(name):
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / name)
     assert recipe.stages and all(s.steps > 0 and s.mixture for s in recipe.stages)
+
+
+def test_a_recipe_states_only_what_it_changes_from_its_base(tmp_path, raw):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(raw))
+    variant = tmp_path / "sub" / "small.yaml"
+    # mappings merge key by key; a list (the stages) or a number is replaced whole; base is relative to the recipe
+    stages = [{"name": "only", "steps": 3, "mixture": {"caption": 1.0}}]
+    variant.write_text(
+        yaml.safe_dump({"base": "../base.yaml", "name": "small", "model": {"hidden_size": 32}, "stages": stages})
+    )
+    got, base = load_recipe(variant), load_recipe(tmp_path / "base.yaml")
+    assert got.name == "small" and got.model == {**base.model, "hidden_size": 32}
+    assert [(s.name, s.steps) for s in got.stages] == [("only", 3)]
+    assert (got.optim, got.batch, got.data) == (base.optim, base.batch, base.data)
+    # a variant of a variant: the chain is merged in order
+    (tmp_path / "sub" / "smaller.yaml").write_text(yaml.safe_dump({"base": "small.yaml", "seed": 7}))
+    chained = load_recipe(tmp_path / "sub" / "smaller.yaml")
+    assert chained.seed == 7 and chained.model == got.model and chained.name == "small"
+    # the shipped small demo recipe is the demo's with a narrower model, nothing else
+    shipped, demo = (
+        load_recipe(REPO / "recipes" / "toyworld_small.yaml"),
+        load_recipe(REPO / "recipes" / "toyworld.yaml"),
+    )
+    assert shipped.model["hidden_size"] < demo.model["hidden_size"]
+    assert {k for k, v in shipped.to_dict().items() if demo.to_dict()[k] != v} == {"name", "out", "model"}
+
+
+def test_a_bad_base_is_named_with_the_recipe_that_names_it(tmp_path, raw):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"base": "gone.yaml", "seed": 1}))
+    with pytest.raises(OmnitokError, match=r"recipe .*gone\.yaml not found \(the base of .*r\.yaml\)"):
+        load_recipe(path)
+    path.write_text(yaml.safe_dump({"base": 3}))
+    with pytest.raises(OmnitokError, match=r"r\.yaml: base: expected the path of another recipe, got 3"):
+        load_recipe(path)
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"base": "b.yaml"}))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"base": "a.yaml"}))
+    with pytest.raises(OmnitokError, match=r"base: chain comes back to"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "list.yaml").write_text("[1, 2]")
+    path.write_text(yaml.safe_dump({"base": "list.yaml"}))
+    with pytest.raises(OmnitokError, match=r"its base .*list\.yaml is not a YAML mapping"):
+        load_recipe(path)
+    # a key the base does not know is still refused by name, after the merge
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump({"base": "base.yaml", "model": {"hiden_size": 8}}))
+    with pytest.raises(OmnitokError, match=r"hiden_size"):
+        load_recipe(path)

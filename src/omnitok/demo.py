@@ -10,9 +10,10 @@ behind, which slowed it by 15-25 % on CPU-2 (docs/BENCHMARKS.md).
 
 The budget (``--minutes``) caps the tokenizers and the evaluation at fixed shares; the LM gets what the steps
 before it left (less a box for the evaluation, sized by the LM's speed), and its step counts come from
-``recipes/toyworld.yaml`` scaled to the time its stages get, at the speed its own steps train at, re-planned at each
-stage's end (``omnitok.train.budget``). The same code with a larger budget (or ``--recipe
-recipes/toyworld_gpu.yaml --device cuda``) is the "longer run".
+``recipes/toyworld.yaml`` (``toyworld_small.yaml`` where the budget buys that one too little training) scaled to
+the time its stages get, at the speed its own steps train at, re-planned at each stage's end
+(``omnitok.train.budget``). The same code with a larger budget (or ``--recipe recipes/toyworld_gpu.yaml --device
+cuda``) is the "longer run".
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ from omnitok.errors import OmnitokError, is_number
 from omnitok.io import atomic_write_json, ensure_writable_dir, read_json, write_run_config
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "toyworld.yaml"
+# The LM's width follows the training the budget buys, as the world's size does (below): where the recipe's model
+# would train fewer than SMALL_BELOW positions, the demo trains SMALL_RECIPE's, a quarter as wide (128 wide, 1.1 M
+# parameters against 3.8 M). On an AMD EPYC Zen 3 (no AVX-512, so float32; the probe read 1.2 M positions for 15
+# minutes) it trained 2.8x the positions per second and ended lower on every task's held-out loss in the same seconds,
+# in two seeds (BENCHMARKS "A narrower LM where the budget is small"). Where bf16 matmuls are fast the estimate is
+# 3 M or more and the recipe's width stays: there a 192-wide model at 1.7 M positions was a trade between the tasks,
+# not a gain (BENCHMARKS "The LM's shape at the demo's budget").
+SMALL_RECIPE = RECIPE.with_name("toyworld_small.yaml")
+SMALL_BELOW = 2.0e6
 
 # The LM predicts every image code through its softmax, so the demo's image codebook is small: 8*5*5*5 = 1,000
 # codes (vocabulary 2,602) rather than the tokenizer's 64k default. Against 4,096 codes at the demo's budget the LM
@@ -114,7 +124,9 @@ class DemoConfig:
     # Training positions/s that scale the LM's steps to its share of the budget, planned once; None: the speed
     # of the run's own steps, re-planned at each stage's end.
     lm_tokens_per_s: float | None = None
-    recipe: str = str(RECIPE)  # the LM recipe whose stages are scaled to the budget
+    # The LM recipe whose stages are scaled to the budget; None: RECIPE, or SMALL_RECIPE where the budget buys
+    # RECIPE's model fewer than SMALL_BELOW positions (choose_recipe).
+    recipe: str | None = None
     # Minutes for the evaluation instead of its share of the budget: on a GPU the LM trains many times faster but
     # the evaluation's instruments (pocketsphinx, the tokenizers' decoders) run on the CPU as before, so a short
     # budget's 8 % would score only part of each task.
@@ -158,32 +170,65 @@ def world_size_for(positions: float) -> int:
     return fits[-1] if fits else WORLD_SIZES[0]
 
 
-def choose_world_size(cfg: DemoConfig, spent: float = 0.0) -> tuple[int, dict[str, float]]:
-    """``(scenes, why)``: the world size for ``cfg``'s budget on this machine, from a short probe of the LM's speed.
-
-    The probe runs in this process on the cores free now (8 steps: ~2.5 s at 7,500 positions/s, ~7 s at 1,900);
-    a speed given with ``--lm-tokens-per-s`` is used instead. ``spent``: seconds of the budget gone before the demo
-    started (``make demo`` installing), which the LM will not get. ``why`` holds the speed and the positions it
-    implies, written into the demo's config.
-    """
+def _probe(recipe: str | Path, device: str) -> float:
+    """The LM's training speed (positions/s) for ``recipe``'s model, probed in this process on the cores free now
+    (8 steps: ~2.5 s at 7,500 positions/s, ~7 s at 1,900)."""
     from omnitok.threads import free_cores
     from omnitok.train.budget import probe_speed
     from omnitok.train.recipe import load_recipe
 
-    speed = cfg.lm_tokens_per_s
-    if speed is None:
-        recipe = replace(load_recipe(cfg.recipe), device=cfg.device)
-        with free_cores():
-            speed = probe_speed(recipe, vocab_size=PROBE_VOCAB, lengths=PROBE_LENGTHS)
+    with free_cores():
+        return probe_speed(replace(load_recipe(recipe), device=device), vocab_size=PROBE_VOCAB, lengths=PROBE_LENGTHS)
+
+
+def _estimate(cfg: DemoConfig, speed: float, spent: float, speed_from: str) -> dict[str, Any]:
     seconds = max(0.0, cfg.lm_seconds_estimate() - spent)  # less what went before the demo started
-    positions = speed * seconds
-    why = {
+    return {
         "lm_positions_per_s": round(speed, 1),
-        "speed_from": "probe" if cfg.lm_tokens_per_s is None else "--lm-tokens-per-s",
+        "speed_from": speed_from,
         "lm_seconds_estimate": seconds,
-        "lm_positions_estimate": round(positions),
+        "lm_positions_estimate": round(speed * seconds),
     }
-    return world_size_for(positions), why
+
+
+def choose_recipe(cfg: DemoConfig, spent: float = 0.0) -> tuple[str, dict[str, Any]]:
+    """``(recipe, why)``: ``RECIPE``, or ``SMALL_RECIPE`` where a probe says the budget buys ``RECIPE``'s model
+    fewer than ``SMALL_BELOW`` positions on this machine.
+
+    Only for a demo without ``--recipe``. A speed given with ``--lm-tokens-per-s`` is the recipe's, so it keeps
+    ``RECIPE`` without a probe. ``why`` holds the probe's estimate for ``RECIPE`` and, where the small model is
+    chosen, its own probe's (``chosen``): the world's size is then read from the model that will train.
+    """
+    if cfg.lm_tokens_per_s is not None:
+        return str(RECIPE), {
+            "recipe": str(RECIPE),
+            "chosen": _estimate(cfg, cfg.lm_tokens_per_s, spent, "--lm-tokens-per-s"),
+        }
+    full = _estimate(cfg, _probe(RECIPE, cfg.device), spent, "probe")
+    why: dict[str, Any] = {"recipe": str(RECIPE), "small_below": SMALL_BELOW, RECIPE.name: full, "chosen": full}
+    if full["lm_positions_estimate"] < SMALL_BELOW:
+        why["recipe"] = str(SMALL_RECIPE)
+        why["chosen"] = why[SMALL_RECIPE.name] = _estimate(cfg, _probe(SMALL_RECIPE, cfg.device), spent, "probe")
+    return why["recipe"], why
+
+
+def choose_world_size(
+    cfg: DemoConfig, spent: float = 0.0, estimate: dict[str, Any] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """``(scenes, why)``: the world size for ``cfg``'s budget on this machine, from the LM's speed.
+
+    ``estimate``: the LM's where it is known (``choose_recipe``'s for the model it chose); else from the speed given
+    with ``--lm-tokens-per-s``, else from a probe of ``cfg.recipe``'s model. ``spent``: seconds of the budget gone
+    before the demo started (``make demo`` installing), which the LM will not get. ``why`` holds the speed and the
+    positions it implies, written into the demo's config.
+    """
+    if estimate is not None:
+        why = estimate
+    elif cfg.lm_tokens_per_s is not None:
+        why = _estimate(cfg, cfg.lm_tokens_per_s, spent, "--lm-tokens-per-s")
+    else:
+        why = _estimate(cfg, _probe(cfg.recipe or RECIPE, cfg.device), spent, "probe")
+    return world_size_for(why["lm_positions_estimate"]), why
 
 
 def _done(path: Path) -> bool:
@@ -232,8 +277,10 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
         from omnitok.world.build import WorldConfig
 
         WorldConfig(n=cfg.n, seed=cfg.seed).validate()
-    if not Path(cfg.recipe).is_file():
-        raise OmnitokError(f"recipe {cfg.recipe} not found: run the demo from an omnitok checkout or pass --recipe")
+    if not Path(cfg.recipe or RECIPE).is_file():
+        raise OmnitokError(
+            f"recipe {cfg.recipe or RECIPE} not found: run the demo from an omnitok checkout or pass --recipe"
+        )
     spent = 0.0 if cfg.started_at is None else time.time() - cfg.started_at
     if not 0.0 <= spent < cfg.minutes * 60:
         raise OmnitokError(
@@ -252,9 +299,13 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
         timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 1)
         console.print(f"[green]✓[/] {name} ({timings[name]:.0f} s)")
 
-    # 1. world (its size chosen first when --n is not given; a resumed demo keeps the world it built)
+    # 1. world (its size chosen first when --n is not given; a resumed demo keeps the world it built), and the LM's
+    # recipe where --recipe is not given: both follow the LM training the budget buys on this machine
     world = out / "world"
-    chosen = _world_step(world, out / "world_size.json", cfg, console, spent)
+    cfg, lm_recipe = _recipe_step(out / "lm_recipe.json", cfg, console, spent, fresh=not _done(world / "manifest.json"))
+    chosen = _world_step(world, out / "world_size.json", cfg, console, spent, lm_recipe.get("chosen"))
+    if lm_recipe:
+        chosen["lm_recipe"] = lm_recipe
     write_run_config(out, "omnitok demo", {**cfg.__dict__, **chosen})
     step("world")
 
@@ -294,7 +345,9 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
     if not _done(bundle / "omnitok.json"):
         console.rule("train")
         left = cfg.minutes * 60 - (time.perf_counter() - t0) - EVAL_TAIL_S  # the LM's and the evaluation's box
-        in_fresh_process(_train_lm, tokens, out, cfg, left, time.time())
+        full = lm_recipe.get(RECIPE.name)  # the evaluation's box is sized at the speed of RECIPE's model (_train_lm)
+        faster = lm_recipe["chosen"]["lm_positions_per_s"] / full["lm_positions_per_s"] if full else 1.0
+        in_fresh_process(_train_lm, tokens, out, cfg, left, time.time(), faster)
         if bundle.exists():
             shutil.rmtree(bundle)
         os.replace(out / "lm" / "bundle", bundle)
@@ -326,7 +379,41 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
     return metrics
 
 
-def _world_step(world: Path, sizing: Path, cfg: DemoConfig, console: Console, spent: float = 0.0) -> dict[str, Any]:
+def _recipe_step(
+    path: Path, cfg: DemoConfig, console: Console, spent: float, fresh: bool
+) -> tuple[DemoConfig, dict[str, Any]]:
+    """``cfg`` with its LM recipe settled, and why (kept in ``path``; empty where ``--recipe`` named it).
+
+    Chosen once, as the demo starts (``fresh``: its world not built yet), and kept for a resumed demo, whose LM
+    checkpoints and plan were made for that recipe; a demo begun before this choice existed keeps ``RECIPE``.
+    """
+    if cfg.recipe is not None:
+        return cfg, {}
+    if path.exists():
+        why = read_json(path, "demo LM recipe")
+    elif not fresh:
+        return replace(cfg, recipe=str(RECIPE)), {}
+    else:
+        _, why = choose_recipe(cfg, spent)
+        atomic_write_json(path, why)
+        est = why["chosen"]
+        console.print(
+            f"LM recipe: {Path(why['recipe']).name} (~{est['lm_positions_estimate'] / 1e6:.1f} M positions in "
+            f"~{est['lm_seconds_estimate']:.0f} s at {est['lm_positions_per_s']:,.0f} positions/s, {est['speed_from']})"
+        )
+    if not Path(why["recipe"]).is_file():
+        raise OmnitokError(f"{path}: recipe {why['recipe']} not found; remove {path.parent} to start the demo afresh")
+    return replace(cfg, recipe=why["recipe"]), why
+
+
+def _world_step(
+    world: Path,
+    sizing: Path,
+    cfg: DemoConfig,
+    console: Console,
+    spent: float = 0.0,
+    estimate: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Build the demo's world unless it is there; return its size as built (and why, where the demo chose it).
 
     ``sizing`` keeps why the world has its size when the demo chose it; a world built to ``--n`` removes an earlier
@@ -340,7 +427,7 @@ def _world_step(world: Path, sizing: Path, cfg: DemoConfig, console: Console, sp
         console.rule("world")
         n = cfg.n
         if n is None:
-            n, why = choose_world_size(cfg, spent)
+            n, why = choose_world_size(cfg, spent, estimate)
             atomic_write_json(sizing, why)
             speed, seconds = why["lm_positions_per_s"], why["lm_seconds_estimate"]
             console.print(
@@ -358,12 +445,17 @@ def _world_step(world: Path, sizing: Path, cfg: DemoConfig, console: Console, sp
     return chosen
 
 
-def _train_lm(tokens: Path, out: Path, cfg: DemoConfig, seconds: float, since: float | None = None) -> None:
+def _train_lm(
+    tokens: Path, out: Path, cfg: DemoConfig, seconds: float, since: float | None = None, faster: float = 1.0
+) -> None:
     """Plan the LM's steps for ``seconds`` less the evaluation's box and train them (in a fresh process).
 
     ``since``: the ``time.time()`` the seconds count from, so that starting this process and importing torch are
     paid from them: ~10 s on a 2-core Xeon, where the LM's step ran 13-22 s over its seconds in three demos. The
     evaluation's box (``DemoConfig.eval_reserve``) is taken at each plan from the slowest speed the LM has trained at.
+    ``faster``: how many times the positions/s of ``RECIPE``'s model this LM trains at (``SMALL_RECIPE``'s: ~2.7):
+    the box was fitted to the machine's speed as ``RECIPE``'s model measures it, and a narrower LM makes the suite's
+    generation cheaper but not its instruments (pocketsphinx, the codec's decoder, the image parser).
 
     Without ``--lm-tokens-per-s`` the steps follow the speed the run's own steps train at, re-planned at each stage's
     end (``omnitok.train.budget``). The newest plan is kept in ``OUT/lm_plan.json``: a resumed demo trains the steps
@@ -400,7 +492,7 @@ def _train_lm(tokens: Path, out: Path, cfg: DemoConfig, seconds: float, since: f
 
     def reserve(speed: float) -> float:
         slowest[0] = min(slowest[0], speed)
-        return cfg.eval_reserve(slowest[0])
+        return cfg.eval_reserve(slowest[0] / faster)
 
     train_for_seconds(recipe, seconds, speed=cfg.lm_tokens_per_s, on_plan=keep, reserve=reserve)
 
@@ -409,7 +501,7 @@ def _demo_recipe(tokens: Path, out: Path, cfg: DemoConfig) -> Any:
     """The demo's LM recipe (``cfg.recipe``) reading ``tokens`` and writing ``out``, before its steps are planned."""
     from omnitok.train.recipe import ValidationConfig, load_recipe
 
-    recipe = load_recipe(cfg.recipe)
+    recipe = load_recipe(cfg.recipe or RECIPE)
     # Validation once, at the end, on 32 documents a task: ~4 s on the AMD EPYC, ~10 s on a 2-core Xeon without
     # bf16, where one at each stage's end took ~30 s of the LM's ~280 s (BENCHMARKS). The evaluation then says how
     # each task came out; `omnitok train` keeps the per-stage curve.
@@ -429,7 +521,12 @@ def demo_command(
     seed: int = typer.Option(0, "--seed"),
     eval_limit: int = typer.Option(30, "--eval-limit", help="Test examples per task in the evaluation."),
     device: str = typer.Option("cpu", "--device", help="torch device for tokenizers and the LM (cpu, cuda)."),
-    recipe: Path = typer.Option(RECIPE, "--recipe", help="LM recipe (recipes/toyworld_gpu.yaml for a GPU run)."),
+    recipe: Path | None = typer.Option(
+        None,
+        "--recipe",
+        help="LM recipe (recipes/toyworld_gpu.yaml for a GPU run); default: recipes/toyworld.yaml, or "
+        "toyworld_small.yaml where the budget buys its model fewer than 2 M positions (a few seconds' probe).",
+    ),
     eval_minutes: float | None = typer.Option(
         None, "--eval-minutes", help="Minutes for the evaluation; default: 8 % of --minutes."
     ),
@@ -455,7 +552,7 @@ def demo_command(
         seed=seed,
         eval_limit=eval_limit,
         device=device,
-        recipe=str(recipe),
+        recipe=None if recipe is None else str(recipe),
         lm_tokens_per_s=lm_tokens_per_s,
         eval_minutes=eval_minutes,
         started_at=started_at,

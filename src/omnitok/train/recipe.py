@@ -344,20 +344,50 @@ def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
 
 
 def load_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Recipe:
-    """Read and check a YAML recipe. ``overrides`` replace top-level keys (the CLI's ``--out``, ``--data``)."""
-    p = Path(path)
+    """Read and check a YAML recipe. ``overrides`` replace top-level keys (the CLI's ``--out``, ``--data``).
+
+    A recipe may start from another: ``base: toyworld.yaml`` (relative to the recipe's own folder) reads that one
+    first and lays this one's keys over it, mappings merged key by key and everything else (a list of stages, a
+    number) replaced. So a variant states only what it changes, and a fix to the curriculum reaches both.
+    """
+    raw = _read_recipe_yaml(Path(path), ())
+    if isinstance(raw, dict) and overrides:
+        raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return parse_recipe(raw, str(path))
+    except OmnitokError as e:
+        raise OmnitokError(f"recipe {path}: {e}") from e
+
+
+def _read_recipe_yaml(p: Path, chain: tuple[Path, ...]) -> Any:
+    """The recipe's YAML with its ``base:`` chain merged in (``chain``: the recipes that named this one)."""
     if not p.is_file():
-        raise OmnitokError(f"recipe {p} not found")
+        via = f" (the base of {chain[-1]})" if chain else ""
+        raise OmnitokError(f"recipe {p} not found{via}")
+    if p.resolve() in chain:
+        names = " -> ".join(str(c) for c in (*chain, p.resolve()))
+        raise OmnitokError(f"recipe {chain[0]}: its base: chain comes back to {p} ({names})")
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise OmnitokError(f"recipe {p} is not valid YAML: {e}") from e
-    if isinstance(raw, dict) and overrides:
-        raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
-    try:
-        return parse_recipe(raw, str(p))
-    except OmnitokError as e:
-        raise OmnitokError(f"recipe {p}: {e}") from e
+    if not isinstance(raw, dict) or "base" not in raw:
+        return raw
+    raw = dict(raw)
+    base = raw.pop("base")
+    if not isinstance(base, str) or not base:
+        raise OmnitokError(f"recipe {p}: base: expected the path of another recipe, got {base!r}")
+    under = _read_recipe_yaml(p.parent / base, (*chain, p.resolve()))
+    if not isinstance(under, dict):
+        raise OmnitokError(f"recipe {p}: its base {p.parent / base} is not a YAML mapping")
+    return _merged(under, raw)
+
+
+def _merged(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(under)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def check_data(recipe: Recipe) -> int:
