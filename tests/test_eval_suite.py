@@ -210,6 +210,7 @@ class EspeakModel:
             if "question.wav" in s:
                 self.answer_to[s["question.wav"].tobytes()] = s["meta"]["answer"]
         self.batches: list[int] = []
+        self.options: list[dict] = []  # each batch's generation options
 
     def _say(self, text: str, voice: str, pitch: str = "mid", rate: str = "normal"):
         from omnitok.sequence import Audio
@@ -217,10 +218,11 @@ class EspeakModel:
 
         return Audio(samples=self.speaker.synthesize(text, Style(voice, pitch, rate)), sample_rate=16000)
 
-    def generate_batch(self, prompts, seed=0, output="auto", style=None, reference=None, **_):
+    def generate_batch(self, prompts, seed=0, output="auto", style=None, reference=None, **opts):
         from omnitok.sequence import Text
 
         self.batches.append(len(prompts))
+        self.options.append({"output": output, "style": style, **opts})
         out = []
         for i, prompt in enumerate(prompts):
             if output == "speech":  # TTS: [Text("Say this: ...")], the voice from the style or the reference
@@ -245,5 +247,12 @@ def test_speech_tasks_score_espeak_as_espeak(tmp_path):
     assert model.batches == [3, spoken - 3] if spoken > 3 else [spoken]  # no cap: full batches
     assert tts["tts_style_acc"]["all"] == 1.0  # every clip's pitch and rate classified as asked
     assert tts["tts_wer"]["all"] <= tts["tts_wer_ref"]["all"] + 0.15  # heard as well as the world's own recordings
+    model.options.clear()
     qa = suite.spoken_qa()["spoken_qa_acc"]
     assert len(qa) >= 1 and sum(bool(r.score) for r in qa) >= len(qa) - 1  # answers spoken by eSpeak are heard
+    # one reply, words then the clip, in the model's own voice; best_of 1 unless asked
+    assert {(o["output"], o["style"], o["best_of"]) for o in model.options} == {("text+speech", None, 1)}
+    model.options.clear()
+    again = Suite(model, tmp_path / "world", EvalConfig(limit=2, spoken_qa_best_of=3), suite.transcriber)
+    assert len(again.spoken_qa()["spoken_qa_acc"]) == min(2, len(qa))
+    assert [o["best_of"] for o in model.options] == [3] and model.options[0]["output"] == "text+speech"

@@ -454,7 +454,7 @@ def _train_lm(
     ``since``: the ``time.time()`` the seconds count from, so that starting this process and importing torch are
     paid from them: ~10 s on a 2-core Xeon, where the LM's step ran 13-22 s over its seconds in three demos. The
     evaluation's box (``DemoConfig.eval_reserve``) is taken at each plan from the slowest speed the LM has trained at.
-    ``faster``: how many times the positions/s of ``RECIPE``'s model this LM trains at (``SMALL_RECIPE``'s: ~2.7):
+    ``faster``: how many times the positions/s of ``RECIPE``'s model this LM trains at (``SMALL_RECIPE``'s: ~2.6):
     the box was fitted to the machine's speed as ``RECIPE``'s model measures it, and a narrower LM makes the suite's
     generation cheaper but not its instruments (pocketsphinx, the codec's decoder, the image parser).
 
