@@ -52,9 +52,9 @@ def arm_recipe(base: Path, overrides: dict[str, object], out: Path) -> Path:
     (a stage's ``schedule``), and the result is parsed as a recipe, so a misspelt key fails before anything trains.
     """
     from omnitok.errors import OmnitokError
-    from omnitok.train.recipe import load_recipe
+    from omnitok.train.recipe import load_recipe, recipe_mapping
 
-    doc = yaml.safe_load(base.read_text())
+    doc = recipe_mapping(base)  # a base: recipe merged in: the arm's copy is written elsewhere
     for key, value in overrides.items():
         node = doc
         *parents, leaf = key.split(".")

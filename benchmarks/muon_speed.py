@@ -24,7 +24,7 @@ import yaml
 from _common import command, machine, table
 from omnitok.train import loop
 from omnitok.train.muon import Muon
-from omnitok.train.recipe import load_recipe
+from omnitok.train.recipe import load_recipe, recipe_mapping
 
 ARMS = {
     "AdamW": ("adamw", None),
@@ -35,7 +35,7 @@ ARMS = {
 
 def _run(args: argparse.Namespace, arm: str, out: Path) -> dict:
     name, ns_dtype = ARMS[arm]
-    raw = yaml.safe_load(Path(args.recipe).read_text())
+    raw = recipe_mapping(args.recipe)
     raw.update(
         data=str(args.data),
         out=str(out),
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    precision = yaml.safe_load(Path(args.recipe).read_text()).get("precision")
+    precision = recipe_mapping(args.recipe).get("precision")
     print(f"machine: {machine()}, {args.threads} torch threads, recipe precision: {precision}")
     print(command())
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}

@@ -21,11 +21,11 @@ import yaml
 
 from _common import command, machine, table
 from omnitok.train.loop import train
-from omnitok.train.recipe import load_recipe
+from omnitok.train.recipe import load_recipe, recipe_mapping
 
 
 def _run(args: argparse.Namespace, precision: str, out: Path) -> dict:
-    raw = yaml.safe_load(Path(args.recipe).read_text())
+    raw = recipe_mapping(args.recipe)
     first = dict(raw["stages"][0], steps=args.steps)
     raw.update(
         data=str(args.data),

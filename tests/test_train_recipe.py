@@ -8,7 +8,7 @@ import yaml
 
 from omnitok.errors import OmnitokError
 from omnitok.train import loop
-from omnitok.train.recipe import check_data, load_recipe, parse_recipe
+from omnitok.train.recipe import check_data, load_recipe, parse_recipe, recipe_mapping
 from omnitok.train.synthetic import write_synthetic_tokens
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,6 +219,9 @@ def test_a_recipe_states_only_what_it_changes_from_its_base(tmp_path, raw):
         yaml.safe_dump({"base": "../base.yaml", "name": "small", "model": {"hidden_size": 32}, "stages": stages})
     )
     got, base = load_recipe(variant), load_recipe(tmp_path / "base.yaml")
+    # what a tool that edits recipes before parsing them reads: the merged mapping, without the base key
+    merged = recipe_mapping(variant)
+    assert "base" not in merged and merged["model"]["hidden_size"] == 32 and merged["optim"] == raw["optim"]
     assert got.name == "small" and got.model == {**base.model, "hidden_size": 32}
     assert [(s.name, s.steps) for s in got.stages] == [("only", 3)]
     assert (got.optim, got.batch, got.data) == (base.optim, base.batch, base.data)

@@ -350,13 +350,19 @@ def load_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     first and lays this one's keys over it, mappings merged key by key and everything else (a list of stages, a
     number) replaced. So a variant states only what it changes, and a fix to the curriculum reaches both.
     """
-    raw = _read_recipe_yaml(Path(path), ())
+    raw = recipe_mapping(path)
     if isinstance(raw, dict) and overrides:
         raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
     try:
         return parse_recipe(raw, str(path))
     except OmnitokError as e:
         raise OmnitokError(f"recipe {path}: {e}") from e
+
+
+def recipe_mapping(path: str | Path) -> Any:
+    """The recipe's YAML as read, its ``base:`` chain merged in, not yet checked: for a tool that edits a recipe
+    before parsing it (a benchmark's arms), which would otherwise see only what a variant changes."""
+    return _read_recipe_yaml(Path(path), ())
 
 
 def _read_recipe_yaml(p: Path, chain: tuple[Path, ...]) -> Any:
