@@ -108,10 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.tokenizer:
         tok = load_image_tokenizer(path)
         name = f"omnitok f{tok.config.downsample} ({tok.tokens_per_item} tok, {tok.codebook_size} codes)"
+        if name in results["own"]:  # two tokenizers of one shape (say, trained for different times): keep both
+            name = f"{name} {path}"
         q = quality(tok, images, samples)
         s = speed(tok, speed_imgs, args.repeats)
-        summary_path = Path(path) / "summary.json"
-        train_s = json.loads(summary_path.read_text())["train_seconds"] if summary_path.is_file() else None
+        # the summary sits beside the tokenizer (`omnitok tokenizer train image --out DIR` writes DIR/tokenizer)
+        summaries = [p / "summary.json" for p in (Path(path), Path(path).parent) if (p / "summary.json").is_file()]
+        train_s = json.loads(summaries[0].read_text())["train_seconds"] if summaries else None
         results["own"][name] = q | s | {"train_seconds": train_s, "path": str(path)}
         print(f"measured {name}", file=sys.stderr)
 

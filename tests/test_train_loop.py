@@ -679,6 +679,11 @@ def test_demo_lm_width_follows_the_training_its_budget_buys(tmp_path, monkeypatc
     speeds[demo.RECIPE] = 2_000.0
     settled, why = demo._recipe_step(path, cfg, console, 0.0, fresh=True)
     assert settled.recipe == str(demo.SMALL_RECIPE) and read_json(path) == why
+    # the LM short of steps: the image tokenizer's box halves (unless the config names its share)
+    assert settled.budget("image_tokenizer") == pytest.approx(15 * 0.08)
+    assert cfg.budget("image_tokenizer") == pytest.approx(15 * 0.16)
+    kept = replace(cfg, image_tokenizer_share=0.12)
+    assert demo._recipe_step(path, kept, console, 0.0, fresh=False)[0].image_tokenizer_share == 0.12
     assert "LM recipe: toyworld_small.yaml (~2.5 M positions" in text.getvalue()
     speeds[demo.RECIPE], probed[:] = 9_000.0, []  # the machine is faster now: a resumed demo keeps its choice
     assert demo._recipe_step(path, cfg, console, 0.0, fresh=False)[0].recipe == str(demo.SMALL_RECIPE)
@@ -704,3 +709,52 @@ def test_demo_evaluation_box_is_sized_at_the_speed_of_the_recipe_s_model(tmp_pat
     assert got["reserve"](9_000.0) == pytest.approx(cfg.eval_reserve(3_000.0))
     assert got["reserve"](12_000.0) == pytest.approx(cfg.eval_reserve(3_000.0))  # the slowest so far
     assert cfg.eval_reserve(3_000.0) > cfg.eval_reserve(9_000.0)
+
+
+def test_demo_steps_follow_the_recipe_choice_kept_in_lm_recipe_json(tmp_path, monkeypatch):
+    """run_demo reads lm_recipe.json: the LM step gets the chosen recipe and how many times faster its model trains
+    than RECIPE's (the evaluation's box stays the machine's), and the image tokenizer half its box where the small
+    recipe was chosen; with the recipe's model (a given speed: no probe of it) the ratio is 1 and the box whole."""
+    from omnitok import demo
+    from omnitok.io import atomic_write_json
+
+    def put(path, data):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, data)
+
+    def finished(out, why):
+        for done in ("world/manifest.json", "speech_tokenizer/tokenizer/config.json", "tokens/manifest.json"):
+            put(out / done, {"config": {"n": 12}})
+        put(out / "eval" / "metrics.json", {"asr_wer": 0.5})
+        put(out / "lm_recipe.json", why)
+
+    calls = []
+
+    def fresh(fn, *args, **kwargs):
+        calls.append((fn.__name__, args, kwargs))
+        if fn is demo._train_lm:
+            put(args[1] / "lm" / "bundle" / "omnitok.json", {})
+        else:  # the image tokenizer: its box is the step's share of the budget
+            put(args[1] / "tokenizer" / "config.json", {})
+
+    monkeypatch.setattr(demo, "in_fresh_process", fresh)
+    probe = {"lm_positions_per_s": 2_000.0, "speed_from": "probe", "lm_seconds_estimate": 420.0}
+    small = {**probe, "lm_positions_per_s": 5_000.0}
+    out = tmp_path / "slow"
+    finished(
+        out, {"recipe": str(demo.SMALL_RECIPE), demo.RECIPE.name: probe, demo.SMALL_RECIPE.name: small, "chosen": small}
+    )
+    assert demo.run_demo(out, demo.DemoConfig(minutes=15)) == {"asr_wer": 0.5}
+    (image, box, _), (lm, args, _) = calls
+    assert image == "train_image_tokenizer" and box[2].max_minutes == pytest.approx(15 * demo.SMALL_IMAGE_SHARE)
+    assert lm == "_train_lm" and args[2].recipe == str(demo.SMALL_RECIPE) and args[-1] == pytest.approx(2.5)
+    assert args[2].image_tokenizer_share == demo.SMALL_IMAGE_SHARE
+    assert (out / "bundle" / "omnitok.json").is_file() and not (out / "lm" / "bundle").exists()
+
+    calls[:] = []
+    given = {**probe, "speed_from": "--lm-tokens-per-s"}
+    finished(tmp_path / "given", {"recipe": str(demo.RECIPE), "chosen": given})
+    demo.run_demo(tmp_path / "given", demo.DemoConfig(minutes=15, lm_tokens_per_s=2_000.0))
+    (_, box, _), (_, args, _) = calls
+    assert box[2].max_minutes == pytest.approx(15 * demo.SHARES["image_tokenizer"])
+    assert args[2].recipe == str(demo.RECIPE) and args[-1] == 1.0
