@@ -500,6 +500,9 @@ def test_demo_evaluation_minutes_replace_its_share_and_bad_flags_write_nothing(t
     for bad in (0.0, -5.0, float("nan")):
         with pytest.raises(OmnitokError, match="--lm-tokens-per-s must be a number > 0"):
             run_demo(tmp_path / "demo", DemoConfig(lm_tokens_per_s=bad))
+    for bad in (0.0, 0.5, float("nan")):
+        with pytest.raises(OmnitokError, match=r"tokenizer_share must be a fraction of the budget in \(0, 0\.5\)"):
+            run_demo(tmp_path / "demo", DemoConfig(tokenizer_share=bad))
     with pytest.raises(OmnitokError, match="--n must be a positive number of scene samples, got 0"):
         run_demo(tmp_path / "demo", DemoConfig(n=0))
     for started in (time.time() + 60, time.time() - 15 * 60):  # in the future, or the whole budget ago
@@ -679,11 +682,12 @@ def test_demo_lm_width_follows_the_training_its_budget_buys(tmp_path, monkeypatc
     speeds[demo.RECIPE] = 2_000.0
     settled, why = demo._recipe_step(path, cfg, console, 0.0, fresh=True)
     assert settled.recipe == str(demo.SMALL_RECIPE) and read_json(path) == why
-    # the LM short of steps: the image tokenizer's box halves (unless the config names its share)
-    assert settled.budget("image_tokenizer") == pytest.approx(15 * 0.08)
-    assert cfg.budget("image_tokenizer") == pytest.approx(15 * 0.16)
-    kept = replace(cfg, image_tokenizer_share=0.12)
-    assert demo._recipe_step(path, kept, console, 0.0, fresh=False)[0].image_tokenizer_share == 0.12
+    # the LM short of steps: each tokenizer's box halves (unless the config names their share)
+    for step in ("image_tokenizer", "speech_tokenizer"):
+        assert settled.budget(step) == pytest.approx(15 * 0.08) and cfg.budget(step) == pytest.approx(15 * 0.16)
+    assert settled.budget("eval") == cfg.budget("eval")
+    kept = replace(cfg, tokenizer_share=0.12)
+    assert demo._recipe_step(path, kept, console, 0.0, fresh=False)[0].tokenizer_share == 0.12
     assert "LM recipe: toyworld_small.yaml (~2.5 M positions" in text.getvalue()
     speeds[demo.RECIPE], probed[:] = 9_000.0, []  # the machine is faster now: a resumed demo keeps its choice
     assert demo._recipe_step(path, cfg, console, 0.0, fresh=False)[0].recipe == str(demo.SMALL_RECIPE)
@@ -713,8 +717,8 @@ def test_demo_evaluation_box_is_sized_at_the_speed_of_the_recipe_s_model(tmp_pat
 
 def test_demo_steps_follow_the_recipe_choice_kept_in_lm_recipe_json(tmp_path, monkeypatch):
     """run_demo reads lm_recipe.json: the LM step gets the chosen recipe and how many times faster its model trains
-    than RECIPE's (the evaluation's box stays the machine's), and the image tokenizer half its box where the small
-    recipe was chosen; with the recipe's model (a given speed: no probe of it) the ratio is 1 and the box whole."""
+    than RECIPE's (the evaluation's box stays the machine's), and each tokenizer half its box where the small recipe
+    was chosen; with the recipe's model (a given speed: no probe of it) the ratio is 1 and the boxes whole."""
     from omnitok import demo
     from omnitok.io import atomic_write_json
 
@@ -723,18 +727,18 @@ def test_demo_steps_follow_the_recipe_choice_kept_in_lm_recipe_json(tmp_path, mo
         atomic_write_json(path, data)
 
     def finished(out, why):
-        for done in ("world/manifest.json", "speech_tokenizer/tokenizer/config.json", "tokens/manifest.json"):
+        for done in ("world/manifest.json", "tokens/manifest.json"):
             put(out / done, {"config": {"n": 12}})
         put(out / "eval" / "metrics.json", {"asr_wer": 0.5})
         put(out / "lm_recipe.json", why)
 
-    calls = []
+    calls = {}
 
     def fresh(fn, *args, **kwargs):
-        calls.append((fn.__name__, args, kwargs))
+        calls[fn.__name__] = args
         if fn is demo._train_lm:
             put(args[1] / "lm" / "bundle" / "omnitok.json", {})
-        else:  # the image tokenizer: its box is the step's share of the budget
+        else:  # a tokenizer, trained in its box (the train config's max_minutes)
             put(args[1] / "tokenizer" / "config.json", {})
 
     monkeypatch.setattr(demo, "in_fresh_process", fresh)
@@ -745,16 +749,18 @@ def test_demo_steps_follow_the_recipe_choice_kept_in_lm_recipe_json(tmp_path, mo
         out, {"recipe": str(demo.SMALL_RECIPE), demo.RECIPE.name: probe, demo.SMALL_RECIPE.name: small, "chosen": small}
     )
     assert demo.run_demo(out, demo.DemoConfig(minutes=15)) == {"asr_wer": 0.5}
-    (image, box, _), (lm, args, _) = calls
-    assert image == "train_image_tokenizer" and box[2].max_minutes == pytest.approx(15 * demo.SMALL_IMAGE_SHARE)
-    assert lm == "_train_lm" and args[2].recipe == str(demo.SMALL_RECIPE) and args[-1] == pytest.approx(2.5)
-    assert args[2].image_tokenizer_share == demo.SMALL_IMAGE_SHARE
+    assert sorted(calls) == ["_train_lm", "train_image_tokenizer", "train_speech_tokenizer"]
+    for step in ("train_image_tokenizer", "train_speech_tokenizer"):
+        assert calls[step][2].max_minutes == pytest.approx(15 * demo.SMALL_TOKENIZER_SHARE)
+    cfg, faster = calls["_train_lm"][2], calls["_train_lm"][-1]
+    assert cfg.recipe == str(demo.SMALL_RECIPE) and cfg.tokenizer_share == demo.SMALL_TOKENIZER_SHARE
+    assert faster == pytest.approx(2.5)
     assert (out / "bundle" / "omnitok.json").is_file() and not (out / "lm" / "bundle").exists()
 
-    calls[:] = []
+    calls.clear()
     given = {**probe, "speed_from": "--lm-tokens-per-s"}
     finished(tmp_path / "given", {"recipe": str(demo.RECIPE), "chosen": given})
     demo.run_demo(tmp_path / "given", demo.DemoConfig(minutes=15, lm_tokens_per_s=2_000.0))
-    (_, box, _), (_, args, _) = calls
-    assert box[2].max_minutes == pytest.approx(15 * demo.SHARES["image_tokenizer"])
-    assert args[2].recipe == str(demo.RECIPE) and args[-1] == 1.0
+    assert calls["train_image_tokenizer"][2].max_minutes == pytest.approx(15 * demo.SHARES["image_tokenizer"])
+    assert calls["train_speech_tokenizer"][2].max_minutes == pytest.approx(15 * demo.SHARES["speech_tokenizer"])
+    assert calls["_train_lm"][2].recipe == str(demo.RECIPE) and calls["_train_lm"][-1] == 1.0

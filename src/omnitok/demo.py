@@ -64,12 +64,16 @@ IMAGE_LEVELS = (8, 5, 5, 5)
 # doubles the codec's phone error for ~6 % more LM steps, half again as much costs the LM 18 % of its steps; both
 # left ASR and TTS worse (BENCHMARKS "The speech tokenizer's share").
 SHARES = {"image_tokenizer": 0.16, "speech_tokenizer": 0.16, "eval": 0.08}
-# Where the small recipe is chosen (the LM is short of positions) the image tokenizer's box is halved: on a Zen 3 it
-# trained 760 steps in 8 % against 1,401 in 16 % (test scenes read back exactly 75.5 % against 84.5 %), and the LM,
-# given the 72 s, ended lower on every held-out loss its targets make comparable, in two seeds (mean of seven 1.242 /
-# 1.182 against 1.310 / 1.303; ASR WER 0.497 / 0.515 against 0.538 / 0.557; BENCHMARKS "The image tokenizer's box
-# where the LM is short of steps"). Image writing scored 0 in every arm; the speech tokenizer keeps its 16 %.
-SMALL_IMAGE_SHARE = 0.08
+# Where the small recipe is chosen (the LM short of positions) each tokenizer's box is halved, the 144 s going to the
+# LM. On a Zen 3 the image tokenizer trained 760 steps in 8 % against 1,401 in 16 % (test scenes read back exactly
+# 75.5 % against 84.5 %), and the LM given its 72 s ended lower on every held-out loss its targets make comparable, in
+# two seeds (the mean of seven 1.242 / 1.182 against 1.310 / 1.303; ASR WER 0.497 / 0.515 against 0.538 / 0.557).
+# Halving the speech tokenizer's box too (241 steps, phone error 0.339 against 0.206) gave the LM 40 % more steps
+# again: captions' and ASR's held-out loss lower in both seeds, ASR WER 0.497 / 0.431 against 0.497-0.521, TTS WER
+# 0.690 / 0.693 against 0.615-0.715 (BENCHMARKS "The tokenizers' boxes where the LM is short of steps"). Image writing
+# scored 0 in every arm. On the Zen 4, where the LM trains ~3x the positions, half the speech box was worse for speech,
+# and there both boxes stay.
+SMALL_TOKENIZER_SHARE = 0.08
 MARGIN_S = 60.0
 # The evaluation then gets what is left of the budget, less EVAL_TAIL_S for what its box does not hold: importing the
 # evaluation, loading the bundle, the last batch's overrun of the box, writing the report. On a 2-core Xeon without
@@ -141,15 +145,15 @@ class DemoConfig:
     # Unix time the budget counts from (None: when run_demo starts); `make demo` passes the time it started, so that
     # creating .venv on a fresh machine is paid from the budget and the whole job keeps to it.
     started_at: float | None = None
-    # The image tokenizer's share of the budget; None: SHARES's, or SMALL_IMAGE_SHARE where the demo chooses
+    # Each tokenizer's share of the budget; None: SHARES's, or SMALL_TOKENIZER_SHARE where the demo chooses
     # SMALL_RECIPE (_recipe_step).
-    image_tokenizer_share: float | None = None
+    tokenizer_share: float | None = None
 
     def budget(self, step: str) -> float:
         if step == "eval" and self.eval_minutes is not None:
             return self.eval_minutes
-        if step == "image_tokenizer" and self.image_tokenizer_share is not None:
-            return self.minutes * self.image_tokenizer_share
+        if step.endswith("_tokenizer") and self.tokenizer_share is not None:
+            return self.minutes * self.tokenizer_share
         return self.minutes * SHARES[step]
 
     def eval_reserve(self, speed: float) -> float:
@@ -283,6 +287,9 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
         raise OmnitokError(
             f"--eval-minutes must be above 0 and below --minutes ({cfg.minutes}), got {cfg.eval_minutes}"
         )
+    share = cfg.tokenizer_share
+    if share is not None and not (is_number(share) and 0 < share < 0.5):
+        raise OmnitokError(f"tokenizer_share must be a fraction of the budget in (0, 0.5) (two boxes), got {share}")
     if cfg.lm_tokens_per_s is not None and not (is_number(cfg.lm_tokens_per_s) and cfg.lm_tokens_per_s > 0):
         raise OmnitokError(f"--lm-tokens-per-s must be a number > 0, got {cfg.lm_tokens_per_s}")
     if cfg.n is not None:
@@ -398,7 +405,7 @@ def _recipe_step(
 
     Chosen once, as the demo starts (``fresh``: its world not built yet), and kept for a resumed demo, whose LM
     checkpoints and plan were made for that recipe; a demo begun before this choice existed keeps ``RECIPE``.
-    Where the choice is ``SMALL_RECIPE``, the image tokenizer's box is ``SMALL_IMAGE_SHARE`` of the budget.
+    Where the choice is ``SMALL_RECIPE``, each tokenizer's box is ``SMALL_TOKENIZER_SHARE`` of the budget.
     """
     if cfg.recipe is not None:
         return cfg, {}
@@ -417,8 +424,8 @@ def _recipe_step(
     if not Path(why["recipe"]).is_file():
         raise OmnitokError(f"{path}: recipe {why['recipe']} not found; remove {path.parent} to start the demo afresh")
     cfg = replace(cfg, recipe=why["recipe"])
-    if why["recipe"] == str(SMALL_RECIPE) and cfg.image_tokenizer_share is None:
-        cfg = replace(cfg, image_tokenizer_share=SMALL_IMAGE_SHARE)  # the LM short of steps: they buy it more
+    if why["recipe"] == str(SMALL_RECIPE) and cfg.tokenizer_share is None:
+        cfg = replace(cfg, tokenizer_share=SMALL_TOKENIZER_SHARE)  # the LM short of steps: they buy it more
     return cfg, why
 
 
