@@ -66,13 +66,12 @@ IMAGE_LEVELS = (8, 5, 5, 5)
 SHARES = {"image_tokenizer": 0.16, "speech_tokenizer": 0.16, "eval": 0.08}
 # Where the small recipe is chosen (the LM short of positions) each tokenizer's box is halved, the 144 s going to the
 # LM. On a Zen 3 the image tokenizer trained 760 steps in 8 % against 1,401 in 16 % (test scenes read back exactly
-# 75.5 % against 84.5 %), and the LM given its 72 s ended lower on every held-out loss its targets make comparable, in
-# two seeds (the mean of seven 1.242 / 1.182 against 1.310 / 1.303; ASR WER 0.497 / 0.515 against 0.538 / 0.557).
-# Halving the speech tokenizer's box too (241 steps, phone error 0.339 against 0.206) gave the LM 40 % more steps
-# again: captions' and ASR's held-out loss lower in both seeds, ASR WER 0.497 / 0.431 against 0.497-0.521, TTS WER
-# 0.690 / 0.693 against 0.615-0.715 (BENCHMARKS "The tokenizers' boxes where the LM is short of steps"). Image writing
-# scored 0 in every arm. On the Zen 4, where the LM trains ~3x the positions, half the speech box was worse for speech,
-# and there both boxes stay.
+# 75.5 % against 84.5 %), the speech tokenizer 241 against 408 (phone error 0.339 against 0.206), and the LM given the
+# seconds ended lower on the held-out loss of every task with text targets: their mean 0.604 / 0.616 in two seeds
+# against 0.711 / 0.717 with both boxes whole (0.651-0.710 with the image box alone halved), ASR's test WER 0.431 /
+# 0.497 against 0.538 / 0.557, TTS's 0.69 in both against 0.69-0.70 (BENCHMARKS "The tokenizers' boxes where the LM
+# is short of steps"). Image writing scored 0 in every arm. On the Zen 4, where the LM trains ~3x the positions, half
+# the speech box was worse for speech, and there both boxes stay.
 SMALL_TOKENIZER_SHARE = 0.08
 MARGIN_S = 60.0
 # The evaluation then gets what is left of the budget, less EVAL_TAIL_S for what its box does not hold: importing the

@@ -101,7 +101,13 @@ _OPERATIONAL = frozenset({"max_minutes", "threads", "device", "log_every", "chec
 
 
 def lr_at(step: int, cfg: SpeechTrainConfig) -> float:
-    """Linear warmup then cosine decay to ``min_lr_ratio * lr``."""
+    """Linear warmup then cosine decay to ``min_lr_ratio * lr``.
+
+    In steps only, also where ``max_minutes`` stops the run early (the demo's box: a fifth to a third of the steps on
+    two cores), so such a run ends near its peak rate. Decaying with the time budget instead, as the image tokenizer
+    does, ended worse in both boxes measured: phone error 0.63 against 0.43 in 72 s, 0.37 against 0.26 in 144 s
+    (BENCHMARKS "The tokenizers' boxes where the LM is short of steps"; ``benchmarks/tokenizer_box.py``).
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
