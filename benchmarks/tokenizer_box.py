@@ -50,9 +50,10 @@ def train_arm(kind: str, world: Path, out: Path, minutes: float, schedule: str, 
 
         def timed(step: int, cfg) -> float:
             started[:] = started or [time.perf_counter()]
-            t = min(1.0, (time.perf_counter() - started[0]) / (cfg.max_minutes * 60))
-            by_time = cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-            return min(shipped(step, cfg), by_time)  # the cosine as far along as the steps or the time, whichever is
+            t = (time.perf_counter() - started[0]) / (cfg.max_minutes * 60)
+            # the step the box's time has reached: the shipped cosine there, or at the step itself if that is lower
+            reached = cfg.warmup_steps + math.ceil(t * (cfg.steps - cfg.warmup_steps))
+            return min(shipped(step, cfg), shipped(max(step, reached), cfg))
 
         module.lr_at = timed
     return module.train_speech_tokenizer(world, out, train, progress=False)
