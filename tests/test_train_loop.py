@@ -703,14 +703,14 @@ def test_demo_lm_width_follows_the_training_its_budget_buys(tmp_path, monkeypatc
 
 def test_demo_evaluation_box_is_read_from_the_trained_recipe_s_own_fit(tmp_path, monkeypatch):
     """The small recipe's box comes from its own fit at its model's speed (measured on the machines that choose it,
-    where RECIPE's fit asked the whole cap); a recipe without a fit is boxed as RECIPE's model would be here."""
+    where RECIPE's fit at RECIPE's speed asked the whole cap); a recipe without a fit is boxed by RECIPE's."""
     from omnitok import demo
     from omnitok.train import budget
 
     got = {}
     monkeypatch.setattr(budget, "train_for_seconds", lambda recipe, seconds, **kw: got.update(kw))
     cfg = demo.DemoConfig(minutes=15, recipe=str(demo.SMALL_RECIPE))
-    demo._train_lm(tmp_path / "tokens", tmp_path, cfg, 300.0, faster=2.6)
+    demo._train_lm(tmp_path / "tokens", tmp_path, cfg, 300.0)
     cap = 0.08 * 15 * 60 + demo.MARGIN_S - demo.EVAL_TAIL_S
     fixed, work = demo.EVAL_SUITE_S[demo.SMALL_RECIPE.name]
     # a Zen 3's slowest plan, ~5,600 positions/s: ~97 s, where RECIPE's fit at 5,600 / 2.6 asked the cap (117 s)
@@ -719,16 +719,15 @@ def test_demo_evaluation_box_is_read_from_the_trained_recipe_s_own_fit(tmp_path,
     assert demo.DemoConfig(minutes=15).eval_reserve(5_600.0 / 2.6) == pytest.approx(cap)
     assert got["reserve"](9_000.0) == pytest.approx(got["reserve"](5_600.0))  # the slowest so far
     assert got["reserve"](2_000.0) == pytest.approx(cap)  # never more than the share and margin
-    # a recipe of the user's own: RECIPE's fit at the speed RECIPE's model would train at on this machine
+    # a recipe of the user's own (--recipe): RECIPE's fit, at its own model's speed
     mine = demo.DemoConfig(minutes=15, recipe=str(tmp_path / "mine.yaml"))
-    assert mine.eval_reserve(9_000.0, faster=3.0) == pytest.approx(demo.DemoConfig(minutes=15).eval_reserve(3_000.0))
-    assert mine.eval_reserve(3_000.0, faster=3.0) == pytest.approx(cap)
+    assert mine.eval_reserve(5_600.0) == pytest.approx(demo.DemoConfig(minutes=15).eval_reserve(5_600.0))
+    assert mine.eval_reserve(5_600.0) == pytest.approx(10 + 1.2 * (10 + 228_000 / 5_600))
 
 
 def test_demo_steps_follow_the_recipe_choice_kept_in_lm_recipe_json(tmp_path, monkeypatch):
-    """run_demo reads lm_recipe.json: the LM step gets the chosen recipe and how many times faster its model trains
-    than RECIPE's (the evaluation's box stays the machine's), and each tokenizer half its box where the small recipe
-    was chosen; with the recipe's model (a given speed: no probe of it) the ratio is 1 and the boxes whole."""
+    """run_demo reads lm_recipe.json: the LM step gets the chosen recipe, and each tokenizer half its box where the
+    small recipe was chosen; with the recipe's model (a given speed: no probe of it) the boxes are whole."""
     from omnitok import demo
     from omnitok.io import atomic_write_json
 
@@ -762,9 +761,8 @@ def test_demo_steps_follow_the_recipe_choice_kept_in_lm_recipe_json(tmp_path, mo
     assert sorted(calls) == ["_train_lm", "train_image_tokenizer", "train_speech_tokenizer"]
     for step in ("train_image_tokenizer", "train_speech_tokenizer"):
         assert calls[step][2].max_minutes == pytest.approx(15 * demo.SMALL_TOKENIZER_SHARE)
-    cfg, faster = calls["_train_lm"][2], calls["_train_lm"][-1]
+    cfg = calls["_train_lm"][2]
     assert cfg.recipe == str(demo.SMALL_RECIPE) and cfg.tokenizer_share == demo.SMALL_TOKENIZER_SHARE
-    assert faster == pytest.approx(2.5)
     assert (out / "bundle" / "omnitok.json").is_file() and not (out / "lm" / "bundle").exists()
 
     calls.clear()
@@ -773,4 +771,4 @@ def test_demo_steps_follow_the_recipe_choice_kept_in_lm_recipe_json(tmp_path, mo
     demo.run_demo(tmp_path / "given", demo.DemoConfig(minutes=15, lm_tokens_per_s=2_000.0))
     assert calls["train_image_tokenizer"][2].max_minutes == pytest.approx(15 * demo.SHARES["image_tokenizer"])
     assert calls["train_speech_tokenizer"][2].max_minutes == pytest.approx(15 * demo.SHARES["speech_tokenizer"])
-    assert calls["_train_lm"][2].recipe == str(demo.RECIPE) and calls["_train_lm"][-1] == 1.0
+    assert calls["_train_lm"][2].recipe == str(demo.RECIPE)

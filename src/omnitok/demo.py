@@ -92,7 +92,9 @@ EVAL_TAIL_S = 15.0
 # SMALL_RECIPE are those whose matrix units are slow, not their scalar code. There RECIPE's fit at RECIPE's speed
 # asked ~150 s, the cap, while four Zen 3 suites took 64-89 s: the small recipe's fit is 10 s + 352,000 positions of
 # its model (least squares through those four at their runs' slowest speeds, 5,269-6,349 positions/s). A recipe
-# without a fit of its own (--recipe) is boxed by RECIPE's, at the speed RECIPE's model trains at on the machine.
+# without a fit of its own (--recipe) is boxed by RECIPE's at its own model's speed; SMALL_RECIPE named with --recipe
+# on a machine with bf16 matrix units gets a box its fit was not made for, likely short: its suite then scores fewer
+# TTS clips, and the budget holds.
 EVAL_SUITE_S = {  # recipe file -> (fixed seconds, positions of its model's training the suite takes as long as)
     RECIPE.name: (10.0, 228_000.0),
     SMALL_RECIPE.name: (10.0, 352_000.0),
@@ -165,19 +167,18 @@ class DemoConfig:
             return self.minutes * self.tokenizer_share
         return self.minutes * SHARES[step]
 
-    def eval_reserve(self, speed: float, faster: float = 1.0) -> float:
+    def eval_reserve(self, speed: float) -> float:
         """Seconds the LM keeps back for the evaluation's box, the LM (``self.recipe``'s) training at ``speed``
-        positions/s, ``faster`` times as fast as ``RECIPE``'s model on this machine.
+        positions/s.
 
         Counted after ``EVAL_TAIL_S``: the share and margin less the tail when the evaluation's minutes are given
         or its estimated need is larger (a slow machine), less on a machine where the suite needs less. The need is
-        read from the recipe's own fit in ``EVAL_SUITE_S``, else from ``RECIPE``'s at ``speed / faster``.
+        read from the recipe's own fit in ``EVAL_SUITE_S``, else from ``RECIPE``'s.
         """
         cap = self.budget("eval") * 60 + MARGIN_S - EVAL_TAIL_S
         if self.eval_minutes is not None:
             return cap
-        fit = EVAL_SUITE_S.get(Path(self.recipe or RECIPE).name)
-        (fixed, work), speed = (fit, speed) if fit else (EVAL_SUITE_S[RECIPE.name], speed / faster)
+        fixed, work = EVAL_SUITE_S.get(Path(self.recipe or RECIPE).name, EVAL_SUITE_S[RECIPE.name])
         return min(cap, LM_SLACK_S + EVAL_HEADROOM * (fixed + work / speed))
 
     def lm_seconds_estimate(self) -> float:
@@ -376,9 +377,7 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
     if not _done(bundle / "omnitok.json"):
         console.rule("train")
         left = cfg.minutes * 60 - (time.perf_counter() - t0) - EVAL_TAIL_S  # the LM's and the evaluation's box
-        full = lm_recipe.get(RECIPE.name)  # for a recipe without its own evaluation fit (_train_lm)
-        faster = lm_recipe["chosen"]["lm_positions_per_s"] / full["lm_positions_per_s"] if full else 1.0
-        in_fresh_process(_train_lm, tokens, out, cfg, left, time.time(), faster)
+        in_fresh_process(_train_lm, tokens, out, cfg, left, time.time())
         if bundle.exists():
             shutil.rmtree(bundle)
         os.replace(out / "lm" / "bundle", bundle)
@@ -480,17 +479,13 @@ def _world_step(
     return chosen
 
 
-def _train_lm(
-    tokens: Path, out: Path, cfg: DemoConfig, seconds: float, since: float | None = None, faster: float = 1.0
-) -> None:
+def _train_lm(tokens: Path, out: Path, cfg: DemoConfig, seconds: float, since: float | None = None) -> None:
     """Plan the LM's steps for ``seconds`` less the evaluation's box and train them (in a fresh process).
 
     ``since``: the ``time.time()`` the seconds count from, so that starting this process and importing torch are
     paid from them: ~10 s on a 2-core Xeon, where the LM's step ran 13-22 s over its seconds in three demos. The
-    evaluation's box (``DemoConfig.eval_reserve``) is taken at each plan from the slowest speed the LM has trained at.
-    ``faster``: how many times the positions/s of ``RECIPE``'s model this LM trains at (``SMALL_RECIPE``'s: ~2.6),
-    for a recipe the box has no fit for: it is then boxed as ``RECIPE``'s model would be on this machine, since a
-    narrower LM makes the suite's generation cheaper but not its instruments (pocketsphinx, the codecs' decoders).
+    evaluation's box (``DemoConfig.eval_reserve``) is taken at each plan from the slowest speed the LM has trained at,
+    by the fit of the recipe trained (``EVAL_SUITE_S``).
 
     Without ``--lm-tokens-per-s`` the steps follow the speed the run's own steps train at, re-planned at each stage's
     end (``omnitok.train.budget``). The newest plan is kept in ``OUT/lm_plan.json``: a resumed demo trains the steps
@@ -527,7 +522,7 @@ def _train_lm(
 
     def reserve(speed: float) -> float:
         slowest[0] = min(slowest[0], speed)
-        return cfg.eval_reserve(slowest[0], faster)
+        return cfg.eval_reserve(slowest[0])
 
     train_for_seconds(recipe, seconds, speed=cfg.lm_tokens_per_s, on_plan=keep, reserve=reserve)
 
