@@ -68,6 +68,9 @@ class ModalityConstraint:
             }.items()
         }
         self.style_ids = [i for n, i in vocab.specials.items() if n.startswith("<|") and ":" in n]
+        self._styles = set(self.style_ids)
+        self._openers = {self.ids[f"open_{m}"]: state for m, state in
+                         (("image", IMAGE_CODE), ("speech", SPEECH_START), ("video", VIDEO_FRAME))}  # fmt: skip
         self.table = self._build_table()
 
     def _build_table(self) -> torch.Tensor:
@@ -139,53 +142,56 @@ class ModalityConstraint:
         ``prompt``: the ids are the request's own (its pictures and speech), so a span that closes there does not
         count as the reply's one span.
         """
-        s, count, frames = st["state"].clone(), st["count"].clone(), st["frames"].clone()
-        t = tokens.to(s.device)
-        ids = self.ids
-
-        def at(state: int) -> torch.Tensor:
-            return st["state"] == state
-
-        # outside: openers enter spans, EOS ends the row
-        o = at(OUTSIDE)
-        s[(o | at(ENDING)) & (t == ids["eos"])] = DONE
-        s[o & (t == ids["open_image"])] = IMAGE_CODE
-        s[o & (t == ids["open_speech"])] = SPEECH_START
-        s[o & (t == ids["open_video"])] = VIDEO_FRAME
-        entered = o & ((t == ids["open_image"]) | (t == ids["open_speech"]) | (t == ids["open_video"]))
-        count[entered] = 0
-        frames[entered] = 0
-        # image codes: count to the grid, then the closer
-        ic = at(IMAGE_CODE)
-        count[ic] += 1
-        s[ic & (count >= self.image_tokens)] = IMAGE_CLOSE
-        after_span = ENDING if self.one_span and not prompt else OUTSIDE
-        s[at(IMAGE_CLOSE)] = after_span
-        # speech: optional style tokens, then codes cycling through levels
-        if self.levels:
-            is_style = torch.zeros_like(t, dtype=torch.bool)
-            if self.style_ids:
-                is_style = torch.isin(t, torch.tensor(self.style_ids, device=t.device))
-            in_speech = at(SPEECH_START) | ((st["state"] >= SPEECH_CODE0) & (st["state"] < SPEECH_CODE0 + self.levels))
-            closing = in_speech & (t == ids["close_speech"])
-            coding = in_speech & ~closing & ~(at(SPEECH_START) & is_style)
-            count[coding] += 1
-            s[coding] = SPEECH_CODE0 + (count[coding] % self.levels)
-            s[closing] = after_span
-        # video: <frame> opens a grid of image codes
-        vf = at(VIDEO_FRAME)
-        s[vf & (t == ids["frame"])] = VIDEO_CODE
-        frames[vf & (t == ids["frame"])] += 1
-        count[vf & (t == ids["frame"])] = 0
-        s[vf & (t == ids["close_video"])] = after_span
-        vc = at(VIDEO_CODE)
-        count[vc] += 1
-        s[vc & (count >= self.image_tokens)] = VIDEO_FRAME
-        return {"state": s, "count": count, "frames": frames}
+        rows = torch.stack([st["state"], st["count"], st["frames"], tokens.to(st["state"].device, torch.long)]).tolist()
+        return self._tensors([self._step(s, c, f, t, prompt) for s, c, f, t in zip(*rows, strict=True)], st["state"])
 
     def after_prompt(self, prompt_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """State after a (possibly span-opening) prompt, e.g. one ending in ``<image>`` or a style prefix."""
-        st = self.initial(prompt_ids.shape[0], prompt_ids.device)
-        for j in range(prompt_ids.shape[1]):
-            st = self.advance(st, prompt_ids[:, j], prompt=True)
-        return st
+        ends = []
+        for row in prompt_ids.tolist():
+            s = c = f = 0  # OUTSIDE, as ``initial``
+            for t in row:
+                s, c, f = self._step(s, c, f, t, True)
+            ends.append((s, c, f))
+        return self._tensors(ends, prompt_ids)
+
+    def _step(self, s: int, count: int, frames: int, t: int, prompt: bool) -> tuple[int, int, int]:
+        """One row's ``(state, count, frames)`` after id ``t``: the automaton's one transition function.
+
+        Plain Python on ints, not tensor ops over the batch: a prompt is replayed id by id (a video caption's holds
+        ~300 ids), and a dozen small tensor operations per id cost ~0.35 ms on a CPU, two thirds of the evaluation's
+        video-captioning and ASR tasks (benchmarks/eval_cost.py; docs/BENCHMARKS.md).
+        """
+        ids = self.ids
+        after_span = ENDING if self.one_span and not prompt else OUTSIDE
+        if s in (OUTSIDE, ENDING):  # openers enter spans, EOS ends the row
+            if t == ids["eos"]:
+                return DONE, count, frames
+            if s == OUTSIDE and t in self._openers:
+                return self._openers[t], 0, 0
+            return s, count, frames
+        if s in (IMAGE_CODE, VIDEO_CODE):  # count codes to the grid; then the closer, or the next frame
+            count += 1
+            if count < self.image_tokens:
+                return s, count, frames
+            return (IMAGE_CLOSE if s == IMAGE_CODE else VIDEO_FRAME), count, frames
+        if s == IMAGE_CLOSE:  # the closer itself, whichever id was sampled for it
+            return after_span, count, frames
+        if s == SPEECH_START or SPEECH_CODE0 <= s < SPEECH_CODE0 + self.levels:
+            if t == ids["close_speech"]:
+                return after_span, count, frames
+            if s == SPEECH_START and t in self._styles:  # optional style tokens, then codes cycling the levels
+                return s, count, frames
+            count += 1
+            return SPEECH_CODE0 + count % self.levels, count, frames
+        if s == VIDEO_FRAME:  # <frame> opens a grid of image codes
+            if t == ids["frame"]:
+                return VIDEO_CODE, 0, frames + 1
+            if t == ids["close_video"]:
+                return after_span, count, frames
+        return s, count, frames
+
+    @staticmethod
+    def _tensors(rows: list[tuple[int, int, int]], like: torch.Tensor) -> dict[str, torch.Tensor]:
+        both = torch.tensor(rows, dtype=torch.long).reshape(len(rows), 3).T.to(like.device)
+        return {"state": both[0].clone(), "count": both[1].clone(), "frames": both[2].clone()}
