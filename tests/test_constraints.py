@@ -139,3 +139,25 @@ def test_a_reply_of_one_media_modality_holds_one_span(vocab):
     both = ModalityConstraint(vocab, image_tokens=4, outputs=["text", "image"])
     st = both.after_prompt(torch.tensor([picture]))
     assert int(st["state"][0]) == OUTSIDE and both.mask(st)[0, vocab.special("<image>")]
+
+
+def test_a_prompt_replayed_at_once_is_the_prompt_advanced_id_by_id(vocab):
+    """after_prompt (a batch of prompts replayed on plain ints) ends where advancing each id with prompt=True does,
+    row by row, whatever the ids (random specials, codes and text, so spans open, fill, close and break off)."""
+    c = ModalityConstraint(vocab, image_tokens=5, max_speech_frames=4, max_video_frames=2)
+    g = torch.Generator().manual_seed(0)
+    specials = torch.tensor(sorted(vocab.specials.values()))
+    for _ in range(20):
+        ids = torch.randint(vocab.size, (4, 60), generator=g)
+        spans = torch.rand(ids.shape, generator=g) < 0.3  # a third of the ids specials: spans open often
+        ids[spans] = specials[torch.randint(len(specials), (int(spans.sum()),), generator=g)]
+        at_once = c.after_prompt(ids)
+        st = c.initial(4)
+        for j in range(ids.shape[1]):
+            st = c.advance(st, ids[:, j].int(), prompt=True)  # the ids' dtype does not matter
+        rows = [c.after_prompt(ids[i : i + 1]) for i in range(4)]
+        for k in ("state", "count", "frames"):
+            assert torch.equal(at_once[k], st[k]) and at_once[k].dtype == torch.long
+            assert torch.equal(at_once[k], torch.cat([r[k] for r in rows]))
+    # an empty batch keeps its shape
+    assert c.after_prompt(torch.zeros((0, 3), dtype=torch.long))["state"].shape == (0,)
