@@ -713,7 +713,7 @@ def test_demo_evaluation_box_is_read_from_the_trained_recipe_s_own_fit(tmp_path,
     demo._train_lm(tmp_path / "tokens", tmp_path, cfg, 300.0)
     cap = 0.08 * 15 * 60 + demo.MARGIN_S - demo.EVAL_TAIL_S
     fixed, work = demo.EVAL_SUITE_S[demo.SMALL_RECIPE.name]
-    # a Zen 3's slowest plan, ~5,600 positions/s: ~97 s, where RECIPE's fit at 5,600 / 2.6 asked the cap (117 s)
+    # a Zen 3's slowest plan, ~5,600 positions/s: ~79 s, where RECIPE's fit at 5,600 / 2.6 asked the cap (117 s)
     assert got["reserve"](5_600.0) == pytest.approx(10 + 1.2 * (fixed + work / 5_600))
     assert got["reserve"](5_600.0) < cap - 15
     assert demo.DemoConfig(minutes=15).eval_reserve(5_600.0 / 2.6) == pytest.approx(cap)
