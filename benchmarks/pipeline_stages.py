@@ -37,6 +37,14 @@ t = time.perf_counter()
 build_world(Path("{out}") / "world", WorldConfig(n=300, seed=0), workers=None, overwrite=False)
 print(time.perf_counter() - t)
 """,
+    "world build (--n 2000: the demo's)": """
+import time
+from pathlib import Path
+from omnitok.world.build import WorldConfig, build_world
+t = time.perf_counter()
+build_world(Path("{out}") / "world2k", WorldConfig(n=2000, seed=0), workers=None, overwrite=False)
+print(time.perf_counter() - t)
+""",
     "speech tokenizer: features and F0 tables": """
 import time
 from omnitok.tokenizers import speech_train as st

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import io
 import multiprocessing as mp
 import pickle
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,6 +91,39 @@ def test_same_bytes_in_worker_processes(speaker: Speaker, method: str) -> None:
     with mp.get_context(method).Pool(1) as pool:
         got = pool.map(_worker_clip, jobs[::-1])[::-1]  # other order than here
     assert got == expected
+
+
+def _voices_listed(speaker: Speaker) -> int:
+    return ctypes.c_int.from_address(speaker._lib._voice_list[0][0]).value
+
+
+def test_voice_list_is_scanned_once_per_data_directory(speaker: Speaker, tmp_path: Path) -> None:
+    """A reset keeps eSpeak's list of voice files (selecting a voice by name would scan ~290 files again);
+    a Speaker on another data directory scans its own, and every clip is what a fresh list gives."""
+    if not speaker._lib._voice_list:
+        pytest.skip("this libespeak-ng has no symbol table: every voice selection scans the directory")
+    style = Style("rp_f5", "mid", "normal")
+    first = speaker.synthesize(SENTENCE, style)
+    # the same data under another path, with a voices/ folder of our own to add a voice file to
+    other = tmp_path / "espeak-ng-data"
+    other.mkdir()
+    for entry in Path(speaker.data_path).iterdir():
+        if entry.name != "voices":
+            (other / entry.name).symlink_to(entry)
+    (other / "voices").mkdir()
+    for entry in (Path(speaker.data_path) / "voices").iterdir():
+        (other / "voices" / entry.name).symlink_to(entry)
+    elsewhere = Speaker(speaker.library, str(other))
+    assert np.array_equal(elsewhere.synthesize(SENTENCE, style), first)
+    listed = _voices_listed(elsewhere)
+    assert listed > 100
+    (other / "voices" / "extra").write_text("name extra\nlanguage en\n")
+    assert np.array_equal(elsewhere.synthesize(SENTENCE, style), first)
+    assert _voices_listed(elsewhere) == listed  # kept across the reset: the new file was not seen
+    assert np.array_equal(speaker.synthesize(SENTENCE, style), first)  # back on the first directory: its own list
+    assert _voices_listed(speaker) == listed
+    assert np.array_equal(elsewhere.synthesize(SENTENCE, style), first)
+    assert _voices_listed(elsewhere) == listed + 1  # scanned again after the other directory's turn
 
 
 def test_speaker_pickles_as_its_paths(speaker: Speaker) -> None:

@@ -166,11 +166,18 @@ def _writable_sections(path: str) -> list[tuple[str, int, int]] | None:
 
 
 def _local_symbol_offsets(path: str, wanted: tuple[str, ...]) -> list[tuple[int, int]]:
-    """(offset, size) of static variables named ``wanted`` (compilers add a ``.NNNN`` suffix to locals).
+    """(offset, size) of pointer- or int-sized static variables named ``wanted`` (compilers add a ``.NNNN``
+    suffix to locals).
 
     Used only to keep a few heap-buffer pointers across resets so the library reuses its buffers rather
     than leaking one per clip; a stripped library just leaks those few kilobytes.
     """
+    return [(offset, size) for _name, (offset, size) in _local_symbols(path, wanted) if size in (4, 8)]
+
+
+def _local_symbols(path: str, wanted: tuple[str, ...]) -> list[tuple[str, tuple[int, int]]]:
+    """(name, (offset, size)) of every symbol in the library's symbol table whose name, less a ``.NNNN``
+    suffix, is in ``wanted``; none for a stripped library."""
     data = Path(path).read_bytes()
     e_shoff = struct.unpack_from("<Q", data, 0x28)[0]
     e_shentsize, e_shnum = struct.unpack_from("<HH", data, 0x3A)
@@ -185,8 +192,8 @@ def _local_symbol_offsets(path: str, wanted: tuple[str, ...]) -> list[tuple[int,
                 "<IBBHQQ", data, sh_offset + j * 24
             )
             name = data[strtab_off + st_name : data.index(b"\0", strtab_off + st_name)].decode("ascii", "replace")
-            if name.split(".")[0] in wanted and st_size in (4, 8):
-                found.append((st_value, st_size))
+            if name.split(".")[0] in wanted and st_size > 0:
+                found.append((name.split(".")[0], (st_value, st_size)))
     return found
 
 
@@ -206,6 +213,11 @@ class _Library:
     # the phoneme-string buffer with its size). Keeping them across resets lets the library reuse them;
     # restoring them to NULL would leak a few kilobytes per call.
     _KEEP_STATICS = ("voices", "phon_out_buf", "phon_out_size")
+    # The list of every voice file under the data directory (a count and an array of pointers to heap entries).
+    # Selecting a voice by name scans the whole directory (~290 files) when the list is empty, and a reset empties
+    # it: 6 ms a clip, the largest cost of building the world. The scan reads the same files every time, so the
+    # list is built once per data directory and carried across resets (its entries are kept off the free).
+    _VOICE_LIST = ("n_voices_list", "voices_list")
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -262,6 +274,8 @@ class _Library:
         self._callback = _SynthCallback(self._collect)  # kept alive for as long as the library
         self._snapshot: list[tuple[int, bytes]] = []
         self._keep: list[tuple[int, int]] = []
+        self._voice_list: list[tuple[int, int]] = []  # (address, size) of n_voices_list, voices_list
+        self._voice_list_from: str | None = None  # the data path the kept list was scanned from
         self.resettable = self._take_snapshot()
 
     def _take_snapshot(self) -> bool:
@@ -281,6 +295,10 @@ class _Library:
             self._snapshot = []
             return False
         self._keep = [(base + off, size) for off, size in _local_symbol_offsets(self.path, self._KEEP_STATICS)]
+        symbols = _local_symbols(self.path, self._VOICE_LIST)
+        found = dict(symbols)
+        if len(symbols) == len(found) == len(self._VOICE_LIST) and found["n_voices_list"][1] == 4:
+            self._voice_list = [(base + found[name][0], found[name][1]) for name in self._VOICE_LIST]
         return True
 
     def _collect(self, wav: ctypes._Pointer, n: int, _events: int) -> int:
@@ -296,15 +314,21 @@ class _Library:
     def reset(self, data_path: str) -> None:
         """Bring the library to the state of a fresh process that has just initialised it."""
         lib = self.lib
+        voice_list: list[tuple[int, bytes]] = []
         if self.initialized_with is not None:
+            if self.resettable and self._voice_list and self._voice_list_from == data_path == self.initialized_with:
+                voice_list = [(addr, ctypes.string_at(addr, size)) for addr, size in self._voice_list]
+                ctypes.memset(self._voice_list[0][0], 0, 4)  # an empty count: Terminate frees no entry
             lib.espeak_Terminate()
             self.initialized_with = None
         if self.resettable:
             kept = [(addr, ctypes.string_at(addr, size)) for addr, size in self._keep]
             for addr, raw in self._snapshot:
                 ctypes.memmove(addr, raw, len(raw))
-            for addr, raw in kept:
+            for addr, raw in kept + voice_list:
                 ctypes.memmove(addr, raw, len(raw))
+            # Without a kept list the next voice selection scans data_path, whose list the next reset keeps.
+            self._voice_list_from = data_path
         lib.espeak_ng_InitializePath(data_path.encode())
         status = lib.espeak_ng_Initialize(None)
         if status != _ENS_OK:
