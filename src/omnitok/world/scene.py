@@ -62,8 +62,8 @@ class SceneObject:
     def center(self) -> tuple[int, int]:
         """(x, y) pixel centre, clipped so the whole template stays inside the image."""
         r = SIZES[self.size]
-        x = int(np.clip(CELL_CENTERS[self.col] + self.dx, r, IMAGE_SIZE - 1 - r))
-        y = int(np.clip(CELL_CENTERS[self.row] + self.dy, r, IMAGE_SIZE - 1 - r))
+        x = int(min(max(CELL_CENTERS[self.col] + self.dx, r), IMAGE_SIZE - 1 - r))
+        y = int(min(max(CELL_CENTERS[self.row] + self.dy, r), IMAGE_SIZE - 1 - r))
         return x, y
 
     def key(self) -> tuple[str, str, str, int, int]:
