@@ -161,3 +161,40 @@ def test_bad_samples_are_named(vocab, text_tok):
         encode([Text("x", role="narrator")], vocab, text_tok)
     with pytest.raises(OmnitokError, match="special token"):
         encode([Audio(codes=np.zeros((2, 2), int), style={"voice": "nobody"})], vocab, text_tok)
+
+
+class _CountingTokenizer:
+    """Codes from the input's content, and a count of the items each call was asked to encode."""
+
+    def __init__(self) -> None:
+        self.items = 0
+
+    def encode(self, pixels):
+        self.items += len(pixels)
+        return np.asarray(pixels).reshape(len(pixels), -1)[:, :4].astype(np.int64) % 7
+
+    def encode_batch(self, clips, rate):
+        self.items += len(clips)
+        return [np.asarray(c[:3] * 100).astype(np.int64) % 5 for c in clips]
+
+
+def test_media_encoder_encodes_a_shared_array_once():
+    from omnitok.sequence import MediaEncoder
+
+    rng = np.random.default_rng(0)
+    picture, other = rng.integers(0, 255, (2, 8, 8, 3), dtype=np.uint8)
+    clip = rng.standard_normal(800).astype(np.float32)
+    samples = [  # one world sample's picture and clip in several tasks, as pretokenization builds them
+        [Text("caption it", role="user"), Image(pixels=picture, role="user")],
+        [Image(pixels=picture, role="assistant")],
+        [Image(pixels=picture.copy()), Image(pixels=other)],  # equal content, another array: encoded on its own
+        [Audio(samples=clip, sample_rate=16000)],
+        [Audio(samples=clip, sample_rate=16000, style={"voice": "v"})],
+    ]
+    images, speech = _CountingTokenizer(), _CountingTokenizer()
+    MediaEncoder(images, speech)(samples)
+    assert (images.items, speech.items) == (3, 1)
+    first = samples[0][1].codes
+    assert np.array_equal(samples[1][0].codes, first) and np.array_equal(samples[2][0].codes, first)
+    assert not np.array_equal(samples[2][1].codes, first)
+    assert np.array_equal(samples[4][0].codes, samples[3][0].codes) and samples[3][0].codes is not None

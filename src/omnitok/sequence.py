@@ -186,11 +186,19 @@ class MediaEncoder:
     def __call__(self, samples: list[list[Segment]]) -> None:
         pending: list[tuple[Any, int | None, np.ndarray]] = []  # (segment, frame index, pixels)
         audio: list[Audio] = []
+        # Segments holding the very same array (one world sample's picture or clip in several tasks: caption and
+        # t2i, ASR and TTS) are encoded once: half the scene kind's encoding in pretokenization.
+        same_image: dict[int, list[Image]] = {}
+        same_audio: dict[int, list[Audio]] = {}
         for sample in samples:
             for seg in sample:
                 if isinstance(seg, Image) and seg.codes is None:
                     if seg.pixels is None:
                         raise OmnitokError("Image segment has neither codes nor pixels")
+                    if id(seg.pixels) in same_image:
+                        same_image[id(seg.pixels)].append(seg)
+                        continue
+                    same_image[id(seg.pixels)] = [seg]
                     pending.append((seg, None, seg.pixels))
                 elif isinstance(seg, Video) and not seg.frames:
                     if not seg.pixels:
@@ -205,8 +213,15 @@ class MediaEncoder:
                         raise OmnitokError(f"Audio segment: sample_rate must be a whole number of Hz > 0, got {rate!r}")
                     if self.speech is None:
                         raise OmnitokError("the input has speech but this model has no speech tokenizer")
+                    if id(seg.samples) in same_audio:
+                        same_audio[id(seg.samples)].append(seg)
+                        continue
+                    same_audio[id(seg.samples)] = [seg]
                     audio.append(seg)
         self._encode_audio(audio)
+        for segs in same_audio.values():
+            for seg in segs[1:]:
+                seg.codes = segs[0].codes
         if pending:
             if self.image is None:
                 raise OmnitokError("the input has an image but this model has no image tokenizer")
@@ -220,6 +235,9 @@ class MediaEncoder:
                         seg.codes = c
                     else:
                         seg.frames[i] = c
+            for images in same_image.values():
+                for seg in images[1:]:
+                    seg.codes = images[0].codes
 
     def _encode_audio(self, segs: list[Audio], chunk: int = 16) -> None:
         """Clips of similar length are encoded together (batched tokenizers pad to the longest)."""
