@@ -215,8 +215,8 @@ class _Library:
     _KEEP_STATICS = ("voices", "phon_out_buf", "phon_out_size")
     # The list of every voice file under the data directory (a count and an array of pointers to heap entries).
     # Selecting a voice by name scans the whole directory (~290 files) when the list is empty, and a reset empties
-    # it: 6 ms a clip, the largest cost of building the world. The scan reads the same files every time, so the
-    # list is built once per data directory and carried across resets (its entries are kept off the free).
+    # it: 6 ms a selection, two a clip, the largest cost of building the world. The scan reads the same files every
+    # time, so the list is built once per data directory and carried across resets (its entries kept off the free).
     _VOICE_LIST = ("n_voices_list", "voices_list")
 
     def __init__(self, path: str) -> None:
