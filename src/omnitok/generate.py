@@ -32,6 +32,7 @@ from omnitok.decoding import (
 )
 from omnitok.errors import OmnitokError, is_int, is_number
 from omnitok.sequence import (
+    _STYLE_RE,
     Audio,
     Image,
     LossPolicy,
@@ -158,8 +159,12 @@ class OmniModel:
         for field_name, value in (style or {}).items():
             name = style_token(field_name, value)
             if name not in self.vocab.specials:
-                known = sorted(n for n in self.vocab.specials if n.startswith(f"<|{field_name}:"))
-                raise OmnitokError(f"style {field_name}={value!r} is not in this bundle; known: {known}")
+                styles = [m.groups() for m in map(_STYLE_RE.match, self.vocab.specials) if m]
+                known = sorted(v for f, v in styles if f == field_name)
+                if not known:
+                    fields = sorted({f for f, _ in styles})
+                    raise OmnitokError(f"style field {field_name!r} is not in this bundle; its style fields: {fields}")
+                raise OmnitokError(f"style {field_name}={value!r} is not in this bundle; known {field_name}s: {known}")
             ids.append(self.vocab.specials[name])
         return ids
 
