@@ -488,7 +488,7 @@ def test_a_spoken_answer_speaks_in_the_requested_style_streamed_or_not(tmp_path)
     words = "".join(s.text for s in reply if isinstance(s, Text))
     assert "".join(e.text for e in streamed if isinstance(e, TextDelta)) == words
     assert any(isinstance(e, AudioChunk) for e in streamed)
-    with pytest.raises(OmnitokError, match=r"style voice='nobody' is not in this bundle; known voices: \['") as err:
+    with pytest.raises(OmnitokError, match=r"style voice='nobody' is not in this bundle; its voice values: \['") as err:
         model.generate([Text("What is red?")], output="text+speech", style={"voice": "nobody"})
     assert "<|" not in str(err.value)  # names a user can pass back, not vocabulary tokens
     with pytest.raises(OmnitokError, match=r"style field 'accent' is not in this bundle; its style fields: .*'voice'"):

@@ -164,7 +164,9 @@ class OmniModel:
                 if not known:
                     fields = sorted({f for f, _ in styles})
                     raise OmnitokError(f"style field {field_name!r} is not in this bundle; its style fields: {fields}")
-                raise OmnitokError(f"style {field_name}={value!r} is not in this bundle; known {field_name}s: {known}")
+                raise OmnitokError(
+                    f"style {field_name}={value!r} is not in this bundle; its {field_name} values: {known}"
+                )
             ids.append(self.vocab.specials[name])
         return ids
 
