@@ -4,7 +4,7 @@ import pytest
 from omnitok.errors import OmnitokError
 from omnitok.sequence import Audio, Image, LossPolicy, Text, Video, decode, encode, prompt
 from omnitok.tokenizers.text import TextTokenizer
-from omnitok.vocab import BASE_SPECIALS, CodeRange, Vocabulary, style_token
+from omnitok.vocab import BASE_SPECIALS, CodeRange, Vocabulary, parse_style_token, style_token
 
 STYLES = {"voice": ["us_m1", "gb_f2"], "pitch": ["low", "mid", "high"], "rate": ["slow", "normal", "fast"]}
 
@@ -29,6 +29,19 @@ def test_layout_text_then_specials_then_codebooks(vocab, text_tok):
     assert s0.start == img.stop and s1.start == s0.stop and vocab.size == s1.stop
     assert vocab.kind(0) == "text" and vocab.kind(img.start) == "image" and vocab.kind(s1.start) == "speech"
     assert vocab.kind(vocab.special(style_token("pitch", "high"))) == "special"
+
+
+def test_style_tokens_parse_back(vocab):
+    assert parse_style_token(style_token("voice", "us_f1")) == ("voice", "us_f1")
+    assert parse_style_token("<|assistant|>") is None and parse_style_token("<speech>") is None
+    styles = vocab.styles()
+    assert {field: sorted(values) for field, values in styles.items()} == {
+        field: sorted(values) for field, values in STYLES.items()
+    }
+    for field, values in styles.items():  # in id order
+        assert [vocab.special(style_token(field, v)) for v in values] == sorted(
+            vocab.special(style_token(field, v)) for v in values
+        )
 
 
 def test_codes_round_trip_per_level(vocab):

@@ -32,7 +32,6 @@ from omnitok.decoding import (
 )
 from omnitok.errors import OmnitokError, is_int, is_number
 from omnitok.sequence import (
-    _STYLE_RE,
     Audio,
     Image,
     LossPolicy,
@@ -159,11 +158,12 @@ class OmniModel:
         for field_name, value in (style or {}).items():
             name = style_token(field_name, value)
             if name not in self.vocab.specials:
-                styles = [m.groups() for m in map(_STYLE_RE.match, self.vocab.specials) if m]
-                known = sorted(v for f, v in styles if f == field_name)
+                styles = self.vocab.styles()
+                known = sorted(styles.get(field_name, []))
                 if not known:
-                    fields = sorted({f for f, _ in styles})
-                    raise OmnitokError(f"style field {field_name!r} is not in this bundle; its style fields: {fields}")
+                    raise OmnitokError(
+                        f"style field {field_name!r} is not in this bundle; its style fields: {sorted(styles)}"
+                    )
                 raise OmnitokError(
                     f"style {field_name}={value!r} is not in this bundle; its {field_name} values: {known}"
                 )

@@ -15,7 +15,6 @@ are never targets: at inference they are part of the prompt.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -23,7 +22,17 @@ from typing import Any, Protocol
 import numpy as np
 
 from omnitok.errors import OmnitokError, is_number
-from omnitok.vocab import BOS, END, EOS, FRAME, ROLE_TOKENS, SPAN_TOKENS, Vocabulary, style_token
+from omnitok.vocab import (
+    BOS,
+    END,
+    EOS,
+    FRAME,
+    ROLE_TOKENS,
+    SPAN_TOKENS,
+    Vocabulary,
+    parse_style_token,
+    style_token,
+)
 
 ROLES = tuple(ROLE_TOKENS)
 STYLE_FIELDS = ("voice", "pitch", "rate")
@@ -256,8 +265,6 @@ class MediaEncoder:
 
 # --- inverse parse ------------------------------------------------------------------------------------
 
-_STYLE_RE = re.compile(r"^<\|(\w+):([^|]+)\|>$")
-
 
 def decode(ids: Sequence[int] | np.ndarray, vocab: Vocabulary, text: TextCodec) -> list[Segment]:
     """Generated ids back into segments; lenient with truncation (an unclosed span keeps what it has).
@@ -302,9 +309,9 @@ def decode(ids: Sequence[int] | np.ndarray, vocab: Vocabulary, text: TextCodec) 
             if tok in closes and closes[tok] == span:
                 flush_span()
                 continue
-            style_match = _STYLE_RE.match(vocab.special_name(tok) or "") if kind == "special" else None
-            if span == "speech" and style_match and not span_ids:
-                style[style_match.group(1)] = style_match.group(2)
+            style_field = parse_style_token(vocab.special_name(tok) or "") if kind == "special" else None
+            if span == "speech" and style_field and not span_ids:
+                style[style_field[0]] = style_field[1]
                 continue
             if span == "video" and tok == frame_id:
                 frames.append([])

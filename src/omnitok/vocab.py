@@ -9,6 +9,7 @@ vocabulary is saved: a checkpoint's embedding row i means the same token forever
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,15 @@ BASE_SPECIALS: tuple[str, ...] = (
 def style_token(field: str, value: str) -> str:
     """``<|pitch:high|>``: style controls are plain special tokens the model reads and writes."""
     return f"<|{field}:{value}|>"
+
+
+_STYLE_RE = re.compile(r"^<\|(\w+):([^|]+)\|>$")
+
+
+def parse_style_token(name: str) -> tuple[str, str] | None:
+    """``("pitch", "high")`` for ``<|pitch:high|>`` (the inverse of :func:`style_token`); None for other tokens."""
+    m = _STYLE_RE.match(name)
+    return (m.group(1), m.group(2)) if m else None
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,15 @@ class Vocabulary:
 
     def special_name(self, token_id: int) -> str | None:
         return self._special_names.get(int(token_id))
+
+    def styles(self) -> dict[str, list[str]]:
+        """Each style field's values this vocabulary has a token for (``{"pitch": ["low", ...]}``), in id order."""
+        out: dict[str, list[str]] = {}
+        for name in self.specials:
+            parsed = parse_style_token(name)
+            if parsed:
+                out.setdefault(parsed[0], []).append(parsed[1])
+        return out
 
     @property
     def modalities(self) -> tuple[str, ...]:

@@ -73,8 +73,9 @@ class Engine:
         self.model = model
         self.speech_max_tokens = speech_max_tokens
         self.voices = self._voices()
-        self.pitches = self._styles("pitch")
-        self.rates = self._styles("rate")
+        styles = model.vocab.styles()
+        self.pitches = styles.get("pitch", [])
+        self.rates = styles.get("rate", [])
         self.openai_voices = self._openai_voice_map()
 
     # --- what the bundle can do -----------------------------------------------------------------------
@@ -106,13 +107,9 @@ class Engine:
         tok = self.model.bundle.speech
         return int(tok.sample_rate) if tok is not None else None
 
-    def _styles(self, name: str) -> list[str]:
-        prefix = f"<|{name}:"
-        return [s[len(prefix) : -2] for s in self.model.vocab.specials if s.startswith(prefix)]
-
     def _voices(self) -> list[str]:
         """Voices with a style token the LM knows and (where the codec has a table) an embedding to decode with."""
-        names = self._styles("voice")
+        names = self.model.vocab.styles().get("voice", [])
         known = getattr(self.model.bundle.speech, "voices", None)
         if known:
             names = [v for v in names if v in known]
