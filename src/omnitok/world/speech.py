@@ -165,19 +165,13 @@ def _writable_sections(path: str) -> list[tuple[str, int, int]] | None:
     return out
 
 
-def _local_symbol_offsets(path: str, wanted: tuple[str, ...]) -> list[tuple[int, int]]:
-    """(offset, size) of pointer- or int-sized static variables named ``wanted`` (compilers add a ``.NNNN``
-    suffix to locals).
-
-    Used only to keep a few heap-buffer pointers across resets so the library reuses its buffers rather
-    than leaking one per clip; a stripped library just leaks those few kilobytes.
-    """
-    return [(offset, size) for _name, (offset, size) in _local_symbols(path, wanted) if size in (4, 8)]
-
-
 def _local_symbols(path: str, wanted: tuple[str, ...]) -> list[tuple[str, tuple[int, int]]]:
-    """(name, (offset, size)) of every symbol in the library's symbol table whose name, less a ``.NNNN``
-    suffix, is in ``wanted``; none for a stripped library."""
+    """(name, (offset, size)) of every symbol in the library's symbol table whose name, less the ``.NNNN`` suffix
+    compilers add to function-local statics, is in ``wanted``; none for a stripped library.
+
+    Used only to carry a few statics across resets (heap-buffer pointers, eSpeak's voice list) so the library
+    reuses what it built rather than leaking or rebuilding it per clip; a stripped library just pays for that.
+    """
     data = Path(path).read_bytes()
     e_shoff = struct.unpack_from("<Q", data, 0x28)[0]
     e_shentsize, e_shnum = struct.unpack_from("<HH", data, 0x3A)
@@ -294,10 +288,12 @@ class _Library:
             # Someone else in this process has already used this library file, so "as loaded" is gone.
             self._snapshot = []
             return False
-        self._keep = [(base + off, size) for off, size in _local_symbol_offsets(self.path, self._KEEP_STATICS)]
-        symbols = _local_symbols(self.path, self._VOICE_LIST)
-        found = dict(symbols)
-        if len(symbols) == len(found) == len(self._VOICE_LIST) and found["n_voices_list"][1] == 4:
+        symbols = _local_symbols(self.path, self._KEEP_STATICS + self._VOICE_LIST)  # one read of the file
+        kept = [(name, where) for name, where in symbols if name in self._KEEP_STATICS]
+        self._keep = [(base + off, size) for _, (off, size) in kept if size in (4, 8)]
+        listed = [(name, where) for name, where in symbols if name in self._VOICE_LIST]
+        found = dict(listed)
+        if len(listed) == len(found) == len(self._VOICE_LIST) and found["n_voices_list"][1] == 4:
             self._voice_list = [(base + found[name][0], found[name][1]) for name in self._VOICE_LIST]
         return True
 
