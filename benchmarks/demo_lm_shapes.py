@@ -113,11 +113,11 @@ def train_arm(
     }
 
 
-def eval_arm(bundle: Path, world: Path, out: Path, limit: int, seed: int) -> dict:
+def eval_arm(bundle: Path, world: Path, out: Path, limit: int, seed: int, tasks: list[str]) -> dict:
     import omnitok
     from omnitok.eval.suite import EvalConfig, evaluate
 
-    return evaluate(omnitok.load(str(bundle)), world, out, EvalConfig(limit=limit, seed=seed, tasks=EVAL_TASKS))
+    return evaluate(omnitok.load(str(bundle)), world, out, EvalConfig(limit=limit, seed=seed, tasks=tasks))
 
 
 def main() -> None:
@@ -133,6 +133,7 @@ def main() -> None:
     )
     ap.add_argument("--limit", type=int, default=30, help="test examples per evaluated task (0: no evaluation)")
     ap.add_argument("--out", type=Path, default=Path("runs/lm_shapes"))
+    ap.add_argument("--tasks", nargs="+", default=EVAL_TASKS, help=f"evaluated tasks (default: {' '.join(EVAL_TASKS)})")
     args = ap.parse_args()
     for sub in ("world/manifest.json", "tokens/manifest.json"):
         if not (args.demo / sub).is_file():
@@ -160,7 +161,7 @@ def main() -> None:
             res["metrics"] = {}
             if args.limit:
                 res["metrics"] = in_fresh_process(
-                    eval_arm, out / "lm" / "bundle", args.demo / "world", out / "eval", args.limit, 0
+                    eval_arm, out / "lm" / "bundle", args.demo / "world", out / "eval", args.limit, 0, args.tasks
                 )
             res["overrides"] = overrides
             done.write_text(json.dumps(res, indent=1))

@@ -59,6 +59,7 @@ def test_suite_writes_metrics_and_report(setup):
         "video_caption_acc",
         "edit_acc",
         "interleaved_acc",
+        "vqa_acc",
     ):
         assert name in metrics and set(metrics[name]) >= {"all", "seen", "heldout", "n"}
         assert 1 <= metrics[name]["n"]["all"] <= 3
@@ -256,3 +257,34 @@ def test_speech_tasks_score_espeak_as_espeak(tmp_path):
     again = Suite(model, tmp_path / "world", EvalConfig(limit=2, spoken_qa_best_of=3), suite.transcriber)
     assert len(again.spoken_qa()["spoken_qa_acc"]) == min(2, len(qa))
     assert [o["best_of"] for o in model.options] == [3] and model.options[0]["output"] == "text+speech"
+
+
+def test_typed_questions_are_asked_with_the_picture_and_the_answer_checked(setup):
+    """vqa_acc: the spoken-QA questions typed; an answering model scores 1, one that captions instead scores 0."""
+    from omnitok.eval.suite import Suite, _summarise
+    from omnitok.sequence import Image, Text
+
+    truth = {
+        (s["png"].tobytes(), s["meta"]["question"]): s["meta"]["answer"]
+        for s in iter_samples(setup / "world", "test", "spoken_qa")
+    }
+
+    class Answers:
+        def __init__(self, right: bool) -> None:
+            self.right, self.outputs = right, []
+
+        def generate_batch(self, prompts, output="auto", **opts):
+            self.outputs.append(output)
+            out = []
+            for picture, question in prompts:
+                assert isinstance(picture, Image) and isinstance(question, Text)
+                answer = truth[(picture.pixels.tobytes(), question.text)]
+                out.append([Text(answer if self.right else "A large red circle in the top left.")])
+            return out
+
+    for right, expected in ((True, 1.0), (False, 0.0)):
+        model = Answers(right)
+        recs = Suite(model, setup / "world", EvalConfig(limit=4)).vqa()["vqa_acc"]
+        got = _summarise("vqa_acc", recs)
+        assert got["n"]["all"] == min(4, len(truth)) >= 1 and got["all"] == expected
+        assert set(model.outputs) == {"text"}

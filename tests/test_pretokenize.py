@@ -15,7 +15,7 @@ from omnitok.tokenizers.text import TextTokenizer
 from omnitok.vocab import Vocabulary
 from omnitok.world.build import WorldConfig, build_world
 
-TASKS = ["caption", "t2i", "interleaved", "edit", "video_caption", "caption_filter", "text"]
+TASKS = ["caption", "t2i", "interleaved", "edit", "video_caption", "caption_filter", "text", "vqa"]
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,10 @@ def test_every_task_is_tokenized_and_decodes(setup):
             assert isinstance(segs[0], Video) and 4 <= len(segs[0].frames) <= 8
         if task == "interleaved":
             assert all(s.role is None for s in segs) and mask[1:].all()
+        if task == "vqa":  # a world without speech still asks its questions, typed
+            assert [type(s) for s in segs] == [Image, Text, Text]
+            assert [s.role for s in segs] == ["user", "user", "assistant"]
+            assert segs[1].text.endswith("?") and not mask[ids == vocab.special("<|user|>")].any()
 
 
 def test_rerun_resumes_without_rewriting(setup):

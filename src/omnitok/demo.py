@@ -119,7 +119,7 @@ LM_SLACK_S = 10.0
 WORLD_SIZES = (2000, 4000, 8000)
 POSITIONS_PER_SCENE = 900.0
 # What the probe trains on: the demo's vocabulary and its align stage's document lengths (tokens; 0.6-1.4x the
-# means of a demo's token shards: caption 94, t2i 93, asr 160, tts 162, text 63).
+# means of a demo's token shards: caption 94, t2i 93, asr 160, tts 162, text 63, vqa 85).
 PROBE_VOCAB = 2602
 PROBE_LENGTHS = {
     "caption": (56, 132),
@@ -130,6 +130,7 @@ PROBE_LENGTHS = {
     "interleaved": (142, 332),
     "video_caption": (248, 578),
     "spoken_qa": (97, 226),
+    "vqa": (51, 119),
     "edit": (87, 204),
     "caption_filter": (62, 146),
 }

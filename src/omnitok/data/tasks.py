@@ -136,6 +136,15 @@ def spoken_qa(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
     ]
 
 
+def vqa(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
+    """The spoken questions typed, answered in words. Without it a question typed about a picture (the chat page's
+    usual request) was answered with a caption: the model had only ever been asked about pictures aloud. Needs no
+    speech, so a world built without it trains the task too."""
+    m = s["meta"]
+    question, answer = Text(m["question"], role="user"), Text(m["answer"], role="assistant")
+    return [[Image(pixels=s["png"], role="user"), question, answer]]
+
+
 def caption_filter(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
     m = s["meta"]
     answer = "Yes." if m["correct"] else f"No, the {m['error']['field']} is wrong."
@@ -166,6 +175,7 @@ TASKS: dict[str, tuple[str, TaskFn, LossPolicy]] = {
     "interleaved": ("construction", interleaved, LossPolicy.pretraining()),
     "edit": ("edit", edit, LossPolicy()),
     "spoken_qa": ("spoken_qa", spoken_qa, LossPolicy()),
+    "vqa": ("spoken_qa", vqa, LossPolicy()),
     "caption_filter": ("caption_filter", caption_filter, LossPolicy()),
 }
 SPEECH_TASKS = frozenset({"asr", "tts", "spoken_qa"})

@@ -30,6 +30,7 @@ from omnitok.world.scene import scene_from_json
 # 1.7-minute box on a 2-core Xeon, the suite leaving 25 s of the box unused; last, 8-10 (docs/BENCHMARKS.md).
 TASKS = (
     "caption",
+    "vqa",
     "t2i",
     "asr",
     "video_caption",
@@ -193,6 +194,23 @@ class Suite:
             recs.append(Record(group, M.caption_correct(text, scene), {"image": s["png"], "output": text}))
             graded.append(Record(group, M.caption_object_f1(text, scene)))
         return {"caption_acc": recs, "caption_object_f1": graded}
+
+    def vqa(self) -> dict[str, list[Record]]:
+        """The spoken-QA questions typed: the same test pictures, questions and answer check as ``spoken_qa``, read
+        from the text, so a miss here is the reading or the answering, never the ears or the voice."""
+        samples = _take(self.world, "spoken_qa", self.cfg.limit)
+        outs = self._gen([[Image(pixels=s["png"]), Text(s["meta"]["question"])] for s in samples], output="text")
+        recs = []
+        for s, o in zip(samples, outs, strict=False):  # outs: a prefix if the time share ran out
+            text = text_of(o)
+            recs.append(
+                Record(
+                    _group(s["meta"]["heldout_combo"]),
+                    M.answer_correct(text, s["meta"]["answer"]),
+                    {"image": s["png"], "input": s["meta"]["question"], "output": text},
+                )
+            )
+        return {"vqa_acc": recs}
 
     def t2i(self) -> dict[str, list[Record]]:
         samples = _take(self.world, "scene", self.cfg.limit)
