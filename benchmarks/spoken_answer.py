@@ -11,6 +11,9 @@ each arm's answers are heard by the evaluation's instrument (pocketsphinx with i
 
     python benchmarks/spoken_answer.py runs/demo38/bundle --world runs/demo38/world --limit 50 --best-of 6
 
+``--typed`` asks the same questions as text (the chat page's usual request, trained as the ``vqa`` task), where the
+model ends its words without opening speech itself: ``output="text+speech"`` then opens it after them.
+
 A measurement for a decision, not a feature.
 """
 
@@ -32,6 +35,7 @@ def main() -> None:
     ap.add_argument("--best-of", type=int, default=6, help="clips spoken per answer in the best_of arms")
     ap.add_argument("--voice", help="the voice given to the arms that name one (default: the bundle's first)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--typed", action="store_true", help="ask the questions as text, not as their recordings")
     args = ap.parse_args()
 
     import omnitok
@@ -45,7 +49,11 @@ def main() -> None:
     suite = Suite(model, args.world, EvalConfig(limit=args.limit))
     samples = [s for s in _take(args.world, "spoken_qa", args.limit) if "question.wav" in s]
     answers = [s["meta"]["answer"] for s in samples]
-    prompts = [[Image(pixels=s["png"]), Audio(samples=s["question.wav"], sample_rate=16000)] for s in samples]
+
+    def question(s: dict) -> Text | Audio:
+        return Text(s["meta"]["question"]) if args.typed else Audio(samples=s["question.wav"], sample_rate=16000)
+
+    prompts = [[Image(pixels=s["png"]), question(s)] for s in samples]
 
     def words(reply: list) -> str:
         return "".join(s.text for s in reply if isinstance(s, Text)).strip()
@@ -96,7 +104,8 @@ def main() -> None:
             name, f"{sum(right) / len(samples):.3f}", f"{wer([t for t, _ in pairs], [h for _, h in pairs]):.3f}",
             f"{agree}/{len(samples)}", f"{secs:.0f}",
         ])  # fmt: skip
-    print(f"{command()}\n{machine()}; {len(samples)} spoken questions; hearing every arm {hear_s:.0f} s\n")
+    asked = "typed" if args.typed else "spoken"
+    print(f"{command()}\n{machine()}; {len(samples)} {asked} questions; hearing every arm {hear_s:.0f} s\n")
     print(table(["spoken answer", "spoken_qa_acc", "WER heard vs written", "words as written alone", "s"], rows))
 
 

@@ -83,6 +83,26 @@ def build_tiny_bundle(root: Path, speech: bool = True, image: bool = True) -> Pa
     return save_bundle(root / name, lm, vocab, root / "text", image_dir, speech_dir)
 
 
+def steer_to_end(model: Any, after_words: bool) -> None:
+    """Steer a random LM to end its reply (``<|end|>``): after each word it writes, or at once (how a trained one
+    ends its words about a typed question, without opening speech)."""
+    import functools
+
+    from omnitok.vocab import END
+
+    end, text_size = model.vocab.special(END), model.vocab.text_size
+    forward = model.lm.forward
+
+    @functools.wraps(forward)  # decoding reads the forward's signature (its cache argument's name)
+    def steered(*args: Any, **kw: Any) -> Any:
+        out = forward(*args, **kw)
+        rows = kw["input_ids"][:, -1] < text_size if after_words else slice(None)
+        out.logits[rows, -1, end] += 100.0
+        return out
+
+    model.lm.forward = steered
+
+
 def _free_socket(host: str) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -525,6 +525,46 @@ def test_a_spoken_answer_cut_at_max_text_tokens_is_spoken_as_cut(tmp_path):
         model.generate([Text("What is red?")], **ask, max_text_tokens=0)
 
 
+def test_words_that_end_without_speaking_are_spoken_all_the_same(tmp_path):
+    """output="text+speech" asks for a clip: words the model ends without one (a typed question; the trained form is
+    a spoken one) are followed by <speech> and the requested style, as words then clip were trained."""
+    from omnitok.sequence import Audio
+    from omnitok.vocab import END, SPAN_TOKENS, style_token
+    from serve_helpers import build_tiny_bundle, steer_to_end
+
+    model = omnitok.load(str(build_tiny_bundle(tmp_path)))
+    forward = model.lm.forward
+    steer_to_end(model, after_words=True)
+    style = {"voice": "us_f1"}
+    ask = {"output": "text+speech", "style": style, "seed": 1, "max_new_tokens": 40}
+    module, prompts = importlib.import_module("omnitok.generate"), []
+    iter_decode = module.iter_decode
+    module.iter_decode = lambda lm, rows, *a, **kw: (
+        prompts.extend(r.tolist() for r in rows) or iter_decode(lm, rows, *a, **kw)
+    )
+    try:
+        [reply] = model.generate_batch([[Text("What is red?")]], **ask)
+        streamed = list(model.stream([Text("What is red?")], **ask))
+    finally:
+        module.iter_decode = iter_decode
+    head = prompts[1][len(prompts[0]) :]  # the clip's pass: the words, <speech> and the style, not <|end|>
+    opener, voice = model.vocab.special(SPAN_TOKENS["speech"][0]), model.vocab.special(style_token("voice", "us_f1"))
+    assert head[-2:] == [opener, voice] and model.vocab.special(END) not in head
+    words = "".join(s.text for s in reply if isinstance(s, Text))
+    assert words and words == model.bundle.text.decode(head[:-2])
+    clip = next(s for s in reply if isinstance(s, Audio))
+    assert clip.style["voice"] == "us_f1" and clip.samples is not None and len(clip.samples) > 0
+    assert len(prompts) == 4 and prompts[2:] == prompts[:2]  # streamed alike
+    assert "".join(e.text for e in streamed if isinstance(e, TextDelta)) == words
+    assert any(isinstance(e, AudioChunk) for e in streamed)
+
+    model.lm.forward = forward  # a reply that ends before any word has nothing to speak: it comes back empty
+    steer_to_end(model, after_words=False)
+    [empty] = model.generate_batch([[Text("What is red?")]], **ask)
+    assert not any(isinstance(s, Audio) for s in empty) and not "".join(s.text for s in empty if isinstance(s, Text))
+    assert not [e for e in model.stream([Text("What is red?")], **ask) if isinstance(e, AudioChunk | TextDelta)]
+
+
 def test_best_of_for_a_spoken_answer_writes_it_once_and_keeps_the_clip_heard_likeliest(tmp_path):
     from omnitok.generate import HEAR_BACK_ASK
     from omnitok.sequence import Audio

@@ -156,19 +156,19 @@ def test_chat_audio_out(client):
     assert _read_wav(base64.b64decode(best.choices[0].message.audio.data))[0] > 0
 
 
-def test_a_spoken_answer_is_one_reply_and_words_left_unspoken_are_read_aloud(bundles):
+def test_a_spoken_answer_is_one_reply_and_words_that_end_unspoken_are_spoken_in_it(bundles):
     import omnitok
     from omnitok.sequence import Text
     from omnitok.serve.engine import Engine, Task
+    from serve_helpers import steer_to_end
 
     engine = Engine(omnitok.load(str(bundles[0])), speech_max_tokens=8)
+    steer_to_end(engine.model, after_words=True)  # words, then the end of the reply: a typed question's answer
     calls = []
     generate_batch = engine.model.generate_batch
 
     def spy(prompts, **kw):
-        calls.append(({k: kw.get(k) for k in ("output", "style", "best_of", "max_text_tokens")}, prompts))
-        if kw["output"] == "text+speech":  # replies that ended without speaking: one empty, one with words
-            return [[Text("")], [Text("a red star")]]
+        calls.append({k: kw.get(k) for k in ("output", "style", "best_of", "max_text_tokens")})
         return generate_batch(prompts, **kw)
 
     engine.model.generate_batch = spy
@@ -176,13 +176,15 @@ def test_a_spoken_answer_is_one_reply_and_words_left_unspoken_are_read_aloud(bun
     asks = zip(("hi", "what?"), styles, strict=True)
     tasks = [Task([Text(q, role="user")], "speech_answer", st, 4, best_of=3) for q, st in asks]
     results = engine.run_batch(tasks)
-    # one reply a request, words then clip in the voice asked for; the words capped at the request's max tokens
-    assert calls[0][0] == {"output": "text+speech", "style": styles, "best_of": 3, "max_text_tokens": 4}
-    # the reply with words but no clip has them read aloud in its voice; the empty one has nothing to say
-    assert calls[1][0]["output"] == "speech" and calls[1][0]["style"] == styles[1:]
-    assert [p[0].text for p in calls[1][1]] == ["Say this: a red star"] and len(calls) == 2
-    assert [r.text for r in results] == ["", "a red star"]
-    assert len(results[0].audio) == 0 and len(results[1].audio) > 0
+    # one reply a request, words then clip in the voice asked for, the words capped at the request's max tokens;
+    # no second request reads them aloud (the model speaks words that ended in the reply itself)
+    assert calls == [{"output": "text+speech", "style": styles, "best_of": 3, "max_text_tokens": 4}]
+    assert all(r.text and len(r.audio) > 0 for r in results)
+    streams, stream = [], engine.model.stream
+    engine.model.stream = lambda segments, **kw: streams.append(kw["output"]) or stream(segments, **kw)
+    events = list(engine.run_stream(Task([Text("hi", role="user")], "speech_answer", styles[0], 4)))
+    assert [k for k, _ in events if k == "text"] and [k for k, _ in events if k == "audio"]
+    assert events[-1][0] == "finish" and streams == ["text+speech"]  # streamed: one reply too
 
 
 def test_chat_image_out(client):

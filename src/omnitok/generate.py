@@ -418,18 +418,28 @@ class OmniModel:
 
         Why two passes: the spoken_qa task puts the answer's voice, pitch and rate after ``<speech>``, so a reply
         decoded in one pass speaks in a voice of its own choosing and a caller's ``style`` was lost; placed there,
-        the request's style is the voice the clip is spoken in. A row that ends without opening speech is whole.
+        the request's style is the voice the clip is spoken in. Words that end the reply without opening speech
+        (a question typed rather than spoken: all 30 of the demo's test questions) are spoken all the same, their end
+        replaced by ``<speech>``: the caller asked for a clip, and words followed by one is the trained form. A reply
+        with no words, or no room left for a clip, is whole.
         """
         opener = self.vocab.special(SPAN_TOKENS["speech"][0])
         cap = max_text if max_text is not None else max(rooms)
         heads = self._decode_ids(prompts, constraint, cfg, None, [min(r, cap + 1) for r in rooms], gen, stop_at=opener)
-        ended = {self.vocab.special(END), self.vocab.special(EOS)}
         out = []
         for h, st, room in zip(heads, styles, rooms, strict=True):
-            if len(h) > cap and h[-1] != opener and not ended & set(h) and cap + 1 < room:
-                h = [*h[:cap], opener]  # words cut at max_text_tokens: spoken as cut
-            out.append(h + self._style_ids(st) if h and h[-1] == opener else h)
+            out.append(self._spoken_head(h, cap, room, st))
         return out
+
+    def _spoken_head(self, head: list[int], cap: int, room: int, style: dict[str, str] | None) -> list[int]:
+        """A first pass's head made to open speech where its words ended or were cut (see :meth:`_words`)."""
+        opener = self.vocab.special(SPAN_TOKENS["speech"][0])
+        ended = {self.vocab.special(END), self.vocab.special(EOS)}
+        if head and head[-1] != opener:
+            words = list(itertools.takewhile(lambda t: t not in ended, head))[:cap]  # cut at max_text_tokens
+            if any(self.vocab.kind(t) == "text" for t in words) and len(words) + 1 < room:
+                head = [*words, opener]
+        return head + self._style_ids(style) if head and head[-1] == opener else head
 
     def _spoken(
         self,
@@ -768,24 +778,28 @@ class OmniModel:
                 yield int(tokens[0]), int(st["state"][0])
             return
         opener = self.vocab.special(SPAN_TOKENS["speech"][0])
-        cap = opts.max_text_tokens
+        ended = {self.vocab.special(END), self.vocab.special(EOS)}
+        cap = opts.max_text_tokens if opts.max_text_tokens is not None else cfg.max_new_tokens
         head: list[int] = []
         for tokens, st in iter_decode(self.lm, [ids], constraint, cfg, None, gen):
-            head.append(int(tokens[0]))
-            yield head[-1], int(st["state"][0])
-            if head[-1] == opener or (cap is not None and len(head) >= cap):
+            t = int(tokens[0])
+            head.append(t)
+            if t in ended:  # held back: words that end here are spoken all the same (_spoken_head)
                 break
-        ended = {self.vocab.special(END), self.vocab.special(EOS)}
-        cut = cap is not None and len(head) >= cap and head[-1] != opener and not ended & set(head)
-        if cut and len(head) + 1 < cfg.max_new_tokens:  # words cut at max_text_tokens: spoken as cut, as _words does
-            head.append(opener)
-            yield opener, SPEECH_START
-        if not head or head[-1] != opener:
+            yield t, int(st["state"][0])
+            if t == opener or len(head) >= cap:
+                break
+        asked = opts.style if isinstance(opts.style, dict) else None
+        style, spoken = self._style_ids(asked), self._spoken_head(head, cap, cfg.max_new_tokens, asked)
+        if opener not in spoken:  # no words to speak, or no room for a clip: the reply is whole
+            if head and head[-1] in ended:
+                yield head[-1], DONE
             return
-        style = self._style_ids(opts.style if isinstance(opts.style, dict) else None)
+        if head[-1] != opener:  # words that ended or were cut: <speech> as _words opens it
+            yield opener, SPEECH_START
         for t in style:
             yield t, SPEECH_START
-        head += style
+        head = spoken
         if len(head) < cfg.max_new_tokens:
             rest = replace(cfg, max_new_tokens=cfg.max_new_tokens - len(head))
             prompt_ids = torch.cat([ids, torch.tensor(head, dtype=torch.long)])
