@@ -125,6 +125,12 @@ def test_unknown_task_is_named(raw):
         check_data(r)
 
 
+def test_a_task_the_shards_predate_says_to_pretokenize_again(raw):
+    r = parse_recipe(_edit(raw, ("stages", 1, "mixture"), {"caption": 0.5, "vqa": 0.5}))
+    with pytest.raises(OmnitokError, match=r"^stages\[1\]\.mixture\.vqa: .* no 'vqa' documents .* pretokenize again"):
+        check_data(r)
+
+
 def test_a_row_too_short_for_the_targets_is_refused(tokdir, tmp_path):
     # documents whose answer starts past seq_len would train on nothing and log loss 0.0
     long = tmp_path / "long"

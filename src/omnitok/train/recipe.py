@@ -25,6 +25,7 @@ import numpy as np
 import yaml
 
 from omnitok.data.shards import TokenDataset, load_manifest, read_vocab_size
+from omnitok.data.tasks import TASKS
 from omnitok.errors import OmnitokError, is_int, is_number
 from omnitok.model import check_model_spec
 
@@ -419,6 +420,11 @@ def check_data(recipe: Recipe) -> int:
     for i, s in enumerate(recipe.stages):
         for task in s.mixture:
             if task not in available:
+                if task in TASKS:  # a task added since these shards were written (vqa, say)
+                    raise OmnitokError(
+                        f"stages[{i}].mixture.{task}: {recipe.data} split {recipe.split!r} has no {task!r} documents "
+                        f"(has {sorted(available)}): written before the task existed; run omnitok pretokenize again"
+                    )
                 raise OmnitokError(
                     f"stages[{i}].mixture.{task}: unknown task; {recipe.data} split {recipe.split!r} has "
                     f"{sorted(available)}"
