@@ -659,17 +659,17 @@ def test_demo_lm_width_follows_the_training_its_budget_buys(tmp_path, monkeypatc
 
     monkeypatch.setattr(demo, "_probe", probe)
     cfg = demo.DemoConfig(minutes=15)  # 420 s for the LM before anything ran
-    # 2,000 positions/s x 420 s = 0.84 M < 2 M: the narrow model, and the world sized by its own probe
+    # 2,000 positions/s x 420 s = 0.84 M < 3 M: the narrow model, and the world sized by its own probe
     recipe, why = demo.choose_recipe(cfg)
     assert recipe == str(demo.SMALL_RECIPE) and probed == [demo.RECIPE, demo.SMALL_RECIPE]
     assert why[demo.RECIPE.name]["lm_positions_estimate"] == 840_000
     assert why["chosen"] == why[demo.SMALL_RECIPE.name] and why["chosen"]["lm_positions_estimate"] == 2_520_000
     assert demo.choose_world_size(replace(cfg, recipe=recipe), 0.0, why["chosen"]) == (2000, why["chosen"])
     # fast enough: the recipe's model, one probe
-    speeds[demo.RECIPE], probed[:] = 5_000.0, []
+    speeds[demo.RECIPE], probed[:] = 8_000.0, []
     recipe, why = demo.choose_recipe(cfg)
-    assert recipe == str(demo.RECIPE) and probed == [demo.RECIPE] and why["chosen"]["lm_positions_estimate"] == 2.1e6
-    # seconds gone before the demo started count: 5,000 x 270 s = 1.35 M
+    assert recipe == str(demo.RECIPE) and probed == [demo.RECIPE] and why["chosen"]["lm_positions_estimate"] == 3.36e6
+    # seconds gone before the demo started count: 8,000 x 270 s = 2.16 M
     assert demo.choose_recipe(cfg, 150.0)[0] == str(demo.SMALL_RECIPE)
     # a planning speed given on the command line is the recipe's: no probe, no choice
     probed[:] = []
