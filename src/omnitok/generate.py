@@ -790,14 +790,14 @@ class OmniModel:
             if t == opener or len(head) >= cap:
                 break
         asked = opts.style if isinstance(opts.style, dict) else None
-        style, spoken = self._style_ids(asked), self._spoken_head(head, cap, cfg.max_new_tokens, asked)
+        spoken = self._spoken_head(head, cap, cfg.max_new_tokens, asked)
         if opener not in spoken:  # no words to speak, or no room for a clip: the reply is whole
             if head and head[-1] in ended:
                 yield head[-1], DONE
             return
         if head[-1] != opener:  # words that ended or were cut: <speech> as _words opens it
             yield opener, SPEECH_START
-        for t in style:
+        for t in spoken[spoken.index(opener) + 1 :]:  # the style tokens _spoken_head placed after it
             yield t, SPEECH_START
         head = spoken
         if len(head) < cfg.max_new_tokens:
