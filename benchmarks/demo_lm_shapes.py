@@ -167,9 +167,11 @@ def main() -> None:
             done.write_text(json.dumps(res, indent=1))
         results[name] = res
         v = res["val_loss"]
-        m = res["metrics"] or {
-            k: {"all": math.nan} for k in ("asr_wer", "tts_wer", "tts_style_acc", "caption_object_f1")
-        }
+        m = res["metrics"]
+
+        def metric(key: str, m: dict = m) -> float | str:  # a task left out of --tasks prints "-"
+            return round(m[key]["all"], 3) if key in m else "-"
+
         positions = sum(res["steps"]) * res["tokens_per_step"]
         rows.append(
             [
@@ -187,11 +189,11 @@ def main() -> None:
                 round(v["t2i"], 3),
                 round(v["asr"], 3),
                 round(v["tts"], 3),
-                round(m["asr_wer"]["all"], 3),
-                round(m["tts_wer"]["all"], 3),
-                round(m["tts_style_acc"]["all"], 3),
-                round(m["caption_object_f1"]["all"], 3),
-                round(m["t2i_object_f1"]["all"], 3) if "t2i_object_f1" in m else "-",
+                metric("asr_wer"),
+                metric("tts_wer"),
+                metric("tts_style_acc"),
+                metric("caption_object_f1"),
+                metric("t2i_object_f1"),
             ]
         )
     print(f"\n{command()}\n{machine()}; {args.seconds:.0f} s of LM training per arm\n")
