@@ -1,0 +1,238 @@
+"""Reading aloud with the text interleaved into the speech: does the LM keep its place in the sentence?
+
+The demo's TTS clips say fluent toy-world sentences with the wrong words: the first clause is often right, the rest
+drifts to another scene (runs/demo48's report). The LM writes ~150 codes after a text it has to keep its place in.
+This benchmark tries the layout that gives it that place: the assistant turn writes the sentence a few words at a
+time, each chunk one chunk ahead of the speech that says it,
+
+    <|assistant|> w1 w2 <speech> style S1 </speech> w3 <speech> S2 </speech> ... <speech> Sn </speech> <|end|>
+
+where the clip's codes are cut in proportion to each chunk's characters (no word timings needed). Layouts:
+``ahead`` (above: the LM writes the words too), ``behind`` (each chunk's words after its speech, ASR's order) and
+``given`` (as ahead, but the words are no training target: generation places the request's own words and the LM
+only speaks each chunk and closes its span).
+
+``tokens``: a copy of a token directory whose ``tts`` documents (train and val; ``--share`` of them) are laid out
+so; every other task is linked, unchanged, and the vocabulary and text tokenizer are the same. Train an arm on it
+next to the original (``benchmarks/demo_lm_shapes.py --demo`` a directory whose ``tokens`` is this copy).
+
+``eval``: ``omnitok eval``'s TTS task on a bundle, the reply decoded as usual (``--mode plain``) or in the layout
+it was trained on (every span's codes joined into one clip, decoded as the usual reply's would be). Everything else
+is the evaluation's: the test sentences, styles, reference clips of held-out voices, pocketsphinx, style check.
+
+    python benchmarks/tts_interleaved.py tokens runs/demo/tokens runs/tok_given --layout given
+    python benchmarks/tts_interleaved.py eval runs/arms/given/lm/bundle --world runs/demo/world --mode given
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from _common import command, machine
+
+LAYOUTS = ("ahead", "behind", "given")
+
+
+def interleave_tokens(src: Path, dst: Path, words: int, layout: str, share: float = 1.0) -> dict[str, int]:
+    """Write ``dst``: ``src`` with its tts documents interleaved (see the module docstring); ``share``: the fraction
+    of documents laid out so, spread evenly (the rest stay as they were). Returns the documents changed per split."""
+    from omnitok.data.shards import ShardWriter, write_manifest
+    from omnitok.data.tasks import TTS_ASKS
+    from omnitok.tokenizers.text import TextTokenizer
+    from omnitok.vocab import ROLE_TOKENS, SPAN_TOKENS, Vocabulary
+
+    if dst.exists():
+        raise SystemExit(f"{dst} exists: give a new directory")
+    vocab = Vocabulary.load(str(src))
+    text = TextTokenizer.load(src / "text_tokenizer")
+    opener, closer = (vocab.special(t) for t in SPAN_TOKENS["speech"])
+    assistant = vocab.special(ROLE_TOKENS["assistant"])
+    dst.mkdir(parents=True)
+    for f in ("vocab.json", "config.json"):
+        shutil.copy(src / f, dst / f)
+    shutil.copytree(src / "text_tokenizer", dst / "text_tokenizer")
+    done = {}
+    for split in ("train", "val"):
+        (dst / split).mkdir()
+        for task in os.listdir(src / split):
+            if task != "tts":
+                os.symlink((src / split / task).resolve(), dst / split / task)
+        ids = np.load(src / split / "tts" / "shard-00000.ids.npy")
+        offsets = np.load(src / split / "tts" / "shard-00000.offsets.npy")
+        done[split] = 0
+        with ShardWriter(dst, split, "tts") as w:
+            for n, (a, b) in enumerate(itertools.pairwise(offsets)):
+                doc = [int(t) for t in ids[a:b]]
+                if int((n + 1) * share) == int(n * share):  # not this one's turn: as it was
+                    w.add(doc, [0] * (doc.index(assistant) + 1) + [1] * (len(doc) - doc.index(assistant) - 1))
+                    continue
+                k = doc.index(assistant) + 1
+                user, reply = doc[:k], doc[k:]
+                said = text.decode([t for t in user if vocab.kind(t) == "text"])
+                ask = next((a for a in TTS_ASKS if said.startswith(a)), None)
+                if reply[0] != opener or ask is None or not said[len(ask) :].split():
+                    w.add(doc, [0] * k + [1] * len(reply))  # a dropped prompt or no text: as it was
+                    continue
+                j = 1
+                while vocab.kind(reply[j]) == "special":  # the style tokens after <speech>
+                    j += 1
+                style, end = reply[1:j], reply.index(closer, j)
+                codes, tail = reply[j:end], reply[end + 1 :]
+                ws = said[len(ask) :].split()
+                chunks = [(" " if i else "") + " ".join(ws[i : i + words]) for i in range(0, len(ws), words)]
+                sizes = np.array([len(c) for c in chunks], float)
+                cuts = np.round(np.cumsum(sizes) / sizes.sum() * len(codes)).astype(int)
+                ahead = layout in ("ahead", "given")
+                body = list(text.encode(chunks[0])) if ahead else []
+                mask = [0 if layout == "given" else 1] * len(body)  # "given": the words are no target
+                for i, (lo, hi) in enumerate(zip(np.r_[0, cuts[:-1]], cuts, strict=True)):
+                    if ahead and i + 1 < len(chunks):  # the text one chunk ahead of its speech
+                        words_ids = text.encode(chunks[i + 1])
+                        body += words_ids
+                        mask += [0 if layout == "given" else 1] * len(words_ids)
+                    span = [opener, *(style if i == 0 else []), *codes[lo:hi], closer]
+                    body, mask = body + span, mask + [1] * len(span)
+                    if layout == "behind":  # the words just said, as ASR writes them after the speech
+                        words_ids = text.encode(chunks[i])
+                        body, mask = body + words_ids, mask + [1] * len(words_ids)
+                w.add(user + body + tail, [0] * k + mask + [1] * len(tail))
+                done[split] += 1
+    write_manifest(dst, vocab.size)
+    return done
+
+
+def interleaved_replies(model, samples, opts, layout, media=True):  # type: ignore[no-untyped-def]
+    """``OmniModel._replies`` for ``output="speech"``, decoded in the interleaved layout (module docstring)."""
+    import torch
+
+    from omnitok.constraints import ModalityConstraint
+    from omnitok.decoding import DecodeConfig
+    from omnitok.vocab import SPAN_TOKENS
+
+    styles, refs = model._per_request(opts, len(samples))
+    as_text = replace(opts, output="text+speech", style=None)  # the prompt ends at the assistant's turn
+    prompts = [torch.tensor(model._prompt_ids(model._coded(s, as_text), as_text)) for s in samples]
+    opener, closer = (model.vocab.special(t) for t in SPAN_TOKENS["speech"])
+    constraint = ModalityConstraint(model.vocab, outputs={"text", "speech"})
+    cfg = DecodeConfig(max_new_tokens=500, text=opts.text, image=opts.image, speech=opts.speech)
+    gen = model._generator(opts.seed)
+    n = len(prompts)
+    if layout == "ahead":  # the first words, then <speech> and the style tokens
+        heads = model._decode_ids(prompts, constraint, replace(cfg, max_new_tokens=40), None, [40] * n, gen, opener)
+    else:  # the clip starts the reply, as a usual one does
+        heads = [[opener] for _ in prompts]
+    heads = [h + model._style_ids(st) if h and h[-1] == opener else h for h, st in zip(heads, styles, strict=True)]
+    rows = [torch.cat([p, torch.tensor(h, dtype=torch.long)]) for p, h in zip(prompts, heads, strict=True)]
+    rest = model._decode_ids(rows, constraint, cfg, None, [cfg.max_new_tokens] * n, gen)
+    out = []
+    for h, r, st, ref in zip(heads, rest, styles, refs, strict=True):
+        codes = [t for t in h + r if model.vocab.kind(t) == "speech"]
+        clip = [opener, *model._style_ids(st), *codes, closer]
+        out.append(model._render(clip, replace(opts, style=st, reference=ref), [], media))
+    return out
+
+
+def given_replies(model, samples, opts, words, media=True):  # type: ignore[no-untyped-def]
+    """Decoding for the ``given`` layout: the words are placed, not written (they are the request's own text), and
+    the LM writes each chunk's speech until it closes the span; one request at a time."""
+    import torch
+
+    from omnitok.constraints import ModalityConstraint
+    from omnitok.data.tasks import TTS_ASKS
+    from omnitok.decoding import DecodeConfig
+    from omnitok.sequence import Text
+    from omnitok.vocab import SPAN_TOKENS
+
+    styles, refs = model._per_request(opts, len(samples))
+    as_text = replace(opts, output="text+speech", style=None)
+    opener, closer = (model.vocab.special(t) for t in SPAN_TOKENS["speech"])
+    constraint = ModalityConstraint(model.vocab, outputs={"text", "speech"})
+    cfg = DecodeConfig(max_new_tokens=80, text=opts.text, image=opts.image, speech=opts.speech)
+    gen = model._generator(opts.seed)
+
+    def enc(c: str) -> list[int]:
+        return list(model.bundle.text.encode(c))
+
+    out = []
+    for sample, st, ref in zip(samples, styles, refs, strict=True):
+        said = next(x.text for x in sample if isinstance(x, Text))
+        ask = next(a for a in TTS_ASKS if said.startswith(a))
+        ws = said[len(ask) :].split()
+        chunks = [(" " if i else "") + " ".join(ws[i : i + words]) for i in range(0, len(ws), words)]
+        style = model._style_ids(st)
+        ids = model._prompt_ids(model._coded(sample, as_text), as_text) + enc(chunks[0])
+        ids += (enc(chunks[1]) if len(chunks) > 1 else []) + [opener, *style]
+        codes: list[int] = []
+        for i in range(len(chunks)):
+            new = model._decode_ids([torch.tensor(ids)], constraint, cfg, None, [80], gen, closer)[0]
+            span = [t for t in new if model.vocab.kind(t) == "speech"]
+            codes += span
+            ids += [*span, closer]
+            if i + 1 < len(chunks):
+                ids += (enc(chunks[i + 2]) if i + 2 < len(chunks) else []) + [opener]
+        clip = [opener, *style, *codes, closer]
+        out.append(model._render(clip, replace(opts, style=st, reference=ref), [], media))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tokens", help="an interleaved copy of a token directory")
+    t.add_argument("src", type=Path)
+    t.add_argument("dst", type=Path)
+    t.add_argument("--words", type=int, default=2, help="words per text chunk")
+    t.add_argument("--share", type=float, default=1.0, help="fraction of the tts documents interleaved")
+    t.add_argument("--layout", choices=LAYOUTS, default="ahead", help="each chunk's text before or after its speech")
+    e = sub.add_parser("eval", help="the evaluation's TTS on a bundle, decoded plain or interleaved")
+    e.add_argument("bundle")
+    e.add_argument("--world", required=True)
+    e.add_argument("--mode", choices=["plain", *LAYOUTS], required=True, help="plain, or the layout trained")
+    e.add_argument("--limit", type=int, default=30)
+    e.add_argument("--words", type=int, default=2, help="given: words per chunk, as its tokens were made")
+    e.add_argument("--out", type=Path, default=None, help="the evaluation's directory (default: a temporary one)")
+    args = ap.parse_args()
+    print(f"{command()}\n{machine()}\n")
+    if args.cmd == "tokens":
+        print(interleave_tokens(args.src, args.dst, args.words, args.layout, args.share))
+        return
+    import tempfile
+
+    import omnitok
+    from omnitok.eval.suite import EvalConfig, evaluate
+    from omnitok.generate import OmniModel
+
+    if args.mode != "plain":
+        plain = OmniModel._replies
+
+        def replies(m, s, o, media=True):  # type: ignore[no-untyped-def]
+            if o.output != "speech":
+                return plain(m, s, o, media)
+            if args.mode == "given":
+                return given_replies(m, s, o, args.words, media)
+            return interleaved_replies(m, s, o, args.mode, media)
+
+        OmniModel._replies = replies  # type: ignore[method-assign]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp) / "eval"
+        m = evaluate(omnitok.load(args.bundle), args.world, out, EvalConfig(limit=args.limit, tasks=["tts"]))
+    wer, style = m["tts_wer"], m["tts_style_acc"]
+
+    def f(x: float | None) -> str:  # a group with no sample (a small --limit) has no figure
+        return "-" if x is None else f"{x:.3f}"
+
+    print(
+        f"{args.mode}: tts_wer {f(wer['all'])} (seen {f(wer['seen'])} / held-out {f(wer['heldout'])}), "
+        f"reference {f(m['tts_wer_ref']['all'])}, style {f(style['all'])}, n={wer['n']['all']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
