@@ -40,11 +40,21 @@ from _common import command, machine
 LAYOUTS = ("ahead", "behind", "given")
 
 
+def read_chunks(said: str, words: int) -> list[str]:
+    """The text a TTS request ("Say this: ...") asks to read, ``words`` words a chunk; [] when it asks for none.
+
+    Shared by the documents and the given layout's decoding, so the two cut a sentence alike."""
+    from omnitok.data.tasks import TTS_ASKS
+
+    ask = next((a for a in TTS_ASKS if said.startswith(a)), None)
+    ws = [] if ask is None else said[len(ask) :].split()
+    return [(" " if i else "") + " ".join(ws[i : i + words]) for i in range(0, len(ws), words)]
+
+
 def interleave_tokens(src: Path, dst: Path, words: int, layout: str, share: float = 1.0) -> dict[str, int]:
     """Write ``dst``: ``src`` with its tts documents interleaved (see the module docstring); ``share``: the fraction
     of documents laid out so, spread evenly (the rest stay as they were). Returns the documents changed per split."""
     from omnitok.data.shards import ShardWriter, write_manifest
-    from omnitok.data.tasks import TTS_ASKS
     from omnitok.tokenizers.text import TextTokenizer
     from omnitok.vocab import ROLE_TOKENS, SPAN_TOKENS, Vocabulary
 
@@ -70,23 +80,18 @@ def interleave_tokens(src: Path, dst: Path, words: int, layout: str, share: floa
         with ShardWriter(dst, split, "tts") as w:
             for n, (a, b) in enumerate(itertools.pairwise(offsets)):
                 doc = [int(t) for t in ids[a:b]]
-                if int((n + 1) * share) == int(n * share):  # not this one's turn: as it was
-                    w.add(doc, [0] * (doc.index(assistant) + 1) + [1] * (len(doc) - doc.index(assistant) - 1))
-                    continue
                 k = doc.index(assistant) + 1
                 user, reply = doc[:k], doc[k:]
-                said = text.decode([t for t in user if vocab.kind(t) == "text"])
-                ask = next((a for a in TTS_ASKS if said.startswith(a)), None)
-                if reply[0] != opener or ask is None or not said[len(ask) :].split():
-                    w.add(doc, [0] * k + [1] * len(reply))  # a dropped prompt or no text: as it was
+                chunks = read_chunks(text.decode([t for t in user if vocab.kind(t) == "text"]), words)
+                # not this one's turn (share), a dropped prompt or no text: as it was
+                if int((n + 1) * share) == int(n * share) or reply[0] != opener or not chunks:
+                    w.add(doc, [0] * k + [1] * len(reply))
                     continue
                 j = 1
                 while vocab.kind(reply[j]) == "special":  # the style tokens after <speech>
                     j += 1
                 style, end = reply[1:j], reply.index(closer, j)
                 codes, tail = reply[j:end], reply[end + 1 :]
-                ws = said[len(ask) :].split()
-                chunks = [(" " if i else "") + " ".join(ws[i : i + words]) for i in range(0, len(ws), words)]
                 sizes = np.array([len(c) for c in chunks], float)
                 cuts = np.round(np.cumsum(sizes) / sizes.sum() * len(codes)).astype(int)
                 ahead = layout in ("ahead", "given")
@@ -145,7 +150,6 @@ def given_replies(model, samples, opts, words, media=True):  # type: ignore[no-u
     import torch
 
     from omnitok.constraints import ModalityConstraint
-    from omnitok.data.tasks import TTS_ASKS
     from omnitok.decoding import DecodeConfig
     from omnitok.sequence import Text
     from omnitok.vocab import SPAN_TOKENS
@@ -163,9 +167,9 @@ def given_replies(model, samples, opts, words, media=True):  # type: ignore[no-u
     out = []
     for sample, st, ref in zip(samples, styles, refs, strict=True):
         said = next(x.text for x in sample if isinstance(x, Text))
-        ask = next(a for a in TTS_ASKS if said.startswith(a))
-        ws = said[len(ask) :].split()
-        chunks = [(" " if i else "") + " ".join(ws[i : i + words]) for i in range(0, len(ws), words)]
+        chunks = read_chunks(said, words)
+        if not chunks:
+            raise SystemExit(f"given layout: {said!r} is not a read-aloud request with text")
         style = model._style_ids(st)
         ids = model._prompt_ids(model._coded(sample, as_text), as_text) + enc(chunks[0])
         ids += (enc(chunks[1]) if len(chunks) > 1 else []) + [opener, *style]
