@@ -52,8 +52,10 @@ def test_world_to_bundle_to_eval(tmp_path):
     bundle = tmp_path / "run" / "bundle"
     manifest = json.loads((bundle / "omnitok.json").read_text())
     assert set(manifest["tokenizers"]) == {"text", "image"}
+    assert manifest["read_aloud_words"] == 2  # the TTS layout pretokenize wrote, carried for generation to decode
 
     model = omnitok.load(str(bundle))
+    assert model.bundle.read_aloud_words == 2
     out = model.generate([Text("a large red circle in the top left")], output="image", seed=0)
     assert out[0].pixels.shape == (64, 64, 3)
     out = model.generate(

@@ -106,10 +106,37 @@ def test_resuming_with_other_settings_is_refused(setup, tmp_path):
     shutil.copytree(imgtok, other)
     with pytest.raises(OmnitokError, match="image_tokenizer"):
         pretokenize(world, tokens, other, tasks=TASKS)
+    # the TTS layout is recorded (the trainer carries it into the bundle) and is part of what a rerun must keep;
+    # tokens made before it was recorded were made in the plain layout
+    record = json.loads((tokens / "config.json").read_text())
+    assert record["config"]["read_aloud_words"] == 2
+    with pytest.raises(OmnitokError, match="read_aloud_words 2, not 0"):
+        pretokenize(world, tokens, imgtok, tasks=TASKS, read_aloud_words=0)
+    older = tmp_path / "older"
+    shutil.copytree(tokens, older)
+    del record["config"]["read_aloud_words"]
+    (older / "config.json").write_text(json.dumps(record))
+    with pytest.raises(OmnitokError, match="read_aloud_words 0, not 2"):
+        pretokenize(world, older, imgtok, tasks=TASKS)
+    with pytest.raises(OmnitokError, match="read_aloud_words must be an int >= 0"):
+        pretokenize(world, tmp_path / "neg", imgtok, tasks=TASKS, read_aloud_words=-1)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps({"command": "omnitok eval", "config": {}}))
     with pytest.raises(OmnitokError, match="holds another command's output"):
         pretokenize(world, tmp_path / "run", imgtok, tasks=TASKS)
+
+
+def test_a_tts_clip_carries_the_words_it_says():
+    """So the encoding can lay them beside their speech (omnitok.sequence's read-aloud layout)."""
+    import numpy as np
+
+    from omnitok.data.tasks import TTS_ASKS, sample_rng, tts
+    from omnitok.sequence import Audio
+
+    rec = {"text": "a small blue star", "voice": "us_m1", "pitch": "mid", "rate": "fast", "sample_rate": 16000}
+    [[ask, clip]] = tts({"wav": np.zeros(160, np.float32), "meta": {"speech": rec}}, sample_rng(0, "k", "tts"))
+    assert isinstance(clip, Audio) and clip.words == "a small blue star" and clip.role == "assistant"
+    assert any(ask.text == a + "a small blue star" for a in TTS_ASKS)
 
 
 def test_caption_answers_are_canonical_and_draw_prompts_paraphrase():

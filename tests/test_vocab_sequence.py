@@ -1,8 +1,10 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from omnitok.errors import OmnitokError
-from omnitok.sequence import Audio, Image, LossPolicy, Text, Video, decode, encode, prompt
+from omnitok.sequence import Audio, Image, LossPolicy, Text, Video, decode, encode, prompt, read_aloud_chunks
 from omnitok.tokenizers.text import TextTokenizer
 from omnitok.vocab import BASE_SPECIALS, CodeRange, Vocabulary, parse_style_token, style_token
 
@@ -211,3 +213,46 @@ def test_media_encoder_encodes_a_shared_array_once():
     assert np.array_equal(samples[1][0].codes, first) and np.array_equal(samples[2][0].codes, first)
     assert not np.array_equal(samples[2][1].codes, first)
     assert np.array_equal(samples[4][0].codes, samples[3][0].codes) and samples[3][0].codes is not None
+
+
+def test_read_aloud_layout_places_each_chunk_ahead_of_its_speech(vocab, text_tok, rng):
+    words = "a large red circle in the top left"  # 8 words: chunks of 2 -> 4 spans
+    clip = Audio(codes=rng.integers(0, 16, (23, 2)), role="assistant", style={"voice": "gb_f2"}, words=words)
+    sample = [Text("Say this: " + words, role="user"), clip]
+    enc = encode(sample, vocab, text_tok, read_aloud_words=2)
+    start = int(np.flatnonzero(enc.ids == vocab.special("<|assistant|>"))[0]) + 1
+    reply, mask = enc.ids[start:].tolist(), enc.mask[start:].tolist()
+    chunks = read_aloud_chunks(words, 2)
+    assert chunks == ["a large", " red circle", " in the", " top left"]
+    opener, closer = vocab.special("<speech>"), vocab.special("</speech>")
+    # the words: chunks 0 and 1 before the first span, then each next chunk before the following span
+    want_words = [text_tok.encode(c) for c in chunks]
+    expect_head = [*want_words[0], *want_words[1], opener, vocab.special(style_token("voice", "gb_f2"))]
+    assert reply[: len(expect_head)] == expect_head
+    spans, i = [], 0
+    while opener in reply[i:]:
+        lo = reply.index(opener, i)
+        hi = reply.index(closer, lo)
+        spans.append((lo, hi))
+        i = hi + 1
+    assert len(spans) == 4
+    between = [reply[spans[k][1] + 1 : spans[k + 1][0]] for k in range(3)]
+    assert between == [want_words[2], want_words[3], []]
+    assert reply[spans[-1][1] + 1 :] == [vocab.special("<|end|>"), vocab.special("<|eos|>")]
+    # the words are no target; every span token, end of turn and eos are
+    for k, t in enumerate(reply):
+        assert mask[k] == (0 if vocab.kind(t) == "text" else 1), (k, t)
+    # the spans' codes, joined, are the clip's, cut on frame boundaries (2 levels) with every chunk speaking
+    codes = [t for t in reply if vocab.kind(t) == "speech"]
+    assert codes == vocab.codes_to_ids("speech", clip.codes).tolist()
+    frames = [sum(vocab.kind(t) == "speech" for t in reply[lo:hi]) / 2 for lo, hi in spans]
+    assert all(f >= 1 and f == int(f) for f in frames) and sum(frames) == 23
+    # shared in proportion to the chunks' characters: the longest chunk (" red circle") gets the most
+    assert frames[1] == max(frames)
+    # the same sample with the layout off, or a clip too short for its chunks, is one span after the text
+    plain = encode(sample, vocab, text_tok)
+    assert plain.ids.tolist().count(opener) == 1
+    short = replace(clip, codes=rng.integers(0, 16, (3, 2)))
+    assert encode([sample[0], short], vocab, text_tok, read_aloud_words=2).ids.tolist().count(opener) == 1
+    with pytest.raises(OmnitokError, match="read_aloud_words must be an int >= 1"):
+        read_aloud_chunks(words, 0)

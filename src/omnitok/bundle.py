@@ -1,6 +1,6 @@
 """A bundle: everything needed to talk to a trained model, in one directory.
 
-    omnitok.json          format version, the vocabulary, which tokenizers are present
+    omnitok.json          format version, the vocabulary, which tokenizers are present, the sequence layout
     lm/                   the causal LM (transformers ``save_pretrained``, safetensors)
     tokenizers/text/      tokenizer.json
     tokenizers/image/     config.json + model.safetensors (optional)
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omnitok.errors import OmnitokError
+from omnitok.errors import OmnitokError, is_int
 from omnitok.io import atomic_write_json, check_format, read_json
 from omnitok.tokenizers.text import TextTokenizer
 from omnitok.vocab import Vocabulary
@@ -37,11 +37,16 @@ def save_bundle(
     image_tokenizer: str | os.PathLike[str] | None = None,
     speech_tokenizer: str | os.PathLike[str] | None = None,
     extra: dict[str, Any] | None = None,
+    read_aloud_words: int = 0,
 ) -> Path:
     """Assemble a bundle in a temporary directory, then move it into place (never half-written).
 
     ``lm`` is a transformers model or the directory it was saved to; tokenizers are directories.
+    ``read_aloud_words``: the layout the LM's TTS documents were written in (``omnitok.sequence``; 0: one span after
+    the text), which generation must decode in: it is part of what the weights mean, as the vocabulary is.
     """
+    if not is_int(read_aloud_words) or read_aloud_words < 0:
+        raise OmnitokError(f"read_aloud_words must be an int >= 0, got {read_aloud_words!r}")
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -71,7 +76,14 @@ def save_bundle(
             tokenizers[name] = f"tokenizers/{name}"
         atomic_write_json(
             tmp / MANIFEST,
-            {"format": FORMAT, "version": VERSION, "vocab": vocab.to_json(), "tokenizers": tokenizers, **(extra or {})},
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "vocab": vocab.to_json(),
+                "tokenizers": tokenizers,
+                "read_aloud_words": read_aloud_words,
+                **(extra or {}),
+            },
         )
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -97,6 +109,7 @@ class Bundle:
     image: Any | None
     speech: Any | None
     manifest: dict[str, Any]
+    read_aloud_words: int = 0  # the TTS layout the LM was trained on (omnitok.sequence); 0 in bundles made before it
 
 
 def _expect_size(what: str, got: int, vocab: Vocabulary, modality: str) -> None:
@@ -135,6 +148,9 @@ def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> Bundle:
         raise OmnitokError(f"{p / MANIFEST}: field 'tokenizers' should map names to directories, got {tok!r}")
     if "text" not in tok:
         raise OmnitokError(f"{p / MANIFEST}: field 'tokenizers' has no 'text' entry")
+    read_aloud = manifest.get("read_aloud_words", 0)
+    if not is_int(read_aloud) or read_aloud < 0:
+        raise OmnitokError(f"{p / MANIFEST}: field 'read_aloud_words' should be an int >= 0, got {read_aloud!r}")
     text = TextTokenizer.load(p / tok["text"])
     if text.vocab_size != vocab.text_size:
         raise OmnitokError(f"bundle: text tokenizer has {text.vocab_size} ids, vocabulary expects {vocab.text_size}")
@@ -171,4 +187,4 @@ def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> Bundle:
     rows = lm.get_input_embeddings().weight.shape[0]
     if rows < vocab.size:
         raise OmnitokError(f"bundle: the LM has {rows} embedding rows but the vocabulary has {vocab.size} ids")
-    return Bundle(p, lm, vocab, text, image, speech, manifest)
+    return Bundle(p, lm, vocab, text, image, speech, manifest, int(read_aloud))

@@ -7,6 +7,16 @@ Layout of one encoded sample::
     speech: <speech> [<|voice:v|> <|pitch:p|> <|rate:r|>] c c ... </speech>
     video:  <video> <frame> c c ... <frame> c c ... </video>
 
+    a clip read aloud from known words (``Audio.words``, encoded with ``read_aloud_words`` = k > 0):
+            w1 w2 <speech> [style] c c ... </speech> w3 <speech> c c ... </speech> ... <speech> c c ... </speech>
+
+In the read-aloud layout the words are cut into chunks of k, each placed one chunk ahead of the part of the clip
+that says it (the clip's frames are shared out in proportion to the chunks' characters: no word timings needed).
+Why: a TTS clip after its whole text lost its place in the sentence (fluent speech of another sentence); with the
+words beside their speech the same LM at the same steps misread half as many words (docs/BENCHMARKS.md "What the
+demo's clips get wrong"). The words are never training targets there: at generation they are the request's own,
+placed by the decoder (``omnitok.generate``), and the LM only speaks each chunk and closes its span.
+
 Segments without a role (pre-training documents) are written without turn markers. The loss mask decides
 what the model is taught to *produce*: in SFT only the assistant's turns (their content, closers and the end
 of turn), in pre-training everything; each modality can be switched off separately. Role markers themselves
@@ -21,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from omnitok.errors import OmnitokError, is_number
+from omnitok.errors import OmnitokError, is_int, is_number
 from omnitok.vocab import (
     BOS,
     END,
@@ -36,6 +46,9 @@ from omnitok.vocab import (
 
 ROLES = tuple(ROLE_TOKENS)
 STYLE_FIELDS = ("voice", "pitch", "rate")
+# Words a chunk in the read-aloud layout, as measured: two words one chunk ahead of their speech (docs/BENCHMARKS.md
+# "What the demo's clips get wrong"). The pipeline's default; 0 in pretokenization writes the plain layout.
+READ_ALOUD_WORDS = 2
 
 
 class TextCodec(Protocol):
@@ -60,13 +73,17 @@ class Image:
 
 @dataclass
 class Audio:
-    """Speech as samples (with their rate) and/or codes; ``style`` (voice/pitch/rate) is emitted as tokens."""
+    """Speech as samples (with their rate) and/or codes; ``style`` (voice/pitch/rate) is emitted as tokens.
+
+    ``words``: the text the clip says when it is a text read aloud; encoded in the read-aloud layout (module
+    docstring) where the encoding asks for it, as one plain span otherwise."""
 
     codes: np.ndarray | None = None
     role: str | None = None
     style: dict[str, str] | None = None
     samples: np.ndarray | None = None
     sample_rate: int | None = None
+    words: str | None = None
 
 
 @dataclass
@@ -115,11 +132,8 @@ def _segment_tokens(seg: Segment, vocab: Vocabulary, text: TextCodec) -> list[in
         if seg.codes is None:
             raise OmnitokError("Audio segment has no codes: run the speech tokenizer before encoding the sample")
         open_, close = SPAN_TOKENS["speech"]
-        style = []
-        for f in STYLE_FIELDS:
-            if seg.style and f in seg.style:
-                style.append(vocab.special(style_token(f, seg.style[f])))
-        return [vocab.special(open_), *style, *vocab.codes_to_ids("speech", seg.codes), vocab.special(close)]
+        codes = vocab.codes_to_ids("speech", seg.codes)
+        return [vocab.special(open_), *_style_ids(seg, vocab), *codes, vocab.special(close)]
     if isinstance(seg, Video):
         if not seg.frames:
             raise OmnitokError("Video segment has no frame codes: run the image tokenizer on its frames first")
@@ -129,6 +143,46 @@ def _segment_tokens(seg: Segment, vocab: Vocabulary, text: TextCodec) -> list[in
             ids += [vocab.special(FRAME), *vocab.codes_to_ids("image", frame)]
         return [*ids, vocab.special(close)]
     raise OmnitokError(f"unknown segment type {type(seg).__name__}")
+
+
+def _style_ids(seg: Audio, vocab: Vocabulary) -> list[int]:
+    return [vocab.special(style_token(f, seg.style[f])) for f in STYLE_FIELDS if seg.style and f in seg.style]
+
+
+def read_aloud_chunks(words: str, per_chunk: int) -> list[str]:
+    """``words`` cut into chunks of ``per_chunk`` words, each after the first with its leading space (so the chunks
+    tokenize as the running text does); [] for no words. Shared by the encoding and generation, so both cut alike."""
+    if not is_int(per_chunk) or per_chunk < 1:
+        raise OmnitokError(f"read_aloud_words must be an int >= 1, got {per_chunk!r}")
+    ws = words.split()
+    return [(" " if i else "") + " ".join(ws[i : i + per_chunk]) for i in range(0, len(ws), per_chunk)]
+
+
+def _read_aloud_tokens(seg: Audio, vocab: Vocabulary, text: TextCodec, per_chunk: int) -> tuple[list[int], list[int]]:
+    """A clip with its words beside it (module docstring): ``(ids, is_word)``, the words flagged so they are no
+    target. A clip with fewer frames than chunks cannot give each chunk its own speech, and stays one plain span."""
+    chunks = read_aloud_chunks(seg.words or "", per_chunk)
+    codes = np.asarray(seg.codes)
+    levels = vocab.levels("speech")
+    frames = len(codes) if codes.ndim == 1 else codes.shape[0]
+    ids = [int(t) for t in vocab.codes_to_ids("speech", codes)]
+    if not chunks or frames < len(chunks):
+        toks = _segment_tokens(seg, vocab, text)
+        return toks, [0] * len(toks)
+    open_, close = (vocab.special(t) for t in SPAN_TOKENS["speech"])
+    # one frame for each chunk, the rest shared in proportion to the chunks' characters; the last cut is the end
+    chars = np.cumsum([len(c) for c in chunks]) / sum(len(c) for c in chunks)
+    cuts = np.arange(1, len(chunks) + 1) + np.round(chars * (frames - len(chunks))).astype(int)
+    words = [list(text.encode(c)) for c in chunks]
+    out, is_word = list(words[0]), [1] * len(words[0])
+    lo = 0
+    for i, hi in enumerate(cuts.tolist()):
+        ahead = words[i + 1] if i + 1 < len(chunks) else []
+        span = [open_, *(_style_ids(seg, vocab) if i == 0 else []), *ids[lo * levels : hi * levels], close]
+        out += ahead + span
+        is_word += [1] * len(ahead) + [0] * len(span)
+        lo = hi
+    return out, is_word
 
 
 def _turns(sample: Sequence[Segment]) -> list[tuple[str | None, list[Segment]]]:
@@ -149,8 +203,12 @@ def encode(
     text: TextCodec,
     policy: LossPolicy = LossPolicy(),
     add_eos: bool = True,
+    read_aloud_words: int = 0,
 ) -> Encoded:
-    """Tokenise a sample (its media already carry codes) into ids and a loss mask."""
+    """Tokenise a sample (its media already carry codes) into ids and a loss mask.
+
+    ``read_aloud_words``: k > 0 writes clips that carry their ``words`` in the read-aloud layout, k words a chunk
+    (module docstring); 0 writes every clip as one span."""
     if not sample:
         raise OmnitokError("cannot encode an empty sample")
     ids: list[int] = [vocab.special(BOS)]
@@ -162,10 +220,14 @@ def encode(
             ids.append(vocab.special(ROLE_TOKENS[role]))
             mask.append(0)
         for seg in segs:
-            toks = _segment_tokens(seg, vocab, text)
             on = trained_turn and MODALITY_OF[type(seg)] in policy.modalities
+            if read_aloud_words and isinstance(seg, Audio) and seg.words and seg.codes is not None:
+                toks, is_word = _read_aloud_tokens(seg, vocab, text, read_aloud_words)
+                mask += [int(on and not w) for w in is_word]
+            else:
+                toks = _segment_tokens(seg, vocab, text)
+                mask += [int(on)] * len(toks)
             ids += toks
-            mask += [int(on)] * len(toks)
         if role is not None:
             ids.append(vocab.special(END))
             mask.append(int(trained_turn))

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from omnitok.errors import OmnitokError
+from omnitok.sequence import READ_ALOUD_WORDS
 
 console = Console()
 
@@ -34,6 +35,11 @@ def pretokenize(
     splits: str = typer.Option("train,val", "--splits", help="Comma-separated world splits to tokenize."),
     text_vocab_size: int = typer.Option(1024, "--text-vocab-size", help="BPE size when training one."),
     seed: int = typer.Option(0, "--seed", help="Seeds the per-sample prompt choice."),
+    read_aloud_words: int = typer.Option(
+        READ_ALOUD_WORDS,
+        "--read-aloud-words",
+        help="TTS clips with their words beside their speech, this many words a chunk; 0: one span after the text.",
+    ),
 ) -> None:
     """Tokenize a world into memory-mapped token shards (per rank under torchrun; resumable)."""
     from omnitok.data.pretokenize import pretokenize as run
@@ -67,6 +73,7 @@ def pretokenize(
             text_vocab_size=text_vocab_size,
             seed=seed,
             progress=report,
+            read_aloud_words=read_aloud_words,
         )
     if manifest:
         for split, per_task in manifest.get("splits", {}).items():

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from omnitok.data import tasks as task_defs
-from omnitok.errors import OmnitokError
+from omnitok.errors import OmnitokError, is_int
 from omnitok.io import ensure_writable_dir, read_json, write_run_config
-from omnitok.sequence import MediaEncoder, Segment, Text, encode
+from omnitok.sequence import READ_ALOUD_WORDS, MediaEncoder, Segment, Text, encode
 from omnitok.tokenizers.text import TextTokenizer
 from omnitok.vocab import Vocabulary
 from omnitok.world.read import decode_sample, iter_samples, load_manifest
@@ -87,6 +87,7 @@ def _encode_kind(
     vocab: Vocabulary,
     text_tok: TextTokenizer,
     report: Callable[[int, int], None] | None,
+    read_aloud_words: int = 0,
 ) -> Iterable[tuple[str, Any]]:
     """(task, encoded document) for this rank's share of one world kind; media tokenized in batches."""
     total = wm["counts"][split][kind]
@@ -95,7 +96,7 @@ def _encode_kind(
     def flush() -> Iterable[tuple[str, Any]]:
         media([sample for _, sample in batch])
         for task, sample in batch:
-            yield task, encode(sample, vocab, text_tok, task_defs.TASKS[task][2])
+            yield task, encode(sample, vocab, text_tok, task_defs.TASKS[task][2], read_aloud_words=read_aloud_words)
         batch.clear()
 
     for i, raw in enumerate(iter_samples(world, split, kind, decode=False)):
@@ -117,7 +118,8 @@ def _encode_kind(
 
 # What decides a document's tokens or which shard holds it: a rerun into the same --out must keep all of them, or
 # the shards it finds finished (and skips) would mix with ones made another way.
-_RESUME_KEYS = ("world", "image_tokenizer", "speech_tokenizer", "seed", "world_size")
+_RESUME_KEYS = ("world", "image_tokenizer", "speech_tokenizer", "seed", "world_size", "read_aloud_words")
+_BEFORE_KEY = {"read_aloud_words": 0}  # what tokens made before a key was recorded were made with
 
 
 def _check_resumable(out_dir: Path, config: dict[str, Any]) -> None:
@@ -130,9 +132,10 @@ def _check_resumable(out_dir: Path, config: dict[str, Any]) -> None:
     if not isinstance(old, dict) or before.get("command") != "omnitok pretokenize":
         raise OmnitokError(f"{out_dir} holds another command's output ({path}); give pretokenize a new --out")
     for key in _RESUME_KEYS:
-        if old.get(key) != config[key]:
+        made = old.get(key, _BEFORE_KEY.get(key))
+        if made != config[key]:
             raise OmnitokError(
-                f"{out_dir} holds tokens made with {key} {old.get(key)!r}, not {config[key]!r}: rerun with the same "
+                f"{out_dir} holds tokens made with {key} {made!r}, not {config[key]!r}: rerun with the same "
                 "settings to resume, or give a new --out"
             )
 
@@ -164,8 +167,14 @@ def pretokenize(
     rank: int | None = None,
     world_size: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    read_aloud_words: int = READ_ALOUD_WORDS,
 ) -> dict[str, Any]:
-    """Tokenize ``splits`` of a built world into ``out``; returns the token manifest (rank 0) or {}."""
+    """Tokenize ``splits`` of a built world into ``out``; returns the token manifest (rank 0) or {}.
+
+    ``read_aloud_words``: the TTS task's clips are written with their words beside their speech, this many words a
+    chunk (``omnitok.sequence``, read-aloud layout); 0 writes them as one span after the whole text. Recorded in
+    ``config.json``, from where the trainer carries it into the bundle, so generation decodes in the layout the LM
+    was trained on."""
     from omnitok.data.shards import ShardWriter, write_manifest
     from omnitok.tokenizers.base import load_image_tokenizer
 
@@ -184,6 +193,10 @@ def pretokenize(
 
         speech_tok = load_speech_tokenizer(speech_tokenizer)
     task_names = resolve_tasks(tasks, speech_tok is not None)
+    if not is_int(read_aloud_words) or read_aloud_words < 0:
+        raise OmnitokError(
+            f"read_aloud_words must be an int >= 0 (0: one span after its text), got {read_aloud_words!r}"
+        )
     out_dir = ensure_writable_dir(out, "token output directory")  # after the checks: a refused run leaves no folder
     config = {
         "world": str(world.resolve()),
@@ -194,6 +207,7 @@ def pretokenize(
         "splits": list(splits),
         "seed": seed,
         "world_size": world_size,
+        "read_aloud_words": read_aloud_words,
     }
     _check_resumable(out_dir, config)
 
@@ -223,7 +237,20 @@ def pretokenize(
             writers = {t: ShardWriter(out_dir, split, t, rank) for t in todo}
             report = (lambda done, total, name=f"{split}/{kind}": progress(name, done, total)) if progress else None
             encoded = _encode_kind(
-                world, wm, split, kind, todo, rank, world_size, seed, batch_size, media, vocab, text_tok, report
+                world,
+                wm,
+                split,
+                kind,
+                todo,
+                rank,
+                world_size,
+                seed,
+                batch_size,
+                media,
+                vocab,
+                text_tok,
+                report,
+                read_aloud_words,
             )
             for task, enc in encoded:
                 writers[task].add(enc.ids, enc.mask)

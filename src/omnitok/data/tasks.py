@@ -8,6 +8,7 @@ tokenizers fill in codes afterwards, so the same task definitions serve pretoken
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -88,7 +89,9 @@ def tts(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
     if "wav" not in s:
         return []
     rec = s["meta"]["speech"]
-    return [[Text(_pick(rng, TTS_ASKS) + rec["text"], role="user"), _audio(s["wav"], rec, "assistant", True)]]
+    # the clip carries its words, so the encoding can lay them beside their speech (omnitok.sequence, read-aloud)
+    clip = replace(_audio(s["wav"], rec, "assistant", True), words=rec["text"])
+    return [[Text(_pick(rng, TTS_ASKS) + rec["text"], role="user"), clip]]
 
 
 def video_caption(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
