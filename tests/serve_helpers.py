@@ -21,8 +21,9 @@ RATES = ["slow", "normal", "fast"]
 IMAGE_SIZE = 32
 
 
-def build_tiny_bundle(root: Path, speech: bool = True, image: bool = True) -> Path:
-    """Write ``root/bundle`` (text + image + speech tokenizers and a 2-layer Llama) and return its path."""
+def build_tiny_bundle(root: Path, speech: bool = True, image: bool = True, read_aloud_words: int = 0) -> Path:
+    """Write ``root/bundle`` (text + image + speech tokenizers and a 2-layer Llama) and return its path;
+    ``read_aloud_words``: the bundle says its TTS was trained in the read-aloud layout (omnitok.sequence)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -80,7 +81,9 @@ def build_tiny_bundle(root: Path, speech: bool = True, image: bool = True) -> Pa
         if speech and image
         else "bundle-" + "-".join(m for m, on in (("text", True), ("image", image), ("speech", speech)) if on)
     )
-    return save_bundle(root / name, lm, vocab, root / "text", image_dir, speech_dir)
+    if read_aloud_words:
+        name += f"-read{read_aloud_words}"
+    return save_bundle(root / name, lm, vocab, root / "text", image_dir, speech_dir, read_aloud_words=read_aloud_words)
 
 
 def steer_to_end(model: Any, after_words: bool) -> None:

@@ -283,6 +283,7 @@ def test_broken_bundles_are_refused(bundle_dir, tmp_path):
         (lambda m: m | {"vocab": m["vocab"] | {"size": "big"}}, "field 'size' should be an integer"),
         (lambda m: m | {"vocab": m["vocab"] | {"text_size": [1]}}, "a field has the wrong type"),
         (lambda m: m | {"tokenizers": {"text": 5}}, "field 'tokenizers' should map names to directories"),
+        (lambda m: m | {"read_aloud_words": "two"}, "field 'read_aloud_words' should be an int >= 0, got 'two'"),
     ]:
         (broken / "omnitok.json").write_text(json.dumps(edit(json.loads(json.dumps(good)))))
         with pytest.raises(OmnitokError, match=message):
@@ -610,3 +611,60 @@ def test_best_of_for_a_spoken_answer_writes_it_once_and_keeps_the_clip_heard_lik
     assert not any(isinstance(s, Audio) for r in plain for s in r)
     best = model.generate_batch(requests, best_of=3, **quiet)
     assert not scored and [[s.text for s in r] for r in best] == [[s.text for s in r] for r in plain]
+
+
+def test_a_text_read_aloud_is_spoken_in_the_layout_the_bundle_was_trained_on(tmp_path):
+    """A bundle trained in the read-aloud layout gets the request's words placed a chunk ahead of their speech, the
+    LM speaking each chunk until it closes the span; the caller gets one clip, streamed or not, kept by best_of."""
+    from omnitok.sequence import Audio, read_aloud_chunks
+    from omnitok.vocab import SPAN_TOKENS, style_token
+    from serve_helpers import build_tiny_bundle
+
+    model = omnitok.load(str(build_tiny_bundle(tmp_path, read_aloud_words=2)))
+    assert model.bundle.read_aloud_words == 2
+    vocab, text = model.vocab, model.bundle.text
+    opener, closer = (vocab.special(t) for t in SPAN_TOKENS["speech"])
+    fed: list[list[int]] = []  # every row the LM was given: the prompt, then one id a step
+    forward = model.lm.forward
+
+    @functools.wraps(forward)  # decoding reads the forward's signature (its cache argument's name)
+    def closing(*args, **kw):
+        ids = kw["input_ids"]
+        if ids.shape[1] > 1:
+            fed.append(ids[0].tolist())
+        else:
+            fed[-1].append(int(ids[0, 0]))
+        out = forward(*args, **kw)
+        out.logits[:, -1, closer] += 3.0  # a random LM closes its spans within a few frames, as a trained one does
+        return out
+
+    model.lm.forward = closing
+    said = "a large red circle in the top left"
+    ask = {"output": "speech", "style": {"voice": "us_f1"}, "seed": 2}
+    [clip] = model.generate([Text("Say this: " + said)], **ask)
+    assert isinstance(clip, Audio) and clip.style == {"voice": "us_f1"}
+    assert clip.samples is not None and len(clip.samples) > 0 and len(clip.codes) > 0
+    # what the LM read: the words two by two, each chunk one ahead of the span that speaks it, then the end of turn
+    seq = fed[0]
+    reply = seq[seq.index(vocab.special("<|assistant|>")) + 1 :]
+    words = [text.encode(c) for c in read_aloud_chunks(said, 2)]
+    head = [*words[0], *words[1], opener, vocab.special(style_token("voice", "us_f1"))]
+    assert reply[: len(head)] == head
+    assert reply.count(opener) == 4 and reply.count(closer) == 4 and reply[-1] == vocab.special("<|end|>")
+    k = [i for i, t in enumerate(reply) if t == closer]
+    assert reply[k[0] + 1 : k[0] + 1 + len(words[2]) + 1] == [*words[2], opener]
+    assert reply[k[1] + 1 : k[1] + 1 + len(words[3]) + 1] == [*words[3], opener]
+    assert reply[k[2] + 1] == opener
+    spoken = [t for t in reply if vocab.kind(t) == "speech"]
+    assert np.array_equal(vocab.codes_to_ids("speech", clip.codes), spoken)  # the spans' codes, one clip
+
+    # streamed: audio only (the placed words are the request's, not the reply), the same clip as one decoding
+    events = list(model.stream([Text("Say this: " + said)], **ask))
+    assert events and all(isinstance(e, AudioChunk) for e in events)
+    assert sum(len(e.samples) for e in events) == len(clip.samples)
+    # best_of keeps one of its clips, joined the same way; a request that reads nothing aloud is one span
+    [best] = model.generate([Text("Say this: " + said)], best_of=2, **ask)
+    assert isinstance(best, Audio) and best.samples is not None
+    fed.clear()
+    [other] = model.generate([Text("What is red?")], **ask)
+    assert isinstance(other, Audio) and fed[0].count(opener) == 1 and fed[0][-1] == vocab.special("<|end|>")

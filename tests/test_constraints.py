@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from omnitok.constraints import DONE, IMAGE_CODE, OUTSIDE, ModalityConstraint
+from omnitok.constraints import DONE, IMAGE_CODE, OUTSIDE, SPEAK, ModalityConstraint
 from omnitok.errors import OmnitokError
 from omnitok.sequence import Audio, Image, Video, decode
 from omnitok.vocab import Vocabulary
@@ -161,3 +161,46 @@ def test_a_prompt_replayed_at_once_is_the_prompt_advanced_id_by_id(vocab):
             assert torch.equal(at_once[k], torch.cat([r[k] for r in rows]))
     # an empty batch keeps its shape
     assert c.after_prompt(torch.zeros((0, 3), dtype=torch.long))["state"].shape == (0,)
+
+
+def test_a_script_forces_its_ids_and_leaves_each_span_to_the_model(vocab):
+    """The read-aloud layout's decoding: placed words, spans the model speaks and closes, then the end; a row
+    without a script beside it decodes freely."""
+    c = ModalityConstraint(vocab, outputs={"text", "speech"})
+    opener, closer = vocab.special("<speech>"), vocab.special("</speech>")
+    end, eos = vocab.special("<|end|>"), vocab.special("<|eos|>")
+    words = [ord("h"), ord("i")]
+    script = [SPEAK, *words, opener, SPEAK, end, eos]
+    s = c.scripted([script, None])
+    assert c.scripts is None  # the original automaton is unchanged
+    prompt = torch.tensor([[vocab.special("<|assistant|>"), opener], [vocab.special("<|assistant|>"), opener]])
+    st = s.after_prompt(prompt)
+    assert st["script"].tolist() == [0, 0]
+    g = torch.Generator().manual_seed(0)
+    rows: list[list[int]] = [[], []]
+    for _ in range(60):
+        logits = torch.randn(2, vocab.size, generator=g)
+        logits[:, closer] += 4.0  # the model closes its spans within a few frames
+        logits[:, c.style_ids] -= 100.0  # and writes no style tokens of its own (the automaton would allow them)
+        tok = torch.distributions.Categorical(logits=s.apply(logits, st)).sample()
+        for r in range(2):
+            rows[r].append(int(tok[r]))
+        st = s.advance(st, tok)
+        if int(st["state"][0]) == DONE:
+            break
+    first = rows[0]
+    assert first.count(closer) == 2 and first[-2:] == [end, eos]
+    k = first.index(closer)
+    assert all(vocab.kind(t) == "speech" for t in first[:k]) and k % 3 == 0 and k > 0  # whole frames, at least one
+    assert first[k + 1 : k + 4] == [*words, opener]
+    second = first[k + 4 : first.index(closer, k + 1)]
+    assert second and all(vocab.kind(t) == "speech" for t in second) and len(second) % 3 == 0
+    assert int(st["script"][0]) == len(script)
+    segs = decode([opener, *first], vocab, ByteText())
+    assert [type(x).__name__ for x in segs] == ["Audio", "Text", "Audio"] and segs[1].text == "hi"
+    with pytest.raises(OmnitokError, match="2 scripts for a batch of 3"):
+        s.initial(3)
+    with pytest.raises(OmnitokError, match="script of row 0"):
+        c.scripted([[vocab.size]])
+    with pytest.raises(OmnitokError, match="SPEAK needs speech"):
+        ModalityConstraint(vocab, outputs={"text"}).scripted([[SPEAK]])

@@ -9,7 +9,10 @@ image span makes the whole picture undecodable. So decoding is constrained per r
   (level q at position q mod Q), ``</speech>`` only on a frame boundary, forced at ``max_speech_frames``;
 - inside ``<video>``: ``<frame>`` + one image grid, repeated, then ``</video>``;
 - a reply without text (``outputs`` of one media modality, e.g. a requested picture) holds one span: once it
-  closes only end of turn and EOS are left, so a model that would open a second one cannot leave a cut-off span.
+  closes only end of turn and EOS are left, so a model that would open a second one cannot leave a cut-off span;
+- a row with a *script* (:meth:`ModalityConstraint.scripted`) is given its reply's ids one by one where the script
+  names them, and left to the model at each ``SPEAK``: a text read aloud in the read-aloud layout
+  (``omnitok.sequence``) places the request's words and lets the LM speak each chunk until it closes the span.
 
 States are small integers and each has a precomputed boolean mask over the vocabulary, so applying the
 constraint to a batch is one gather and one ``masked_fill``.
@@ -17,7 +20,8 @@ constraint to a batch is one gather and one ``masked_fill``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import copy
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -26,6 +30,7 @@ from omnitok.vocab import END, EOS, FRAME, PAD, SPAN_TOKENS, Vocabulary
 
 OUTSIDE, IMAGE_CODE, IMAGE_CLOSE, SPEECH_START, VIDEO_FRAME, VIDEO_CODE, DONE, ENDING = range(8)
 SPEECH_CODE0 = 8  # SPEECH_CODE0 + q: the next speech token must be a level-q code
+SPEAK = -1  # in a script: the model speaks here, up to and including the </speech> it samples
 
 
 class ModalityConstraint:
@@ -72,6 +77,24 @@ class ModalityConstraint:
         self._openers = {self.ids[f"open_{m}"]: state for m, state in
                          (("image", IMAGE_CODE), ("speech", SPEECH_START), ("video", VIDEO_FRAME))}  # fmt: skip
         self.table = self._build_table()
+        self.scripts: list[list[int] | None] | None = None
+
+    def scripted(self, scripts: Sequence[Sequence[int] | None]) -> ModalityConstraint:
+        """This automaton for a batch whose row i follows ``scripts[i]`` (None: free), sharing the tables.
+
+        A script lists the reply's ids after the prompt: an id is forced (the only one allowed), ``SPEAK`` leaves a
+        speech span the prompt or the script opened to the model until it samples ``</speech>``. Past its end a row
+        is free again (scripts end with end of turn and EOS to end the row). Forced ids go through the automaton
+        like sampled ones, so a script must be well-formed (its spans opened before they are spoken).
+        """
+        for i, sc in enumerate(scripts):
+            bad = sc is not None and any(t != SPEAK and not 0 <= t < self.vocab.size for t in sc)
+            if bad or (sc is not None and SPEAK in sc and "speech" not in self.outputs):
+                raise OmnitokError(f"script of row {i}: ids must be SPEAK or in [0, {self.vocab.size}), and SPEAK "
+                                   "needs speech among the outputs")  # fmt: skip
+        out = copy.copy(self)
+        out.scripts = [None if sc is None else list(sc) for sc in scripts]
+        return out
 
     def _build_table(self) -> torch.Tensor:
         v = self.vocab
@@ -105,11 +128,21 @@ class ModalityConstraint:
 
     def initial(self, batch: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
-        return {"state": zeros.clone(), "count": zeros.clone(), "frames": zeros.clone()}
+        st = {"state": zeros.clone(), "count": zeros.clone(), "frames": zeros.clone()}
+        if self.scripts is not None:
+            if len(self.scripts) != batch:
+                raise OmnitokError(f"the automaton has {len(self.scripts)} scripts for a batch of {batch} rows")
+            st["script"] = zeros.clone()  # each row's position in its script
+        return st
 
     def mask(self, st: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, V] boolean: which ids each row may produce next."""
         m = self.table.to(st["state"].device)[st["state"]].clone()
+        if "script" in st:
+            for i, t in enumerate(self._scripted_next(st)):
+                if t is not None:
+                    m[i] = False
+                    m[i, t] = True
         # after a full video, only </video> is left
         full_video = (st["state"] == VIDEO_FRAME) & (st["frames"] >= self.max_video_frames)
         if full_video.any():
@@ -143,7 +176,23 @@ class ModalityConstraint:
         count as the reply's one span.
         """
         rows = torch.stack([st["state"], st["count"], st["frames"], tokens.to(st["state"].device, torch.long)]).tolist()
-        return self._tensors([self._step(s, c, f, t, prompt) for s, c, f, t in zip(*rows, strict=True)], st["state"])
+        out = self._tensors([self._step(s, c, f, t, prompt) for s, c, f, t in zip(*rows, strict=True)], st["state"])
+        if "script" in st:
+            at = st["script"].tolist()
+            close = self.ids["close_speech"]
+            for i, (sc, t) in enumerate(zip(self.scripts or [], rows[3], strict=True)):
+                if sc is not None and at[i] < len(sc) and (sc[at[i]] != SPEAK or t == close):
+                    at[i] += 1  # a forced id consumed, or the span the model spoke closed
+            out["script"] = torch.tensor(at, dtype=torch.long, device=st["state"].device)
+        return out
+
+    def _scripted_next(self, st: dict[str, torch.Tensor]) -> list[int | None]:
+        """Per row: the id its script forces next, or None (no script, the model speaking, or the script done)."""
+        at = st["script"].tolist()
+        return [
+            sc[at[i]] if sc is not None and at[i] < len(sc) and sc[at[i]] != SPEAK else None
+            for i, sc in enumerate(self.scripts or [])
+        ]
 
     def after_prompt(self, prompt_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """State after a (possibly span-opening) prompt, e.g. one ending in ``<image>`` or a style prefix."""
@@ -153,7 +202,10 @@ class ModalityConstraint:
             for t in row:
                 s, c, f = self._step(s, c, f, t, True)
             ends.append((s, c, f))
-        return self._tensors(ends, prompt_ids)
+        st = self._tensors(ends, prompt_ids)
+        if self.scripts is not None:
+            st["script"] = torch.zeros_like(st["state"])
+        return st
 
     def _step(self, s: int, count: int, frames: int, t: int, prompt: bool) -> tuple[int, int, int]:
         """One row's ``(state, count, frames)`` after id ``t``: the automaton's one transition function.

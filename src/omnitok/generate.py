@@ -4,6 +4,11 @@
 opens the requested output span itself (``<image>``, or ``<speech>`` plus style tokens) so the model
 cannot answer in the wrong modality, decodes under the modality automaton, and decodes codes back into
 images and audio. ``stream`` yields text deltas and audio chunks while tokens are still being sampled.
+
+A text read aloud (``output="speech"``, a request "Say this: <text>") from a bundle trained in the read-aloud layout
+(``omnitok.sequence``; the bundle's ``read_aloud_words``) is decoded in that layout: the decoder places the
+request's words a chunk ahead of their speech, the LM speaks each chunk and closes its span (the automaton's script,
+``omnitok.constraints``), and the spans' codes are joined into the one clip the caller gets.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import numpy as np
 import torch
 
 from omnitok.bundle import Bundle, load_bundle
-from omnitok.constraints import DONE, SPEECH_CODE0, SPEECH_START, ModalityConstraint
+from omnitok.constraints import DONE, SPEAK, SPEECH_CODE0, SPEECH_START, ModalityConstraint
 from omnitok.data.tasks import ASR_ASKS, TTS_ASKS
 from omnitok.decoding import (
     IMAGE_CFG_SCALE,
@@ -42,6 +47,7 @@ from omnitok.sequence import (
     decode,
     encode,
     prompt,
+    read_aloud_chunks,
     text_of,
 )
 from omnitok.vocab import END, EOS, SPAN_TOKENS, style_token
@@ -205,21 +211,51 @@ class OmniModel:
             return list(encode(segs, self.vocab, self.bundle.text, LossPolicy(roles=frozenset()), add_eos=False).ids)
         return list(prompt(segs, self.vocab, self.bundle.text))
 
-    def _request(self, segs: list[Segment], opts: GenerateOptions) -> tuple[torch.Tensor, ModalityConstraint]:
-        """Prompt ids (with the forced opener of the requested output) and the automaton, from :meth:`_coded`."""
+    def _request(
+        self, segs: list[Segment], opts: GenerateOptions
+    ) -> tuple[torch.Tensor, ModalityConstraint, list[int] | None]:
+        """Prompt ids (with the forced opener of the requested output), the automaton, and the reply's script (or
+        None) where the bundle speaks in the read-aloud layout (:meth:`_read_aloud_layout`); from :meth:`_coded`."""
         ids = self._prompt_ids(segs, opts)
         outputs: set[str] = {"text", "image", "speech"} if opts.output == "auto" else set(opts.output.split("+"))
         outputs &= {"text"} | {m for m in ("image", "speech") if m in self.vocab.modalities}
+        script = None
         if opts.output == "image":
             ids.append(self.vocab.special(SPAN_TOKENS["image"][0]))
         elif opts.output == "speech":
-            ids += [self.vocab.special(SPAN_TOKENS["speech"][0]), *self._style_ids(opts.style)]
+            style = self._style_ids(opts.style)
+            if self.bundle.read_aloud_words and not opts.continuation:
+                head, script = self._read_aloud_layout(segs, style)
+                ids += head
+                outputs.add("text")  # the placed words are text between the spans
+            else:
+                ids += [self.vocab.special(SPAN_TOKENS["speech"][0]), *style]
         elif opts.output == "text+speech":
             self._style_ids(opts.style)  # checked now: they follow the reply's <speech> (_words), after its words
         constraint = ModalityConstraint(
             self.vocab, image_tokens=self.image_tokens if "image" in outputs else None, outputs=outputs
         )
-        return torch.tensor(ids, dtype=torch.long), constraint
+        return torch.tensor(ids, dtype=torch.long), constraint, script
+
+    def _read_aloud_layout(self, segs: list[Segment], style: list[int]) -> tuple[list[int], list[int]]:
+        """A speech reply in the read-aloud layout the bundle was trained on: ``(head, script)``, the head ending
+        the prompt (the first chunks' words, ``<speech>``, the style tokens), the script the rest of the reply.
+
+        A request that reads a text aloud gets its words placed chunk by chunk, each a chunk ahead of the speech
+        the LM writes for it (``omnitok.sequence``); any other request for speech one span, as in training (the
+        script then only ends the reply after it, as the one-span automaton does)."""
+        opener = self.vocab.special(SPAN_TOKENS["speech"][0])
+        ending = [self.vocab.special(END), self.vocab.special(EOS)]
+        said = self._read_aloud_text(segs)
+        chunks = read_aloud_chunks(said or "", self.bundle.read_aloud_words)
+        if not chunks:
+            return [opener, *style], [SPEAK, *ending]
+        words = [list(self.bundle.text.encode(c)) for c in chunks]
+        head = [*words[0], *(words[1] if len(words) > 1 else []), opener, *style]
+        script = [SPEAK]
+        for i in range(1, len(chunks)):
+            script += [*(words[i + 1] if i + 1 < len(chunks) else []), opener, SPEAK]
+        return head, [*script, *ending]
 
     def _uncond(self, segs: list[Segment], opts: GenerateOptions) -> torch.Tensor:
         """The training-time prompt drop: the same request (from :meth:`_coded`) with the user's text removed.
@@ -360,8 +396,16 @@ class OmniModel:
             new = self._decode_ids(prompts, constraint, cfg, uncond, rooms, gen)
         out = []
         for p, ids, st, ref in zip(prompts, new, styles, refs, strict=True):
+            if constraint.scripts is not None:  # the read-aloud layout: the spans' codes are one clip
+                ids = self._joined_clip(ids)
             out.append(self._render(ids, replace(opts, style=st, reference=ref), self._forced_prefix(p), media))
         return out
+
+    def _joined_clip(self, ids: list[int]) -> list[int]:
+        """A read-aloud reply's ids (after the prompt's ``<speech>`` and style) as one span: its speech codes, in
+        order, then ``</speech>``; the placed words and the inner closers and openers are dropped. Why: the words
+        only guide the LM; the caller asked for a clip, and the codec decodes the joined codes seamlessly."""
+        return [*(t for t in ids if self.vocab.kind(t) == "speech"), self.vocab.special(SPAN_TOKENS["speech"][1])]
 
     def _plan(
         self, samples: Sequence[Sequence[Segment]], opts: GenerateOptions, styles: list[dict[str, str] | None]
@@ -373,7 +417,10 @@ class OmniModel:
         prompts = [r[0] for r in requests]
         uncond = [self._uncond(c, opts) for c in coded] if opts.output == "image" and opts.cfg_scale != 1 else None
         cfg, rooms = self._fit(self._config(opts), prompts, uncond, opts.output)
-        return prompts, requests[0][1], cfg, uncond, rooms
+        constraint = requests[0][1]
+        if any(r[2] is not None for r in requests):  # read aloud: every row follows its script (_read_aloud_layout)
+            constraint = constraint.scripted([r[2] for r in requests])
+        return prompts, constraint, cfg, uncond, rooms
 
     def _decode_ids(
         self,
@@ -624,13 +671,22 @@ class OmniModel:
         return [next(it) if t else float("-inf") for ts in texts for t in ts]
 
     @staticmethod
-    def _read_aloud(sample: Sequence[Segment], i: int) -> str:
+    def _read_aloud_text(sample: Sequence[Segment]) -> str | None:
         """The text a request asks to be read aloud: its text after one of the trained asks (``TTS_ASKS``, in any
-        case: "say this: ..." is the same request to a user)."""
+        case: "say this: ..." is the same request to a user); None for a request of another kind."""
         asked = text_of(sample) if isinstance(sample, Sequence) and not isinstance(sample, str | bytes) else ""
         for ask in (a.strip() for a in TTS_ASKS):
             if asked.casefold().startswith(ask.casefold()) and asked[len(ask) :].strip():
                 return asked[len(ask) :].strip()
+        return None
+
+    @classmethod
+    def _read_aloud(cls, sample: Sequence[Segment], i: int) -> str:
+        """:meth:`_read_aloud_text`, for best_of, which needs one: a request of another kind is refused."""
+        said = cls._read_aloud_text(sample)
+        if said is not None:
+            return said
+        asked = text_of(sample) if isinstance(sample, Sequence) and not isinstance(sample, str | bytes) else ""
         raise OmnitokError(
             f"best_of with output='speech' keeps the clip in which the model hears the text it was asked to read; "
             f"request {i} asks {asked[:60]!r}, which does not start with one of {[a.strip() for a in TTS_ASKS]} "
@@ -700,7 +756,10 @@ class OmniModel:
         opts = GenerateOptions(**options)
         if opts.best_of != 1:
             raise OmnitokError("best_of picks among finished pictures, so it cannot stream; use generate")
-        ids, constraint = self._request(self._coded(sample, opts), opts)
+        ids, constraint, script = self._request(self._coded(sample, opts), opts)
+        if script is not None:
+            constraint = constraint.scripted([script])
+        joined = script is not None  # the read-aloud layout: its spans are one clip, its placed words not the reply
         gen = self._generator(opts.seed)
         speech_tok = self.bundle.speech
         levels = self.vocab.levels("speech") if "speech" in self.vocab.modalities else 1
@@ -732,6 +791,8 @@ class OmniModel:
         cfg = self._fit(self._config(opts), [ids], None, opts.output)[0]
         for tok, state in self._stream_ids(ids, constraint, cfg, gen, opts):
             kind = self.vocab.kind(tok)
+            if joined and kind != "speech":  # placed words, inner closers and openers, end of turn
+                continue
             if kind == "text":
                 text_ids.append(tok)
                 text = self.bundle.text.decode(text_ids)
