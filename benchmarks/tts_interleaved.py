@@ -10,7 +10,9 @@ time, each chunk one chunk ahead of the speech that says it,
 where the clip's codes are cut in proportion to each chunk's characters (no word timings needed). Layouts:
 ``ahead`` (above: the LM writes the words too), ``behind`` (each chunk's words after its speech, ASR's order) and
 ``given`` (as ahead, but the words are no training target: generation places the request's own words and the LM
-only speaks each chunk and closes its span).
+only speaks each chunk and closes its span). ``given`` is now the pipeline's own layout (``omnitok.sequence``'s
+read-aloud layout, written by ``omnitok pretokenize`` and decoded by ``omnitok.generate`` for a bundle that records
+it); this copy and ``--mode given`` remain for token directories and bundles made before it.
 
 ``tokens``: a copy of a token directory whose ``tts`` documents (train and val; ``--share`` of them) are laid out
 so; every other task is linked, unchanged, and the vocabulary and text tokenizer are the same. Train an arm on it
@@ -45,10 +47,10 @@ def read_chunks(said: str, words: int) -> list[str]:
 
     Shared by the documents and the given layout's decoding, so the two cut a sentence alike."""
     from omnitok.data.tasks import TTS_ASKS
+    from omnitok.sequence import read_aloud_chunks
 
     ask = next((a for a in TTS_ASKS if said.startswith(a)), None)
-    ws = [] if ask is None else said[len(ask) :].split()
-    return [(" " if i else "") + " ".join(ws[i : i + words]) for i in range(0, len(ws), words)]
+    return [] if ask is None else read_aloud_chunks(said[len(ask) :], words)
 
 
 def interleave_tokens(src: Path, dst: Path, words: int, layout: str, share: float = 1.0) -> dict[str, int]:
