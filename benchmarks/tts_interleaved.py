@@ -12,7 +12,8 @@ where the clip's codes are cut in proportion to each chunk's characters (no word
 ``given`` (as ahead, but the words are no training target: generation places the request's own words and the LM
 only speaks each chunk and closes its span). ``given`` is now the pipeline's own layout (``omnitok.sequence``'s
 read-aloud layout, written by ``omnitok pretokenize`` and decoded by ``omnitok.generate`` for a bundle that records
-it); this copy and ``--mode given`` remain for token directories and bundles made before it.
+it); this copy remains for token directories made before it, and ``--mode given`` decodes a bundle trained on
+such a copy (whose manifest does not record the layout) with the pipeline's own read-aloud decoding.
 
 ``tokens``: a copy of a token directory whose ``tts`` documents (train and val; ``--share`` of them) are laid out
 so; every other task is linked, unchanged, and the vocabulary and text tokenizer are the same. Train an arm on it
@@ -146,48 +147,6 @@ def interleaved_replies(model, samples, opts, layout, media=True):  # type: igno
     return out
 
 
-def given_replies(model, samples, opts, words, media=True):  # type: ignore[no-untyped-def]
-    """Decoding for the ``given`` layout: the words are placed, not written (they are the request's own text), and
-    the LM writes each chunk's speech until it closes the span; one request at a time."""
-    import torch
-
-    from omnitok.constraints import ModalityConstraint
-    from omnitok.decoding import DecodeConfig
-    from omnitok.sequence import Text
-    from omnitok.vocab import SPAN_TOKENS
-
-    styles, refs = model._per_request(opts, len(samples))
-    as_text = replace(opts, output="text+speech", style=None)
-    opener, closer = (model.vocab.special(t) for t in SPAN_TOKENS["speech"])
-    constraint = ModalityConstraint(model.vocab, outputs={"text", "speech"})
-    cfg = DecodeConfig(max_new_tokens=80, text=opts.text, image=opts.image, speech=opts.speech)
-    gen = model._generator(opts.seed)
-
-    def enc(c: str) -> list[int]:
-        return list(model.bundle.text.encode(c))
-
-    out = []
-    for sample, st, ref in zip(samples, styles, refs, strict=True):
-        said = next(x.text for x in sample if isinstance(x, Text))
-        chunks = read_chunks(said, words)
-        if not chunks:
-            raise SystemExit(f"given layout: {said!r} is not a read-aloud request with text")
-        style = model._style_ids(st)
-        ids = model._prompt_ids(model._coded(sample, as_text), as_text) + enc(chunks[0])
-        ids += (enc(chunks[1]) if len(chunks) > 1 else []) + [opener, *style]
-        codes: list[int] = []
-        for i in range(len(chunks)):
-            new = model._decode_ids([torch.tensor(ids)], constraint, cfg, None, [80], gen, closer)[0]
-            span = [t for t in new if model.vocab.kind(t) == "speech"]
-            codes += span
-            ids += [*span, closer]
-            if i + 1 < len(chunks):
-                ids += (enc(chunks[i + 2]) if i + 2 < len(chunks) else []) + [opener]
-        clip = [opener, *style, *codes, closer]
-        out.append(model._render(clip, replace(opts, style=st, reference=ref), [], media))
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -215,20 +174,21 @@ def main() -> None:
     from omnitok.eval.suite import EvalConfig, evaluate
     from omnitok.generate import OmniModel
 
-    if args.mode != "plain":
+    model = omnitok.load(args.bundle)
+    if args.mode == "given":  # the pipeline's read-aloud decoding, for a bundle whose manifest predates the field
+        model.bundle.read_aloud_words = args.words
+    elif args.mode != "plain":
         plain = OmniModel._replies
 
         def replies(m, s, o, media=True):  # type: ignore[no-untyped-def]
             if o.output != "speech":
                 return plain(m, s, o, media)
-            if args.mode == "given":
-                return given_replies(m, s, o, args.words, media)
             return interleaved_replies(m, s, o, args.mode, media)
 
         OmniModel._replies = replies  # type: ignore[method-assign]
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp) / "eval"
-        m = evaluate(omnitok.load(args.bundle), args.world, out, EvalConfig(limit=args.limit, tasks=["tts"]))
+        m = evaluate(model, args.world, out, EvalConfig(limit=args.limit, tasks=["tts"]))
     wer, style = m["tts_wer"], m["tts_style_acc"]
 
     def f(x: float | None) -> str:  # a group with no sample (a small --limit) has no figure
