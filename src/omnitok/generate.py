@@ -671,10 +671,14 @@ class OmniModel:
         return [next(it) if t else float("-inf") for ts in texts for t in ts]
 
     @staticmethod
-    def _read_aloud_text(sample: Sequence[Segment]) -> str | None:
+    def _asked(sample: Sequence[Segment]) -> str:
+        return text_of(sample) if isinstance(sample, Sequence) and not isinstance(sample, str | bytes) else ""
+
+    @classmethod
+    def _read_aloud_text(cls, sample: Sequence[Segment]) -> str | None:
         """The text a request asks to be read aloud: its text after one of the trained asks (``TTS_ASKS``, in any
         case: "say this: ..." is the same request to a user); None for a request of another kind."""
-        asked = text_of(sample) if isinstance(sample, Sequence) and not isinstance(sample, str | bytes) else ""
+        asked = cls._asked(sample)
         for ask in (a.strip() for a in TTS_ASKS):
             if asked.casefold().startswith(ask.casefold()) and asked[len(ask) :].strip():
                 return asked[len(ask) :].strip()
@@ -686,7 +690,7 @@ class OmniModel:
         said = cls._read_aloud_text(sample)
         if said is not None:
             return said
-        asked = text_of(sample) if isinstance(sample, Sequence) and not isinstance(sample, str | bytes) else ""
+        asked = cls._asked(sample)
         raise OmnitokError(
             f"best_of with output='speech' keeps the clip in which the model hears the text it was asked to read; "
             f"request {i} asks {asked[:60]!r}, which does not start with one of {[a.strip() for a in TTS_ASKS]} "
