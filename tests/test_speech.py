@@ -20,6 +20,7 @@ from omnitok.world.speech import (
     VOICES,
     Speaker,
     Style,
+    _word_onsets,
     decode_wav,
     encode_wav,
     estimate_f0,
@@ -68,6 +69,36 @@ def test_output_format_and_duration(speaker: Speaker) -> None:
     assert np.sqrt(np.mean(audio**2)) > 0.02  # not silent
     seconds = audio.size / SAMPLE_RATE
     assert 1.5 < seconds < 6.0  # ten words at 170 words per minute
+
+
+def test_word_onsets_mark_where_each_word_starts(speaker: Speaker) -> None:
+    style = Style("us_m1", "mid", "normal")
+    text = "A small red circle. Then a big blue square, on the left."
+    audio, onsets = speaker.synthesize_timed(text, style)
+    assert np.array_equal(audio, speaker.synthesize(text, style))  # the same clip, timed
+    assert len(onsets) == len(text.split()) and onsets == sorted(onsets) and onsets[0] >= 0 and onsets[-1] < audio.size
+    assert len(set(onsets)) == len(onsets)  # "on the", one word to eSpeak, gets two onsets
+    # after the full stop eSpeak pauses: the 50 ms before "Then" are near silent, the 50 ms after it are not
+    then = onsets[text.split().index("Then")]
+    w = SAMPLE_RATE // 20
+    rms = np.sqrt(np.mean(audio**2))
+    assert np.sqrt(np.mean(audio[then - w : then] ** 2)) < 0.1 * rms < np.sqrt(np.mean(audio[then : then + w] ** 2))
+    # words are timed at SAMPLE_RATE: a slow clip puts its last word later than a fast one
+    slow = speaker.synthesize_timed(text, Style("us_m1", "mid", "slow"))[1]
+    fast = speaker.synthesize_timed(text, Style("us_m1", "mid", "fast"))[1]
+    assert slow[-1] > 1.3 * fast[-1]
+
+
+def test_word_onsets_from_events() -> None:
+    # (1-based character, native sample) per event; scale 0.5 (a 32 kHz library, 16 kHz clips)
+    text = "red  circle , then"  # words start at characters 0, 5, 12, 14; 18 characters
+    assert _word_onsets(text, [(1, 100), (6, 400), (15, 900)], 0.5, 1000) == [50, 200, 394, 450]  # "," has none:
+    # placed by its characters between "circle" (5, 200) and "then" (14, 450)
+    assert _word_onsets(text, [(1, 100), (15, 900)], 0.5, 1000) == [50, 193, 393, 450]  # two words spoken as one
+    # the first event inside a word counts; a word before any event starts with the clip, after the last one
+    # ends with it
+    assert _word_onsets(text, [(6, 400), (8, 300)], 1.0, 1000) == [0, 400, 723, 815]
+    assert _word_onsets(text, [], 1.0, 1000) == [0, 278, 667, 778]
 
 
 def test_deterministic_whatever_came_before(speaker: Speaker) -> None:

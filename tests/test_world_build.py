@@ -188,3 +188,19 @@ def test_cli_build_writes_config_and_summary(tmp_path):
     assert record["command"] == "omnitok world build" and record["config"]["n"] == 12
     r = _cli("world", "info", str(tmp_path))
     assert r.returncode == 0 and "caption_filter" in r.stdout
+
+
+def test_spoken_clips_record_where_their_words_start(tmp_path):
+    """The read-aloud layout cuts a clip at its words (omnitok.sequence): the world keeps eSpeak's word onsets."""
+    cfg = WorldConfig(n=10, seed=0, samples_per_shard=20, kind_ratios={"scene": 1.0, "spoken_qa": 0.3})
+    build_world(tmp_path, cfg, workers=1)
+    records = [s["meta"]["speech"] for s in iter_samples(tmp_path, "train", "scene")]
+    records += [
+        s["meta"][k] for s in iter_samples(tmp_path, "train", "spoken_qa") for k in ("question_speech", "answer_speech")
+    ]
+    assert len(records) >= 10
+    for rec in records:
+        onsets, words = rec["word_onsets"], rec["text"].split()
+        assert len(onsets) == len(words) and onsets == sorted(onsets) and onsets[-1] < rec["num_samples"]
+        # a sentence of several words is spoken over most of its clip, its last word well after its first
+        assert len(words) < 3 or onsets[-1] - onsets[0] > 0.4 * rec["num_samples"]

@@ -197,7 +197,7 @@ class _Context:
             pitch=tuple(PITCHES)[int(self.rng.integers(len(PITCHES)))],
             rate=tuple(RATES)[int(self.rng.integers(len(RATES)))],
         )
-        audio = _speaker().synthesize(text, style)
+        audio, onsets = _speaker().synthesize_timed(text, style)
         record = {
             "text": text,
             "voice": style.voice,
@@ -207,6 +207,7 @@ class _Context:
             "heldout_voice": use_held,
             "sample_rate": SAMPLE_RATE,
             "num_samples": len(audio),
+            "word_onsets": onsets,  # sample where each white-space word of the text starts (eSpeak's word events)
         }
         return encode_wav(audio, SAMPLE_RATE), record
 

@@ -23,6 +23,7 @@ import ctypes
 import functools
 import io
 import os
+import re
 import struct
 import sys
 import threading
@@ -121,6 +122,24 @@ _PARAM = {"rate": 1, "volume": 2, "pitch": 3, "range": 4}
 _ENS_OK = 0
 
 _SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+
+class _Event(ctypes.Structure):
+    """espeak_EVENT (speak_lib.h): the callback's events, an array ended by type 0 (espeakEVENT_LIST_TERMINATED)."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("unique_identifier", ctypes.c_uint),
+        ("text_position", ctypes.c_int),  # 1-based, in characters (we synthesise with POS_CHARACTER)
+        ("length", ctypes.c_int),
+        ("audio_position", ctypes.c_int),  # ms
+        ("sample", ctypes.c_int),  # at the library's native rate, counted from the start of the text
+        ("user_data", ctypes.c_void_p),
+        ("id", ctypes.c_char * 8),  # a union of int / const char* / char[8]; unread
+    ]
+
+
+_EVENT_END_OF_LIST, _EVENT_WORD = 0, 1
 
 _SHF_WRITE, _SHF_ALLOC, _SHF_TLS = 0x1, 0x2, 0x400
 _SHT_SYMTAB = 2
@@ -265,6 +284,7 @@ class _Library:
             self._seed = lambda: libc.srand(0)
         self.initialized_with: str | None = None
         self._chunks: list[bytes] = []
+        self._words: list[tuple[int, int]] = []  # (text_position, sample) of each word event of the current text
         self._callback = _SynthCallback(self._collect)  # kept alive for as long as the library
         self._snapshot: list[tuple[int, bytes]] = []
         self._keep: list[tuple[int, int]] = []
@@ -297,10 +317,17 @@ class _Library:
             self._voice_list = [(base + found[name][0], found[name][1]) for name in self._VOICE_LIST]
         return True
 
-    def _collect(self, wav: ctypes._Pointer, n: int, _events: int) -> int:
+    def _collect(self, wav: ctypes._Pointer, n: int, events: int | None) -> int:
         if n > 0 and wav:
             # a copy as bytes: ~70 callbacks a clip, where numpy's view of a ctypes pointer costs 9 us each
             self._chunks.append(ctypes.string_at(wav, 2 * n))
+        if events:
+            ev = ctypes.cast(events, ctypes.POINTER(_Event))
+            k = 0
+            while (kind := ev[k].type) != _EVENT_END_OF_LIST:
+                if kind == _EVENT_WORD:
+                    self._words.append((ev[k].text_position, ev[k].sample))
+                k += 1
         return 0
 
     def _status(self, code: int) -> str:
@@ -342,14 +369,16 @@ class _Library:
         if code != 0:
             raise OmnitokError(f"eSpeak NG has no voice {voice.espeak!r} (voice {voice.name!r}); error {code}")
 
-    def synth(self, text: bytes) -> np.ndarray:
-        self._chunks = []
+    def synth(self, text: bytes) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """PCM at the native rate, and (text_position, sample) of each word eSpeak started."""
+        self._chunks, self._words = [], []
         code = self.lib.espeak_Synth(text, len(text) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
         if code != 0:
             raise OmnitokError(f"eSpeak NG failed to synthesise the text (espeak_Synth returned {code})")
         self.lib.espeak_Synchronize()
         chunks, self._chunks = self._chunks, []
-        return np.frombuffer(b"".join(chunks), dtype=np.int16)
+        words, self._words = self._words, []
+        return np.frombuffer(b"".join(chunks), dtype=np.int16), words
 
 
 @functools.cache
@@ -392,6 +421,28 @@ def _default_paths() -> tuple[str, str]:
         return espeakng_loader.get_library_path(), espeakng_loader.get_data_path()
     except RuntimeError as e:
         raise OmnitokError(f"espeakng-loader is installed but incomplete: {e}") from e
+
+
+def _word_onsets(text: str, events: list[tuple[int, int]], scale: float, n_samples: int) -> list[int]:
+    """The start of each white-space word of ``text`` from eSpeak's word events ((1-based character position,
+    native sample)): a word's onset is that of the first event inside it. eSpeak speaks some short words with the
+    one before as one word ("in the", "on the": one event); such a word is placed between the onsets around it in
+    proportion to its characters. Onsets never decrease."""
+    spans = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+    found: list[float | None] = [None] * len(spans)
+    w = 0
+    for pos, sample in sorted(events):
+        c = pos - 1
+        while w < len(spans) and spans[w][1] <= c:
+            w += 1
+        if w < len(spans) and spans[w][0] <= c and found[w] is None:
+            found[w] = min(sample * scale, n_samples)
+    # the anchors: the known onsets, with the clip's start and end at the text's start and end
+    chars = [0.0] + [float(spans[i][0]) for i in range(len(spans)) if found[i] is not None] + [float(len(text))]
+    times = [0.0] + [f for f in found if f is not None] + [float(n_samples)]
+    times = np.maximum.accumulate(times).tolist()
+    onsets = [f if f is not None else float(np.interp(spans[i][0], chars, times)) for i, f in enumerate(found)]
+    return np.maximum.accumulate([round(o) for o in onsets]).tolist() if onsets else []
 
 
 class Speaker:
@@ -469,10 +520,16 @@ class Speaker:
 
     def synthesize(self, text: str, style: Style) -> np.ndarray:
         """Speak ``text``: float32 mono in [-1, 1] at ``SAMPLE_RATE``, identical for identical inputs."""
+        return self.synthesize_timed(text, style)[0]
+
+    def synthesize_timed(self, text: str, style: Style) -> tuple[np.ndarray, list[int]]:
+        """``synthesize``, and where each of the text's words (split on white space) starts, in samples at
+        ``SAMPLE_RATE``. The synthesiser knows where it put every word; a clip that carries these onsets can be
+        cut at its words without a forced aligner (the read-aloud layout, ``omnitok.sequence``)."""
         raw = self._check_text(text)
         with self._lib.lock:
             self._prepare(style)
-            pcm = self._lib.synth(raw)
+            pcm, events = self._lib.synth(raw)
         if pcm.size == 0:
             raise OmnitokError(f"eSpeak NG produced no audio for text {text[:60]!r}")
         audio = pcm.astype(np.float32) / 32768.0
@@ -482,7 +539,8 @@ class Speaker:
             g = gcd(SAMPLE_RATE, self.native_rate)
             up, down = SAMPLE_RATE // g, self.native_rate // g
             audio = resample_poly(audio, up, down, window=_resample_filter(up, down)).astype(np.float32)
-        return np.clip(audio, -1.0, 1.0)
+        onsets = _word_onsets(text, events, SAMPLE_RATE / self.native_rate, len(audio))
+        return np.clip(audio, -1.0, 1.0), onsets
 
     def phonemes(self, text: str, style: Style) -> str:
         """IPA in the voice's accent: phonemes joined by '_' inside a word, words by ' '.
