@@ -137,6 +137,10 @@ def test_a_tts_clip_carries_the_words_it_says():
     [[ask, clip]] = tts({"wav": np.zeros(160, np.float32), "meta": {"speech": rec}}, sample_rng(0, "k", "tts"))
     assert isinstance(clip, Audio) and clip.words == "a small blue star" and clip.role == "assistant"
     assert any(ask.text == a + "a small blue star" for a in TTS_ASKS)
+    assert clip.word_onsets is None  # a world made before eSpeak's word events were recorded
+    rec |= {"num_samples": 160, "word_onsets": [0, 40, 80, 120]}
+    [[_, clip]] = tts({"wav": np.zeros(160, np.float32), "meta": {"speech": rec}}, sample_rng(0, "k", "tts"))
+    assert clip.word_onsets == (0.0, 0.25, 0.5, 0.75)  # fractions of the clip, as the layout cuts by them
 
 
 def test_caption_answers_are_canonical_and_draw_prompts_paraphrase():

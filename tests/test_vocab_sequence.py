@@ -256,3 +256,27 @@ def test_read_aloud_layout_places_each_chunk_ahead_of_its_speech(vocab, text_tok
     assert encode([sample[0], short], vocab, text_tok, read_aloud_words=2).ids.tolist().count(opener) == 1
     with pytest.raises(OmnitokError, match="read_aloud_words must be an int >= 1"):
         read_aloud_chunks(words, 0)
+
+
+def test_read_aloud_layout_cuts_at_the_words_onsets(vocab, text_tok, rng):
+    words = "a large red circle in the top left"  # chunks start at words 0, 2, 4, 6
+    codes = rng.integers(0, 16, (20, 2))
+
+    def frames_per_span(onsets):
+        clip = Audio(codes=codes, role="assistant", words=words, word_onsets=onsets)
+        reply = encode([Text("Say this: " + words, role="user"), clip], vocab, text_tok, read_aloud_words=2).ids
+        opens = np.flatnonzero(reply == vocab.special("<speech>"))
+        closes = np.flatnonzero(reply == vocab.special("</speech>"))
+        is_code = np.array([vocab.kind(t) == "speech" for t in reply.tolist()])
+        per_span = [int(is_code[lo:hi].sum()) // 2 for lo, hi in zip(opens, closes, strict=True)]
+        assert sum(per_span) == 20  # every frame once
+        return per_span
+
+    # chunk k ends where chunk k+1's first word starts: 0.3 -> frame 6, 0.55 -> 11, 0.9 -> 18
+    assert frames_per_span((0.0, 0.1, 0.3, 0.4, 0.55, 0.6, 0.9, 0.95)) == [6, 5, 7, 2]
+    # a word eSpeak ran into the next (equal onsets) still leaves every chunk a frame
+    assert frames_per_span((0.0, 0.1, 0.5, 0.5, 0.5, 0.6, 1.0, 1.0)) == [10, 1, 8, 1]
+    for bad, why in (((0.0, 0.5), "expected 8"), ((0.0,) * 7 + (1.5,), r"in \[0, 1\]"), ((0.5,) + (0.1,) * 7, "non-")):
+        with pytest.raises(OmnitokError, match="word_onsets") as err:
+            frames_per_span(bad)
+        assert err.match(why)

@@ -11,7 +11,9 @@ Layout of one encoded sample::
             w1 w2 <speech> [style] c c ... </speech> w3 <speech> c c ... </speech> ... <speech> c c ... </speech>
 
 In the read-aloud layout the words are cut into chunks of k, each placed one chunk ahead of the part of the clip
-that says it (the clip's frames are shared out in proportion to the chunks' characters: no word timings needed).
+that says it: the clip is cut where each chunk's first word starts (``Audio.word_onsets``, which the toy world
+records from eSpeak's word events), or, for a clip without onsets, its frames are shared out in proportion to the
+chunks' characters.
 Why: a TTS clip after its whole text lost its place in the sentence (fluent speech of another sentence); with the
 words beside their speech the same LM at the same steps misread half as many words (docs/BENCHMARKS.md "What the
 demo's clips get wrong"). The words are never training targets there: at generation they are the request's own,
@@ -76,7 +78,9 @@ class Audio:
     """Speech as samples (with their rate) and/or codes; ``style`` (voice/pitch/rate) is emitted as tokens.
 
     ``words``: the text the clip says when it is a text read aloud; encoded in the read-aloud layout (module
-    docstring) where the encoding asks for it, as one plain span otherwise."""
+    docstring) where the encoding asks for it, as one plain span otherwise. ``word_onsets``: where each of its
+    white-space words starts, as a fraction of the clip (the synthesiser's word events); the layout then cuts the
+    clip at its chunks' first words instead of sharing its frames out by characters."""
 
     codes: np.ndarray | None = None
     role: str | None = None
@@ -84,6 +88,7 @@ class Audio:
     samples: np.ndarray | None = None
     sample_rate: int | None = None
     words: str | None = None
+    word_onsets: Sequence[float] | None = None
 
 
 @dataclass
@@ -158,6 +163,30 @@ def read_aloud_chunks(words: str, per_chunk: int) -> list[str]:
     return [(" " if i else "") + " ".join(ws[i : i + per_chunk]) for i in range(0, len(ws), per_chunk)]
 
 
+def _read_aloud_cuts(chunks: list[str], per_chunk: int, frames: int, onsets: Sequence[float] | None) -> list[int]:
+    """Where each chunk's speech ends, in frames (the last at the clip's end), at least one frame a chunk. With
+    the words' onsets a chunk ends where the next chunk's first word starts; without, the frames are shared out in
+    proportion to the chunks' characters (a guess: eSpeak's pauses and long words put its cuts off by a word's
+    part, docs/BENCHMARKS.md "Cutting a clip at its words")."""
+    n = len(chunks)
+    if onsets is None:
+        chars = np.cumsum([len(c) for c in chunks]) / sum(len(c) for c in chunks)
+        return (np.arange(1, n + 1) + np.round(chars * (frames - n)).astype(int)).tolist()
+    n_words = sum(len(c.split()) for c in chunks)
+    o = np.asarray(onsets, dtype=np.float64)
+    if o.shape != (n_words,) or not np.all(np.isfinite(o)) or o.min() < 0 or o.max() > 1 or np.any(np.diff(o) < 0):
+        raise OmnitokError(
+            f"word_onsets: expected {n_words} non-decreasing fractions of the clip in [0, 1], one per word, "
+            f"got {o.tolist()[:8]}{'...' if o.size > 8 else ''} ({o.size} values)"
+        )
+    cuts, lo = [], 0
+    for i in range(1, n):
+        hi = round(o[i * per_chunk] * frames)
+        lo = min(max(hi, lo + 1), frames - (n - i))  # every chunk keeps a frame, and so does every chunk after it
+        cuts.append(lo)
+    return [*cuts, frames]
+
+
 def _read_aloud_tokens(seg: Audio, vocab: Vocabulary, text: TextCodec, per_chunk: int) -> tuple[list[int], list[int]]:
     """A clip with its words beside it (module docstring): ``(ids, is_word)``, the words flagged so they are no
     target. A clip with fewer frames than chunks cannot give each chunk its own speech, and stays one plain span."""
@@ -170,13 +199,11 @@ def _read_aloud_tokens(seg: Audio, vocab: Vocabulary, text: TextCodec, per_chunk
         toks = _segment_tokens(seg, vocab, text)
         return toks, [0] * len(toks)
     open_, close = (vocab.special(t) for t in SPAN_TOKENS["speech"])
-    # one frame for each chunk, the rest shared in proportion to the chunks' characters; the last cut is the end
-    chars = np.cumsum([len(c) for c in chunks]) / sum(len(c) for c in chunks)
-    cuts = np.arange(1, len(chunks) + 1) + np.round(chars * (frames - len(chunks))).astype(int)
+    cuts = _read_aloud_cuts(chunks, per_chunk, frames, seg.word_onsets)
     words = [list(text.encode(c)) for c in chunks]
     out, is_word = list(words[0]), [1] * len(words[0])
     lo = 0
-    for i, hi in enumerate(cuts.tolist()):
+    for i, hi in enumerate(cuts):
         ahead = words[i + 1] if i + 1 < len(chunks) else []
         span = [open_, *(_style_ids(seg, vocab) if i == 0 else []), *ids[lo * levels : hi * levels], close]
         out += ahead + span
