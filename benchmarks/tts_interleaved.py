@@ -23,14 +23,20 @@ next to the original (``benchmarks/demo_lm_shapes.py --demo`` a directory whose 
 it was trained on (every span's codes joined into one clip, decoded as the usual reply's would be). Everything else
 is the evaluation's: the test sentences, styles, reference clips of held-out voices, pocketsphinx, style check.
 
+``cuts``: how far the cut by characters lies from where the words start, on a world that recorded eSpeak's word
+onsets (``omnitok world build`` since they are): for every chunk boundary of every train clip, the signed distance
+between the two cuts in milliseconds (positive: the characters cut late).
+
     python benchmarks/tts_interleaved.py tokens runs/demo/tokens runs/tok_given --layout given
     python benchmarks/tts_interleaved.py eval runs/arms/given/lm/bundle --world runs/demo/world --mode given
+    python benchmarks/tts_interleaved.py cuts --world runs/demo/world
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import shutil
 from dataclasses import replace
@@ -38,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import command, machine
+from _common import command, machine, table
 
 LAYOUTS = ("ahead", "behind", "given")
 
@@ -147,6 +153,27 @@ def interleaved_replies(model, samples, opts, layout, media=True):  # type: igno
     return out
 
 
+def cut_distances(world: Path, words: int) -> tuple[np.ndarray, np.ndarray]:
+    """The characters' cut minus the onsets' cut (ms) at every chunk boundary of the train clips, and each
+    boundary's clip rate (its samples per word, to split by speaking rate)."""
+    from omnitok.sequence import read_aloud_chunks
+    from omnitok.world.read import iter_samples
+
+    diffs, per_word = [], []
+    for raw in iter_samples(world, "train", "scene", decode=False):  # the records alone: no picture or clip decoded
+        rec = json.loads(raw["json"]).get("speech")
+        if rec is None:
+            continue
+        if "word_onsets" not in rec:
+            raise SystemExit(f"{world}: its speech records have no word_onsets (built before they were recorded)")
+        chunks, n = read_aloud_chunks(rec["text"], words), rec["num_samples"]
+        shares = np.cumsum([len(c) for c in chunks]) / sum(len(c) for c in chunks)
+        for i in range(1, len(chunks)):
+            diffs.append((shares[i - 1] * n - rec["word_onsets"][i * words]) / rec["sample_rate"] * 1000)
+            per_word.append(n / len(rec["text"].split()) / rec["sample_rate"] * 1000)
+    return np.array(diffs), np.array(per_word)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -163,8 +190,24 @@ def main() -> None:
     e.add_argument("--limit", type=int, default=30)
     e.add_argument("--words", type=int, default=2, help="given: words per chunk, as its tokens were made")
     e.add_argument("--out", type=Path, default=None, help="the evaluation's directory (default: a temporary one)")
+    c = sub.add_parser("cuts", help="the cut by characters against the words' onsets")
+    c.add_argument("--world", type=Path, required=True)
+    c.add_argument("--words", type=int, nargs="+", default=[1, 2, 3], help="words per chunk")
     args = ap.parse_args()
     print(f"{command()}\n{machine()}\n")
+    if args.cmd == "cuts":
+        rows = []
+        for k in args.words:
+            d, _ = cut_distances(args.world, k)
+            a = np.abs(d)
+            q = np.percentile(a, [50, 90])
+            share = f"{(a > 100).mean():.2f}"
+            rows.append([k, len(d), f"{a.mean():.0f}", f"{q[0]:.0f}", f"{q[1]:.0f}", share, f"{d.mean():+.0f}"])
+        hdr = ["words a chunk", "boundaries", "mean |ms|", "median", "p90", "share > 100 ms", "mean signed"]
+        print(table(hdr, rows))
+        _, per_word = cut_distances(args.world, 1)
+        print(f"a word lasts {per_word.mean():.0f} ms on average (clip length / words)")
+        return
     if args.cmd == "tokens":
         print(interleave_tokens(args.src, args.dst, args.words, args.layout, args.share))
         return
