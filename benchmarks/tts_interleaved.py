@@ -153,25 +153,30 @@ def interleaved_replies(model, samples, opts, layout, media=True):  # type: igno
     return out
 
 
-def cut_distances(world: Path, words: int) -> tuple[np.ndarray, np.ndarray]:
-    """The characters' cut minus the onsets' cut (ms) at every chunk boundary of the train clips, and each
-    boundary's clip rate (its samples per word, to split by speaking rate)."""
-    from omnitok.sequence import read_aloud_chunks
+def cut_distances(world: Path, per_chunk: list[int]) -> tuple[dict[int, np.ndarray], float]:
+    """For each chunk size, the characters' cut minus the onsets' cut (ms) at every chunk boundary of the train
+    clips, both made by the layout's own ``_read_aloud_cuts`` at sample resolution; and the mean word's length (ms:
+    clip length / words, over clips). The world's records are read once, no picture or clip decoded."""
+    from omnitok.sequence import _read_aloud_cuts, read_aloud_chunks
     from omnitok.world.read import iter_samples
 
-    diffs, per_word = [], []
-    for raw in iter_samples(world, "train", "scene", decode=False):  # the records alone: no picture or clip decoded
+    diffs: dict[int, list[float]] = {k: [] for k in per_chunk}
+    word_ms = []
+    for raw in iter_samples(world, "train", "scene", decode=False):
         rec = json.loads(raw["json"]).get("speech")
         if rec is None:
             continue
         if "word_onsets" not in rec:
             raise SystemExit(f"{world}: its speech records have no word_onsets (built before they were recorded)")
-        chunks, n = read_aloud_chunks(rec["text"], words), rec["num_samples"]
-        shares = np.cumsum([len(c) for c in chunks]) / sum(len(c) for c in chunks)
-        for i in range(1, len(chunks)):
-            diffs.append((shares[i - 1] * n - rec["word_onsets"][i * words]) / rec["sample_rate"] * 1000)
-            per_word.append(n / len(rec["text"].split()) / rec["sample_rate"] * 1000)
-    return np.array(diffs), np.array(per_word)
+        n, ms = rec["num_samples"], 1000 / rec["sample_rate"]
+        onsets = [o / n for o in rec["word_onsets"]]  # as omnitok.data.tasks.tts hands them to the clip
+        word_ms.append(n / len(rec["text"].split()) * ms)
+        for k in per_chunk:
+            chunks = read_aloud_chunks(rec["text"], k)
+            by_chars = _read_aloud_cuts(chunks, k, n, None)[:-1]
+            by_onsets = _read_aloud_cuts(chunks, k, n, onsets)[:-1]
+            diffs[k] += [(c - o) * ms for c, o in zip(by_chars, by_onsets, strict=True)]
+    return {k: np.array(d) for k, d in diffs.items()}, float(np.mean(word_ms))
 
 
 def main() -> None:
@@ -196,17 +201,16 @@ def main() -> None:
     args = ap.parse_args()
     print(f"{command()}\n{machine()}\n")
     if args.cmd == "cuts":
+        diffs, word_ms = cut_distances(args.world, args.words)
         rows = []
-        for k in args.words:
-            d, _ = cut_distances(args.world, k)
+        for k, d in diffs.items():
             a = np.abs(d)
             q = np.percentile(a, [50, 90])
             share = f"{(a > 100).mean():.2f}"
             rows.append([k, len(d), f"{a.mean():.0f}", f"{q[0]:.0f}", f"{q[1]:.0f}", share, f"{d.mean():+.0f}"])
         hdr = ["words a chunk", "boundaries", "mean |ms|", "median", "p90", "share > 100 ms", "mean signed"]
         print(table(hdr, rows))
-        _, per_word = cut_distances(args.world, 1)
-        print(f"a word lasts {per_word.mean():.0f} ms on average (clip length / words)")
+        print(f"a word lasts {word_ms:.0f} ms on average (clip length / words)")
         return
     if args.cmd == "tokens":
         print(interleave_tokens(args.src, args.dst, args.words, args.layout, args.share))
