@@ -109,22 +109,23 @@ def test_time_box_scores_a_prefix_of_each_task(setup, tmp_path):
     assert set(metrics["_meta"]["task_seconds"]) == {"caption", "t2i"}
 
 
-def test_batches_are_sized_to_what_is_left_of_the_share(tmp_path):
+def test_batches_are_sized_to_what_is_left_of_the_share(tmp_path, monkeypatch):
     """Under a cap a task starts small, then sizes each batch from its cost per prompt so far, and stops at 0."""
-    import time
-
+    from omnitok.eval import suite as suite_module
     from omnitok.eval.suite import FIRST_BATCH, Suite
 
+    # a clock that stands still: with the real one a pause of a second (a loaded machine) changed the sizes below
+    monkeypatch.setattr(suite_module.time, "monotonic", lambda: 1000.0)
     suite = Suite(model=None, world=tmp_path, cfg=EvalConfig(max_minutes=1.0, batch_size=16))
-    suite.deadline = time.monotonic() + 10.0
+    suite.deadline = 1000.0 + 10.0
     assert suite._batch_size(done=0, seconds_per_prompt=0.0, left=30) == FIRST_BATCH  # the first always runs
     assert suite._batch_size(done=0, seconds_per_prompt=0.0, left=2) == 2
     assert suite._batch_size(done=4, seconds_per_prompt=20.0, left=26) == 0  # one more prompt would overrun
-    assert 4 <= suite._batch_size(done=4, seconds_per_prompt=2.0, left=26) <= 5  # ~10 s left at 2 s a prompt
+    assert suite._batch_size(done=4, seconds_per_prompt=2.0, left=26) == 5  # 10 s left at 2 s a prompt
     assert suite._batch_size(done=4, seconds_per_prompt=0.01, left=26) == 16  # never above batch_size
     assert suite._batch_size(done=20, seconds_per_prompt=0.01, left=10) == 10
     # a batch costs at least what the cheapest one so far did, however few prompts it takes
-    assert suite._batch_size(done=4, seconds_per_prompt=1.0, left=26, least=8.0) == 9
+    assert suite._batch_size(done=4, seconds_per_prompt=1.0, left=26, least=8.0) == 10
     assert suite._batch_size(done=4, seconds_per_prompt=1.0, left=26, least=11.0) == 0
     suite.deadline = None
     assert suite._batch_size(done=4, seconds_per_prompt=1e9, left=26) == 16  # no cap: full batches
