@@ -503,6 +503,8 @@ def test_demo_evaluation_minutes_replace_its_share_and_bad_flags_write_nothing(t
     for bad in (0.0, 0.5, float("nan")):
         with pytest.raises(OmnitokError, match=r"tokenizer_share must be a fraction of the budget in \(0, 0\.5\)"):
             run_demo(tmp_path / "demo", DemoConfig(tokenizer_share=bad))
+        with pytest.raises(OmnitokError, match=r"speech_tokenizer_share must be a fraction of the budget in \(0, 0\.5"):
+            run_demo(tmp_path / "demo", DemoConfig(speech_tokenizer_share=bad))
     with pytest.raises(OmnitokError, match="--n must be a positive number of scene samples, got 0"):
         run_demo(tmp_path / "demo", DemoConfig(n=0))
     for started in (time.time() + 60, time.time() - 15 * 60):  # in the future, or the whole budget ago
@@ -688,6 +690,16 @@ def test_demo_lm_width_follows_the_training_its_budget_buys(tmp_path, monkeypatc
     assert settled.budget("eval") == cfg.budget("eval")
     kept = replace(cfg, tokenizer_share=0.12)
     assert demo._recipe_step(path, kept, console, 0.0, fresh=False)[0].tokenizer_share == 0.12
+    # the narrow model not short of positions (9,000 x 420 s = 3.8 M): the speech tokenizer keeps its whole box
+    speeds[demo.SMALL_RECIPE] = 9_000.0
+    roomy, _ = demo._recipe_step(tmp_path / "roomy.json", cfg, console, 0.0, fresh=True)
+    assert roomy.recipe == str(demo.SMALL_RECIPE) and roomy.budget("image_tokenizer") == pytest.approx(15 * 0.08)
+    assert roomy.budget("speech_tokenizer") == pytest.approx(15 * 0.16)
+    named_share = replace(cfg, tokenizer_share=0.1)  # a share the config names holds for both boxes
+    assert demo._recipe_step(tmp_path / "roomy.json", named_share, console, 0.0, fresh=False)[0].budget(
+        "speech_tokenizer"
+    ) == pytest.approx(15 * 0.1)
+    speeds[demo.SMALL_RECIPE] = 6_000.0
     assert "LM recipe: toyworld_small.yaml (~2.5 M positions" in text.getvalue()
     speeds[demo.RECIPE], probed[:] = 9_000.0, []  # the machine is faster now: a resumed demo keeps its choice
     assert demo._recipe_step(path, cfg, console, 0.0, fresh=False)[0].recipe == str(demo.SMALL_RECIPE)
@@ -764,6 +776,14 @@ def test_demo_steps_follow_the_recipe_choice_kept_in_lm_recipe_json(tmp_path, mo
     cfg = calls["_train_lm"][2]
     assert cfg.recipe == str(demo.SMALL_RECIPE) and cfg.tokenizer_share == demo.SMALL_TOKENIZER_SHARE
     assert (out / "bundle" / "omnitok.json").is_file() and not (out / "lm" / "bundle").exists()
+
+    calls.clear()  # the narrow model with positions to spare: the speech box whole, the image box halved
+    roomy = {**small, "lm_positions_estimate": 4_200_000}
+    finished(tmp_path / "roomy", {"recipe": str(demo.SMALL_RECIPE), "chosen": roomy})
+    demo.run_demo(tmp_path / "roomy", demo.DemoConfig(minutes=15))
+    assert calls["train_image_tokenizer"][2].max_minutes == pytest.approx(15 * demo.SMALL_TOKENIZER_SHARE)
+    assert calls["train_speech_tokenizer"][2].max_minutes == pytest.approx(15 * demo.SHARES["speech_tokenizer"])
+    assert calls["_train_lm"][2].speech_tokenizer_share == demo.SHARES["speech_tokenizer"]
 
     calls.clear()
     given = {**probe, "speed_from": "--lm-tokens-per-s"}

@@ -74,6 +74,12 @@ SHARES = {"image_tokenizer": 0.16, "speech_tokenizer": 0.16, "eval": 0.08}
 # 0.497 against 0.538 / 0.557, TTS's 0.69 in both against 0.69-0.70 (BENCHMARKS "The tokenizers' boxes where the LM
 # is short of steps"). Image writing scored 0 in every arm. On the Zen 4, where the LM trains ~3x the positions, half
 # the speech box was worse for speech, and there both boxes stay.
+# The speech tokenizer keeps its whole box where the small model is chosen but its own estimate is not short (at
+# least SMALL_BELOW positions: a Zen 4 read 3.5-5.1 M): there TTS is heard through a codec the box left half trained
+# (~280 of 1,200 steps, phone error 0.31), and on the same world, image tokenizer and LM recipe two 16 % codecs
+# (530-570 steps, phone error 0.14-0.15) spoke at test WER 0.17 / 0.14 with n=100 (eSpeak's own clips 0.15) where
+# 8 % ones spoke at 0.22-0.29, the LM given 12 % fewer steps for it (BENCHMARKS "The speech tokenizer's whole box
+# where the small LM is not short of steps").
 SMALL_TOKENIZER_SHARE = 0.08
 MARGIN_S = 60.0
 # The evaluation then gets what is left of the budget, less EVAL_TAIL_S for what its box does not hold: importing the
@@ -164,10 +170,15 @@ class DemoConfig:
     # Each tokenizer's share of the budget; None: SHARES's, or SMALL_TOKENIZER_SHARE where the demo chooses
     # SMALL_RECIPE (_recipe_step).
     tokenizer_share: float | None = None
+    # The speech tokenizer's share where it differs from tokenizer_share: SHARES's where the small model is chosen
+    # but not short of positions (_recipe_step).
+    speech_tokenizer_share: float | None = None
 
     def budget(self, step: str) -> float:
         if step == "eval" and self.eval_minutes is not None:
             return self.eval_minutes
+        if step == "speech_tokenizer" and self.speech_tokenizer_share is not None:
+            return self.minutes * self.speech_tokenizer_share
         if step.endswith("_tokenizer") and self.tokenizer_share is not None:
             return self.minutes * self.tokenizer_share
         return self.minutes * SHARES[step]
@@ -305,9 +316,10 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
         raise OmnitokError(
             f"--eval-minutes must be above 0 and below --minutes ({cfg.minutes}), got {cfg.eval_minutes}"
         )
-    share = cfg.tokenizer_share
-    if share is not None and not (is_number(share) and 0 < share < 0.5):
-        raise OmnitokError(f"tokenizer_share must be a fraction of the budget in (0, 0.5) (two boxes), got {share}")
+    for name in ("tokenizer_share", "speech_tokenizer_share"):
+        share = getattr(cfg, name)
+        if share is not None and not (is_number(share) and 0 < share < 0.5):
+            raise OmnitokError(f"{name} must be a fraction of the budget in (0, 0.5) (two boxes), got {share}")
     if cfg.lm_tokens_per_s is not None and not (is_number(cfg.lm_tokens_per_s) and cfg.lm_tokens_per_s > 0):
         raise OmnitokError(f"--lm-tokens-per-s must be a number > 0, got {cfg.lm_tokens_per_s}")
     if cfg.n is not None:
@@ -421,7 +433,8 @@ def _recipe_step(
 
     Chosen once, as the demo starts (``fresh``: its world not built yet), and kept for a resumed demo, whose LM
     checkpoints and plan were made for that recipe; a demo begun before this choice existed keeps ``RECIPE``.
-    Where the choice is ``SMALL_RECIPE``, each tokenizer's box is ``SMALL_TOKENIZER_SHARE`` of the budget.
+    Where the choice is ``SMALL_RECIPE``, each tokenizer's box is ``SMALL_TOKENIZER_SHARE`` of the budget, but the
+    speech tokenizer's stays whole where the small model's own estimate reaches ``SMALL_BELOW`` positions.
     """
     if cfg.recipe is not None:
         return cfg, {}
@@ -442,6 +455,10 @@ def _recipe_step(
     cfg = replace(cfg, recipe=why["recipe"])
     if why["recipe"] == str(SMALL_RECIPE) and cfg.tokenizer_share is None:
         cfg = replace(cfg, tokenizer_share=SMALL_TOKENIZER_SHARE)  # the LM short of steps: they buy it more
+        small = why.get("chosen", {}).get("lm_positions_estimate", 0.0)
+        if small >= SMALL_BELOW and cfg.speech_tokenizer_share is None:
+            # not short once narrow: TTS gains more from a codec trained twice as long than from the LM's 72 s
+            cfg = replace(cfg, speech_tokenizer_share=SHARES["speech_tokenizer"])
     return cfg, why
 
 
