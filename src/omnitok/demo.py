@@ -75,11 +75,12 @@ SHARES = {"image_tokenizer": 0.16, "speech_tokenizer": 0.16, "eval": 0.08}
 # is short of steps"). Image writing scored 0 in every arm. On the Zen 4, where the LM trains ~3x the positions, half
 # the speech box was worse for speech, and there both boxes stay.
 # The speech tokenizer keeps its whole box where the small model is chosen but its own estimate is not short (at
-# least SMALL_BELOW positions: a Zen 4 read 3.5-5.1 M): there TTS is heard through a codec the box left half trained
-# (~280 of 1,200 steps, phone error 0.31), and on the same world, image tokenizer and LM recipe two 16 % codecs
+# least SMALL_BELOW positions: a Zen 4 read 3.5-5.4 M): there TTS is heard through a codec the box left a quarter
+# trained (~280 of 1,200 steps, phone error 0.31), and on the same world, image tokenizer and LM recipe two 16 % codecs
 # (530-570 steps, phone error 0.14-0.15) spoke at test WER 0.17 / 0.14 with n=100 (eSpeak's own clips 0.15) where
-# 8 % ones spoke at 0.22-0.29, the LM given 12 % fewer steps for it (BENCHMARKS "The speech tokenizer's whole box
-# where the small LM is not short of steps").
+# 8 % ones spoke at 0.22-0.29, the LM given 12 % fewer steps for it; whole demos 0.125 / 0.145 against 0.301 in the
+# same hour, ASR 0.01-0.03 in all (BENCHMARKS "The speech tokenizer's whole box where the small LM is not short of
+# steps").
 SMALL_TOKENIZER_SHARE = 0.08
 MARGIN_S = 60.0
 # The evaluation then gets what is left of the budget, less EVAL_TAIL_S for what its box does not hold: importing the
