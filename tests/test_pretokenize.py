@@ -112,6 +112,10 @@ def test_resuming_with_other_settings_is_refused(setup, tmp_path):
     assert record["config"]["read_aloud_words"] == 2
     with pytest.raises(OmnitokError, match="read_aloud_words 2, not 0"):
         pretokenize(world, tokens, imgtok, tasks=TASKS, read_aloud_words=0)
+    # so is whether clips without the world's onsets are cut where the speech tokenizer aligns their words
+    assert record["config"]["align_words"] is True
+    with pytest.raises(OmnitokError, match="align_words True, not False"):
+        pretokenize(world, tokens, imgtok, tasks=TASKS, align_words=False)
     older = tmp_path / "older"
     shutil.copytree(tokens, older)
     del record["config"]["read_aloud_words"]
@@ -137,10 +141,14 @@ def test_a_tts_clip_carries_the_words_it_says():
     [[ask, clip]] = tts({"wav": np.zeros(160, np.float32), "meta": {"speech": rec}}, sample_rng(0, "k", "tts"))
     assert isinstance(clip, Audio) and clip.words == "a small blue star" and clip.role == "assistant"
     assert any(ask.text == a + "a small blue star" for a in TTS_ASKS)
-    assert clip.word_onsets is None  # a world made before eSpeak's word events were recorded
+    assert clip.word_onsets is None and clip.phonemes is None  # a world made before eSpeak's word events, no phonemes
+    rec["phonemes"] = "ɐ s_m_ˈɔː_l b_l_ˈuː s_t_ˈɑː_ɹ"
+    [[_, clip]] = tts({"wav": np.zeros(160, np.float32), "meta": {"speech": rec}}, sample_rng(0, "k", "tts"))
+    assert clip.word_onsets is None and clip.phonemes == rec["phonemes"]  # pretokenization aligns the words from them
     rec |= {"num_samples": 160, "word_onsets": [0, 40, 80, 120]}
     [[_, clip]] = tts({"wav": np.zeros(160, np.float32), "meta": {"speech": rec}}, sample_rng(0, "k", "tts"))
     assert clip.word_onsets == (0.0, 0.25, 0.5, 0.75)  # fractions of the clip, as the layout cuts by them
+    assert clip.phonemes is None  # eSpeak's own onsets: nothing to align
 
 
 def test_caption_answers_are_canonical_and_draw_prompts_paraphrase():

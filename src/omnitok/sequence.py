@@ -12,8 +12,9 @@ Layout of one encoded sample::
 
 In the read-aloud layout the words are cut into chunks of k, each placed one chunk ahead of the part of the clip
 that says it: the clip is cut where each chunk's first word starts (``Audio.word_onsets``, which the toy world
-records from eSpeak's word events), or, for a clip without onsets, its frames are shared out in proportion to the
-chunks' characters.
+records from eSpeak's word events, and ``MediaEncoder`` aligns through the speech tokenizer's phone head for a clip
+that has only its phonemes), or, for a clip without onsets, its frames are shared out in proportion to the chunks'
+characters.
 Why: a TTS clip after its whole text lost its place in the sentence (fluent speech of another sentence); with the
 words beside their speech the same LM at the same steps misread half as many words (docs/BENCHMARKS.md "What the
 demo's clips get wrong"). The words are never training targets there: at generation they are the request's own,
@@ -27,7 +28,7 @@ are never targets: at inference they are part of the prompt.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -80,7 +81,9 @@ class Audio:
     ``words``: the text the clip says when it is a text read aloud; encoded in the read-aloud layout (module
     docstring) where the encoding asks for it, as one plain span otherwise. ``word_onsets``: where each of its
     white-space words starts, as a fraction of the clip (the synthesiser's word events); the layout then cuts the
-    clip at its chunks' first words instead of sharing its frames out by characters."""
+    clip at its chunks' first words instead of sharing its frames out by characters. ``phonemes``: eSpeak's
+    phonemes of the same words (as the world's records hold them), from which ``MediaEncoder`` aligns the words
+    itself where no onsets are given (``omnitok.tokenizers.align``)."""
 
     codes: np.ndarray | None = None
     role: str | None = None
@@ -89,6 +92,7 @@ class Audio:
     sample_rate: int | None = None
     words: str | None = None
     word_onsets: Sequence[float] | None = None
+    phonemes: str | None = None
 
 
 @dataclass
@@ -275,11 +279,15 @@ class MediaEncoder:
     """Fills ``codes`` of Image/Video/Audio segments using the given tokenizers (all images in one batch).
 
     Shared by pretokenization and generation so a prompt is tokenized exactly like the training data.
+    ``align_words``: a clip read aloud (``Audio.words``) with no ``word_onsets`` but its ``phonemes`` also gets
+    its words' onsets, aligned through the speech tokenizer's phone CTC head (``omnitok.tokenizers.align``), so
+    the read-aloud layout cuts it at its words rather than by characters.
     """
 
-    def __init__(self, image_tokenizer: Any | None, speech_tokenizer: Any | None) -> None:
+    def __init__(self, image_tokenizer: Any | None, speech_tokenizer: Any | None, align_words: bool = True) -> None:
         self.image = image_tokenizer
         self.speech = speech_tokenizer
+        self.align_words = align_words
 
     def __call__(self, samples: list[list[Segment]]) -> None:
         pending: list[tuple[Any, int | None, np.ndarray]] = []  # (segment, frame index, pixels)
@@ -320,6 +328,8 @@ class MediaEncoder:
         for segs in same_audio.values():
             for seg in segs[1:]:
                 seg.codes = segs[0].codes
+        if self.align_words and self.speech is not None:
+            self._align(seg for sample in samples for seg in sample if isinstance(seg, Audio))
         if pending:
             if self.image is None:
                 raise OmnitokError("the input has an image but this model has no image tokenizer")
@@ -336,6 +346,13 @@ class MediaEncoder:
             for images in same_image.values():
                 for seg in images[1:]:
                     seg.codes = images[0].codes
+
+    def _align(self, segs: Iterable[Audio]) -> None:
+        from omnitok.tokenizers.align import align_words
+
+        for seg in segs:
+            if seg.words and seg.word_onsets is None and seg.phonemes and seg.codes is not None:
+                seg.word_onsets = align_words(self.speech, np.asarray(seg.codes), seg.words, seg.phonemes)
 
     def _encode_audio(self, segs: list[Audio], chunk: int = 16) -> None:
         """Clips of similar length are encoded together (batched tokenizers pad to the longest)."""

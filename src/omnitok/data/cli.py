@@ -40,6 +40,12 @@ def pretokenize(
         "--read-aloud-words",
         help="TTS clips with their words beside their speech, this many words a chunk; 0: one span after the text.",
     ),
+    align_words: bool = typer.Option(
+        True,
+        "--align-words/--no-align-words",
+        help="Clips whose world recorded no word onsets are cut at their words as the speech tokenizer's phone head "
+        "aligns them; --no-align-words cuts them by characters.",
+    ),
 ) -> None:
     """Tokenize a world into memory-mapped token shards (per rank under torchrun; resumable)."""
     from omnitok.data.pretokenize import pretokenize as run
@@ -74,6 +80,7 @@ def pretokenize(
             seed=seed,
             progress=report,
             read_aloud_words=read_aloud_words,
+            align_words=align_words,
         )
     if manifest:
         for split, per_task in manifest.get("splits", {}).items():

@@ -118,8 +118,8 @@ def _encode_kind(
 
 # What decides a document's tokens or which shard holds it: a rerun into the same --out must keep all of them, or
 # the shards it finds finished (and skips) would mix with ones made another way.
-_RESUME_KEYS = ("world", "image_tokenizer", "speech_tokenizer", "seed", "world_size", "read_aloud_words")
-_BEFORE_KEY = {"read_aloud_words": 0}  # what tokens made before a key was recorded were made with
+_RESUME_KEYS = ("world", "image_tokenizer", "speech_tokenizer", "seed", "world_size", "read_aloud_words", "align_words")
+_BEFORE_KEY = {"read_aloud_words": 0, "align_words": False}  # what tokens made before a key was recorded were made with
 
 
 def _check_resumable(out_dir: Path, config: dict[str, Any]) -> None:
@@ -168,13 +168,16 @@ def pretokenize(
     world_size: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     read_aloud_words: int = READ_ALOUD_WORDS,
+    align_words: bool = True,
 ) -> dict[str, Any]:
     """Tokenize ``splits`` of a built world into ``out``; returns the token manifest (rank 0) or {}.
 
     ``read_aloud_words``: the TTS task's clips are written with their words beside their speech, this many words a
     chunk (``omnitok.sequence``, read-aloud layout); 0 writes them as one span after the whole text. Recorded in
     ``config.json``, from where the trainer carries it into the bundle, so generation decodes in the layout the LM
-    was trained on."""
+    was trained on. ``align_words``: where the world did not record its clips' word onsets (a corpus of recorded
+    speech, a world built before they were), the layout cuts each clip at its words as the speech tokenizer's phone
+    CTC head aligns them (``omnitok.tokenizers.align``); False cuts such clips by characters."""
     from omnitok.data.shards import ShardWriter, write_manifest
     from omnitok.tokenizers.base import load_image_tokenizer
 
@@ -208,6 +211,7 @@ def pretokenize(
         "seed": seed,
         "world_size": world_size,
         "read_aloud_words": read_aloud_words,
+        "align_words": bool(align_words),
     }
     _check_resumable(out_dir, config)
 
@@ -227,7 +231,7 @@ def pretokenize(
     _barrier(world_size)
     text_tok = TextTokenizer.load(out_dir / TEXT_TOKENIZER_DIR)
     vocab = Vocabulary.load(out_dir)
-    media = MediaEncoder(image_tok, speech_tok)
+    media = MediaEncoder(image_tok, speech_tok, align_words=bool(align_words) and read_aloud_words > 0)
 
     for split in splits:
         for kind, tasks in _by_kind(task_names).items():

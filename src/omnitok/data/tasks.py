@@ -89,14 +89,15 @@ def tts(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
     if "wav" not in s:
         return []
     rec = s["meta"]["speech"]
-    # the clip carries its words (and where each starts, in worlds that recorded it), so the encoding can lay
-    # them beside their speech (omnitok.sequence, read-aloud)
+    # the clip carries its words (and where each starts, in worlds that recorded it; else their phonemes, from which
+    # pretokenization aligns them), so the encoding can lay them beside their speech (omnitok.sequence, read-aloud)
     onsets = rec.get("word_onsets")
     n = int(rec.get("num_samples") or len(s["wav"]))
     clip = replace(
         _audio(s["wav"], rec, "assistant", True),
         words=rec["text"],
         word_onsets=None if onsets is None else tuple(float(o) / n for o in onsets),
+        phonemes=rec.get("phonemes") if onsets is None else None,
     )
     return [[Text(_pick(rng, TTS_ASKS) + rec["text"], role="user"), clip]]
 
