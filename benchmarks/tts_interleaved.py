@@ -25,11 +25,14 @@ is the evaluation's: the test sentences, styles, reference clips of held-out voi
 
 ``cuts``: how far the cut by characters lies from where the words start, on a world that recorded eSpeak's word
 onsets (``omnitok world build`` since they are): for every chunk boundary of every train clip, the signed distance
-between the two cuts in milliseconds (positive: the characters cut late).
+between the two cuts in milliseconds (positive: the characters cut late). With ``--tokenizer``: how far a speech
+tokenizer's forced alignment (``omnitok.tokenizers.align``, what pretokenization uses for clips without onsets)
+lies from eSpeak's onsets, per word and per cut at the codes' frames, the characters' cut beside it.
 
     python benchmarks/tts_interleaved.py tokens runs/demo/tokens runs/tok_given --layout given
     python benchmarks/tts_interleaved.py eval runs/arms/given/lm/bundle --world runs/demo/world --mode given
     python benchmarks/tts_interleaved.py cuts --world runs/demo/world
+    python benchmarks/tts_interleaved.py cuts --world runs/demo/world --tokenizer runs/demo/speech_tokenizer
 """
 
 from __future__ import annotations
@@ -158,16 +161,10 @@ def cut_distances(world: Path, per_chunk: list[int]) -> tuple[dict[int, np.ndarr
     clips, both made by the layout's own ``_read_aloud_cuts`` at sample resolution; and the mean word's length (ms:
     clip length / words, over clips). The world's records are read once, no picture or clip decoded."""
     from omnitok.sequence import _read_aloud_cuts, read_aloud_chunks
-    from omnitok.world.read import iter_samples
 
     diffs: dict[int, list[float]] = {k: [] for k in per_chunk}
     word_ms = []
-    for raw in iter_samples(world, "train", "scene", decode=False):
-        rec = json.loads(raw["json"]).get("speech")
-        if rec is None:
-            continue
-        if "word_onsets" not in rec:
-            raise SystemExit(f"{world}: its speech records have no word_onsets (built before they were recorded)")
+    for rec, _ in _timed_clips(world, None):
         n, ms = rec["num_samples"], 1000 / rec["sample_rate"]
         onsets = [o / n for o in rec["word_onsets"]]  # as omnitok.data.tasks.tts hands them to the clip
         word_ms.append(n / len(rec["text"].split()) * ms)
@@ -177,6 +174,63 @@ def cut_distances(world: Path, per_chunk: list[int]) -> tuple[dict[int, np.ndarr
             by_onsets = _read_aloud_cuts(chunks, k, n, onsets)[:-1]
             diffs[k] += [(c - o) * ms for c, o in zip(by_chars, by_onsets, strict=True)]
     return {k: np.array(d) for k, d in diffs.items()}, float(np.mean(word_ms))
+
+
+def _timed_clips(world: Path, limit: int | None, wav: bool = False):  # type: ignore[no-untyped-def]
+    """(speech record, clip or None) of the train scenes that speak, in order; ``limit`` of them at most."""
+    from omnitok.world.read import decode_sample, iter_samples
+
+    seen = 0
+    for raw in iter_samples(world, "train", "scene", decode=False):
+        rec = json.loads(raw["json"]).get("speech")
+        if rec is None:
+            continue
+        if "word_onsets" not in rec:
+            raise SystemExit(f"{world}: its speech records have no word_onsets (built before they were recorded)")
+        yield rec, decode_sample(raw)["wav"] if wav else None
+        seen += 1
+        if limit is not None and seen >= limit:
+            return
+
+
+def aligned_distances(world: Path, tokenizer: Path, per_chunk: int, limit: int) -> dict[str, np.ndarray]:
+    """The speech tokenizer's forced alignment (``omnitok.tokenizers.align``) against eSpeak's word onsets, and the
+    characters' cut beside it, on the same clips, at the resolution the layout cuts: the codes' frames. Per word
+    (the aligner's onset minus eSpeak's, ms; the first word of a clip left out) and per chunk boundary of
+    ``per_chunk`` words (the frame each cuts at, minus the one eSpeak's onsets cut at, ms); with the seconds the
+    alignment took (its CTC head and Viterbi path; encoding the clips not counted)."""
+    import time
+
+    from omnitok.sequence import _read_aloud_cuts, read_aloud_chunks
+    from omnitok.tokenizers.align import align_words
+    from omnitok.tokenizers.speech import load_speech_tokenizer
+
+    tok = load_speech_tokenizer(tokenizer).eval()
+    clips = list(_timed_clips(world, limit, wav=True))
+    codes = []
+    for i in range(0, len(clips), 16):
+        codes += tok.encode_batch([w for _, w in clips[i : i + 16]])
+    out: dict[str, list[float]] = {"word": [], "aligner": [], "characters": [], "failed": []}
+    took = 0.0
+    for (rec, _), c in zip(clips, codes, strict=True):
+        frames, frame_ms = len(c), 1000 / tok.frame_rate
+        covered = frames * tok.samples_per_token  # the codes cover the clip padded to whole frames
+        truth = np.asarray(rec["word_onsets"]) / covered
+        t0 = time.perf_counter()
+        onsets = align_words(tok, c, rec["text"], rec["phonemes"])
+        took += time.perf_counter() - t0
+        if onsets is None:
+            out["failed"].append(1.0)
+            continue
+        out["word"] += ((np.asarray(onsets) - truth)[1:] * covered * 1000 / rec["sample_rate"]).tolist()
+        chunks = read_aloud_chunks(rec["text"], per_chunk)
+        want = _read_aloud_cuts(chunks, per_chunk, frames, truth)[:-1]
+        for name, o in (("aligner", onsets), ("characters", None)):
+            got = _read_aloud_cuts(chunks, per_chunk, frames, o)[:-1]
+            out[name] += [(g - w) * frame_ms for g, w in zip(got, want, strict=True)]
+    res = {k: np.asarray(v) for k, v in out.items()}
+    res["seconds"] = np.asarray([took, len(clips)])
+    return res
 
 
 def main() -> None:
@@ -198,8 +252,25 @@ def main() -> None:
     c = sub.add_parser("cuts", help="the cut by characters against the words' onsets")
     c.add_argument("--world", type=Path, required=True)
     c.add_argument("--words", type=int, nargs="+", default=[1, 2, 3], help="words per chunk")
+    c.add_argument("--tokenizer", type=Path, help="also: this speech tokenizer's forced alignment (2 words a chunk)")
+    c.add_argument("--limit", type=int, default=400, help="clips the aligner reads")
     args = ap.parse_args()
     print(f"{command()}\n{machine()}\n")
+    if args.cmd == "cuts" and args.tokenizer:
+        torch_threads = os.environ.get("OMP_NUM_THREADS")
+        res = aligned_distances(args.world, args.tokenizer, 2, args.limit)
+        rows = []
+        for name in ("word", "aligner", "characters"):
+            d = res[name]
+            a = np.abs(d)
+            q = np.percentile(a, [50, 90])
+            rows.append([name, len(d), f"{a.mean():.0f}", f"{q[0]:.0f}", f"{q[1]:.0f}", f"{(a > 100).mean():.3f}",
+                         f"{d.mean():+.0f}"])  # fmt: skip
+        print(table(["onsets of", "n", "mean |ms|", "median", "p90", "share > 100 ms", "mean signed"], rows))
+        took, n = res["seconds"]
+        print(f"{int(n)} clips, {len(res['failed'])} not aligned; alignment {took:.2f} s ({took / n * 1000:.1f} ms a "
+              f"clip; OMP_NUM_THREADS={torch_threads})")  # fmt: skip
+        return
     if args.cmd == "cuts":
         diffs, word_ms = cut_distances(args.world, args.words)
         rows = []
