@@ -29,7 +29,9 @@ import numpy as np
 
 from omnitok.errors import OmnitokError
 
-# Share of the blank frames between a word and the one before it that is given to the word: 0.5 cuts mid-silence.
+# Share of the blank frames between a word and the one before it that is given to the word: 0.5 cuts mid-silence,
+# which against eSpeak's own onsets cut +1 ms late on average where 0 cut 21 ms late and 1 cut 17 ms early
+# (docs/BENCHMARKS.md "Word onsets for clips without a synthesiser").
 GAP_SHARE = 0.5
 # How far a group's phones-per-character may stray from the clip's before a merge (or split) is preferred, in the
 # alignment of text words to eSpeak's words: the cost of any group that is not one word to one word.
