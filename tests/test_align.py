@@ -92,6 +92,11 @@ def test_media_encoder_aligns_clips_read_aloud_without_onsets():
     MediaEncoder(None, tok)([[timed], [given], [plain]])
     assert timed.word_onsets == pytest.approx((0.05, 0.4))
     assert given.word_onsets == (0.0, 0.5) and plain.word_onsets is None  # the world's onsets win; no words, none
+    unknown = clip()
+    unknown.phonemes = "x y"  # no phone the head knows: cut by characters, and counted so pretokenize can say so
+    enc = MediaEncoder(None, tok)
+    enc([[clip()], [unknown]])
+    assert unknown.word_onsets is None and enc.aligned == {"aligned": 1, "by_characters": 1}
     off = clip()
     MediaEncoder(None, tok, align_words=False)([[off]])
     assert off.codes is not None and off.word_onsets is None  # cut by characters, as before

@@ -288,6 +288,7 @@ class MediaEncoder:
         self.image = image_tokenizer
         self.speech = speech_tokenizer
         self.align_words = align_words
+        self.aligned = {"aligned": 0, "by_characters": 0}  # clips read aloud that had no onsets, by how they are cut
 
     def __call__(self, samples: list[list[Segment]]) -> None:
         pending: list[tuple[Any, int | None, np.ndarray]] = []  # (segment, frame index, pixels)
@@ -353,6 +354,7 @@ class MediaEncoder:
         for seg in segs:
             if seg.words and seg.word_onsets is None and seg.phonemes and seg.codes is not None:
                 seg.word_onsets = align_words(self.speech, np.asarray(seg.codes), seg.words, seg.phonemes)
+                self.aligned["aligned" if seg.word_onsets is not None else "by_characters"] += 1
 
     def _encode_audio(self, segs: list[Audio], chunk: int = 16) -> None:
         """Clips of similar length are encoded together (batched tokenizers pad to the longest)."""

@@ -10,6 +10,7 @@ that exists is complete (the writer renames it into place), so rerunning the com
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,13 @@ def pretokenize(
                 writers[task].add(enc.ids, enc.mask)
             for w in writers.values():
                 w.close()
+    if media.aligned["by_characters"]:
+        warnings.warn(
+            f"pretokenize: {media.aligned['by_characters']} of {sum(media.aligned.values())} clips read aloud without "
+            "word onsets could not be aligned by the speech tokenizer (no phone of its inventory in their phonemes, "
+            "or fewer frames than phones) and are cut by characters",
+            stacklevel=2,
+        )
     _barrier(world_size)
     if rank == 0:
         return write_manifest(out_dir, vocab.size)
