@@ -113,3 +113,52 @@ def test_align_words_on_the_real_tokenizer_class():
     onsets = align_words(tok, codes, "a bee ab", "a b_ˈɛ a_b")
     assert onsets is not None and len(onsets) == 3
     assert all(0 <= x <= y <= 1 for x, y in pairwise(onsets))
+
+
+def test_pretokenize_cuts_a_world_without_onsets_where_the_tokenizer_aligns_its_words(tmp_path, monkeypatch):
+    """World records without ``word_onsets`` (a user's corpus, a world built before they were recorded): the TTS
+    documents are cut where the speech tokenizer aligns the words, unless --no-align-words; clips it cannot align are
+    named in a warning."""
+    from omnitok.data.pretokenize import pretokenize
+    from omnitok.data.shards import TokenDataset
+    from omnitok.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+    from omnitok.tokenizers.speech import SpeechTokenizer, SpeechTokenizerConfig, phone_units
+    from omnitok.tokenizers.speech_train import tiny_arch
+    from omnitok.world import build
+    from omnitok.world.read import iter_samples
+
+    speak = build._Context.speak
+
+    def without_onsets(self, text):  # type: ignore[no-untyped-def]
+        wav, rec = speak(self, text)
+        del rec["word_onsets"]
+        return wav, rec
+
+    monkeypatch.setattr(build._Context, "speak", without_onsets)
+    kinds = {"scene": 1.0, "spoken_qa": 0.0, "video": 0.0, "edit": 0.0, "construction": 0.0, "caption_filter": 0.0}
+    build.build_world(
+        tmp_path / "w", build.WorldConfig(n=10, seed=0, samples_per_shard=20, kind_ratios=kinds), workers=1
+    )
+    recs = [s["meta"]["speech"] for s in iter_samples(tmp_path / "w", "train", "scene")]
+    assert recs and all("word_onsets" not in r and r["phonemes"] for r in recs)
+    ImageTokenizer(ImageTokenizerConfig(widths=(8, 8, 8, 8), depths=(1, 1, 1, 1), levels=(4, 4, 4))).save(
+        tmp_path / "img"
+    )
+    torch.manual_seed(0)
+    phones = sorted({u for r in recs for u in phone_units(r["phonemes"])})
+    SpeechTokenizer(SpeechTokenizerConfig(**tiny_arch() | {"phones": phones})).save(tmp_path / "sp")
+    SpeechTokenizer(SpeechTokenizerConfig(**tiny_arch() | {"phones": ["?"]})).save(tmp_path / "deaf")
+
+    def tts_docs(out, speech="sp", **kw):  # type: ignore[no-untyped-def]
+        pretokenize(tmp_path / "w", tmp_path / out, tmp_path / "img", tmp_path / speech, tasks=["tts"],
+                    splits=["train"], text_vocab_size=300, **kw)  # fmt: skip
+        ds = TokenDataset(tmp_path / out, "train", "tts")
+        return [ds[i][0].tolist() for i in range(len(ds))]
+
+    aligned, by_chars = tts_docs("aligned"), tts_docs("chars", align_words=False)
+    assert len(aligned) == len(by_chars) == len(recs)
+    assert sorted(map(len, aligned)) == sorted(map(len, by_chars))  # the same tokens, the spans cut elsewhere
+    assert aligned != by_chars
+    with pytest.warns(UserWarning, match=f"{len(recs)} of {len(recs)} clips read aloud .* cut by characters"):
+        deaf = tts_docs("deaf_tokens", speech="deaf")
+    assert deaf == tts_docs("deaf_chars", speech="deaf", align_words=False)  # a head that knows no phone aligns none
