@@ -154,14 +154,10 @@ def word_onsets_from_path(
 def phone_words(phonemes: str, phones: Sequence[str], keep_stress: bool) -> list[list[int]]:
     """eSpeak's IPA words as CTC indices of the tokenizer's inventory (index 0 is the blank); phones outside it are
     left out, as the tokenizer's training left them out."""
-    from omnitok.tokenizers.speech import STRESS_MARKS
+    from omnitok.tokenizers.speech import phone_units
 
     index = {p: i + 1 for i, p in enumerate(phones)}
-    out = []
-    for word in phonemes.split():
-        units = [p.strip(STRESS_MARKS) if not keep_stress else p for p in word.split("_")]
-        out.append([index[u] for u in units if u and u in index])
-    return out
+    return [[index[u] for u in phone_units(word, keep_stress) if u in index] for word in phonemes.split()]
 
 
 def align_words(tokenizer: Any, codes: np.ndarray, words: str, phonemes: str) -> tuple[float, ...] | None:
