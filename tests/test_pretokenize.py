@@ -95,7 +95,7 @@ def test_bad_requests_are_named(setup, tmp_path):
     assert not any((tmp_path / name).exists() for name in "abcde")  # a refused run leaves no folder behind
 
 
-def test_resuming_with_other_settings_is_refused(setup, tmp_path):
+def test_resuming_with_other_settings_is_refused(setup, tmp_path, monkeypatch):
     world, tokens, imgtok = setup
     # finished shards are skipped on a rerun: one made with another seed or rank count would be mixed in silently
     with pytest.raises(OmnitokError, match="holds tokens made with seed 0, not 7"):
@@ -116,6 +116,15 @@ def test_resuming_with_other_settings_is_refused(setup, tmp_path):
     assert record["config"]["align_words"] is True
     with pytest.raises(OmnitokError, match="align_words True, not False"):
         pretokenize(world, tokens, imgtok, tasks=TASKS, align_words=False)
+    # and the caption task's picture drop (the bundle passes it on: generation guides reading only where it was)
+    from omnitok.data import tasks
+
+    shipped = tasks.CAPTION_IMAGE_DROP
+    assert record["config"]["caption_image_drop"] == shipped
+    monkeypatch.setattr(tasks, "CAPTION_IMAGE_DROP", 0.5)
+    with pytest.raises(OmnitokError, match=f"caption_image_drop {shipped}, not 0.5"):
+        pretokenize(world, tokens, imgtok, tasks=TASKS)
+    monkeypatch.undo()
     older = tmp_path / "older"
     shutil.copytree(tokens, older)
     del record["config"]["read_aloud_words"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omnitok.errors import OmnitokError, is_int
+from omnitok.errors import OmnitokError, is_int, is_number
 from omnitok.io import atomic_write_json, check_format, read_json
 from omnitok.tokenizers.text import TextTokenizer
 from omnitok.vocab import Vocabulary
@@ -38,15 +38,19 @@ def save_bundle(
     speech_tokenizer: str | os.PathLike[str] | None = None,
     extra: dict[str, Any] | None = None,
     read_aloud_words: int = 0,
+    caption_image_drop: float = 0.0,
 ) -> Path:
     """Assemble a bundle in a temporary directory, then move it into place (never half-written).
 
     ``lm`` is a transformers model or the directory it was saved to; tokenizers are directories.
     ``read_aloud_words``: the layout the LM's TTS documents were written in (``omnitok.sequence``; 0: one span after
     the text), which generation must decode in: it is part of what the weights mean, as the vocabulary is.
+    ``caption_image_drop``: the share of caption documents trained without their picture, so the LM knows the words
+    it would write without one; generation guides reading against them only where it does (``text_cfg_scale``).
     """
     if not is_int(read_aloud_words) or read_aloud_words < 0:
         raise OmnitokError(f"read_aloud_words must be an int >= 0, got {read_aloud_words!r}")
+    _check_drop(caption_image_drop, "caption_image_drop")
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -82,6 +86,7 @@ def save_bundle(
                 "vocab": vocab.to_json(),
                 "tokenizers": tokenizers,
                 "read_aloud_words": read_aloud_words,
+                "caption_image_drop": float(caption_image_drop),
                 **(extra or {}),
             },
         )
@@ -110,6 +115,12 @@ class Bundle:
     speech: Any | None
     manifest: dict[str, Any]
     read_aloud_words: int = 0  # the TTS layout the LM was trained on (omnitok.sequence); 0 in bundles made before it
+    caption_image_drop: float = 0.0  # captions trained without their picture (save_bundle); 0 in bundles before it
+
+
+def _check_drop(value: Any, where: str) -> None:
+    if not is_number(value) or not 0 <= value < 1:
+        raise OmnitokError(f"{where} should be a number in [0, 1), got {value!r}")
 
 
 def _expect_size(what: str, got: int, vocab: Vocabulary, modality: str) -> None:
@@ -151,6 +162,8 @@ def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> Bundle:
     read_aloud = manifest.get("read_aloud_words", 0)
     if not is_int(read_aloud) or read_aloud < 0:
         raise OmnitokError(f"{p / MANIFEST}: field 'read_aloud_words' should be an int >= 0, got {read_aloud!r}")
+    drop = manifest.get("caption_image_drop", 0.0)
+    _check_drop(drop, f"{p / MANIFEST}: field 'caption_image_drop'")
     text = TextTokenizer.load(p / tok["text"])
     if text.vocab_size != vocab.text_size:
         raise OmnitokError(f"bundle: text tokenizer has {text.vocab_size} ids, vocabulary expects {vocab.text_size}")
@@ -187,4 +200,4 @@ def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> Bundle:
     rows = lm.get_input_embeddings().weight.shape[0]
     if rows < vocab.size:
         raise OmnitokError(f"bundle: the LM has {rows} embedding rows but the vocabulary has {vocab.size} ids")
-    return Bundle(p, lm, vocab, text, image, speech, manifest, int(read_aloud))
+    return Bundle(p, lm, vocab, text, image, speech, manifest, int(read_aloud), float(drop))

@@ -3,14 +3,17 @@
 Kept separate from the user-facing ``omnitok.generate`` (which turns segments into prompts and codes into
 pixels and audio) so the loop can be read — and benchmarked against ``transformers.generate`` — on its own.
 
-Classifier-free guidance for images runs conditional and unconditional prompts as rows of one batch:
-``logits = uncond + scale * (cond - uncond)`` while a row is inside an image span, the conditional
-logits elsewhere; both rows receive the same sampled token so their caches stay in step.
+Classifier-free guidance runs conditional and unconditional prompts as rows of one batch:
+``logits = uncond + scale * (cond - uncond)`` while a row is inside an image span (``cfg_scale``; the
+unconditional row is the request without its text), and, for text about a picture (``text_cfg_scale``; the
+unconditional row is the request without its pictures), the same over log-probabilities among the tokens the
+conditional row itself finds plausible. Both rows receive the same sampled token so their caches stay in step.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -49,6 +52,14 @@ SPEECH_SAMPLING = Sampling(temperature=0.5, top_k=32)
 # exact scenes 0.27 / 0.19 at 2 against 0.235 / 0.19 at 3, and on test the right object count 0.80 against 0.58-0.61
 # (BENCHMARKS "Guidance for pictures"): a stronger scale draws objects that are not asked for, or drops some.
 IMAGE_CFG_SCALE = 2.0
+# Guidance for text written about a picture (a caption, an answer): what the words would be without the picture is
+# subtracted, so a colour-shape pair never seen in training text is not talked out of by the text's habits. Only
+# tokens within READ_CFG_PLAUSIBLE of the conditional row's likeliest are candidates: guidance reorders what the
+# picture makes plausible and never promotes what it does not (unrestricted, a scale of 3 turned captions into
+# garbage). Measured on a 60-minute bundle whose captions were trained with the picture dropped 15 % of the time
+# (BENCHMARKS "Guidance for reading"): exact captions of held-out compositions 0.225 -> 0.31 at 3, seen ones level.
+READ_CFG_SCALE = 3.0
+READ_CFG_PLAUSIBLE = 0.1
 DEFAULT_SAMPLING = {"text": TEXT_SAMPLING, "image": IMAGE_SAMPLING, "speech": SPEECH_SAMPLING}
 SAMPLED_MODALITIES = tuple(DEFAULT_SAMPLING)
 
@@ -59,7 +70,8 @@ class DecodeConfig:
     text: Sampling = TEXT_SAMPLING
     image: Sampling = IMAGE_SAMPLING
     speech: Sampling = SPEECH_SAMPLING
-    cfg_scale: float = 1.0  # 1.0 = no guidance
+    cfg_scale: float = 1.0  # image spans; 1.0 = no guidance
+    text_cfg_scale: float = 1.0  # text (the unconditional row without the pictures); 1.0 = no guidance
 
 
 def sampling_overrides(
@@ -164,7 +176,7 @@ def iter_decode(
         raise OmnitokError("decoding needs at least one prompt")
     if any(len(p) == 0 for p in prompts):
         raise OmnitokError("every prompt needs at least one token")
-    use_cfg = uncond_prompts is not None and cfg.cfg_scale != 1.0
+    use_cfg = uncond_prompts is not None and (cfg.cfg_scale != 1.0 or cfg.text_cfg_scale != 1.0)
     if use_cfg and len(uncond_prompts) != len(prompts):  # type: ignore[arg-type]
         raise OmnitokError("uncond_prompts must have one prompt per conditional prompt")
     with torch.inference_mode():
@@ -182,7 +194,13 @@ def _decode_steps(
     use_cfg = uncond_prompts is not None
     b = len(prompts)
     rows = prompts + (list(uncond_prompts) if uncond_prompts is not None else [])
+    # a request whose guidance row is its own prompt (a batch where only some requests show a picture) is not guided:
+    # the plausibility cut of guided reading would still change what it samples
     device = next(model.parameters()).device
+    guided = torch.tensor(
+        [not torch.equal(p, u) for p, u in zip(prompts, uncond_prompts or [], strict=False)] or [False] * b,
+        device=device,
+    )
     ids, attn = _left_pad(rows, constraint.ids["pad"])
     ids, attn = ids.to(device), attn.to(device)
     st = constraint.initial(b, device)
@@ -208,18 +226,23 @@ def _decode_steps(
     logits = out.logits[:, -1, :].float()
     for step in range(cfg.max_new_tokens):
         cond = logits[:b]
-        if use_cfg:
-            uncond = logits[b:]
-            in_image = ((st["state"] == IMAGE_CODE) | (st["state"] == VIDEO_CODE)).unsqueeze(-1)
-            cond = torch.where(in_image, uncond + cfg.cfg_scale * (cond - uncond), cond)
-        cond = constraint.apply(cond, st)
-        tokens = torch.empty(b, dtype=torch.long, device=device)
         state = st["state"]
         groups = {
             "image": (state == IMAGE_CODE) | (state == VIDEO_CODE),
             "speech": (state == SPEECH_START) | (state >= SPEECH_CODE0),
         }
         groups["text"] = ~(groups["image"] | groups["speech"])
+        if use_cfg:
+            uncond = logits[b:]
+            if cfg.cfg_scale != 1.0:
+                cond = torch.where(groups["image"].unsqueeze(-1), uncond + cfg.cfg_scale * (cond - uncond), cond)
+            if cfg.text_cfg_scale != 1.0:
+                # over what the automaton allows: a plausible token it forbids must not crowd out every allowed one
+                read = (groups["text"] & guided).unsqueeze(-1)
+                allowed_cond, allowed_uncond = constraint.apply(cond, st), constraint.apply(uncond, st)
+                cond = torch.where(read, guided_reading(allowed_cond, allowed_uncond, cfg.text_cfg_scale), cond)
+        cond = constraint.apply(cond, st)
+        tokens = torch.empty(b, dtype=torch.long, device=device)
         active = [(name, rows_mask) for name, rows_mask in groups.items() if rows_mask.any()]
         if len(active) == 1:  # the usual case: every row in the same modality, no gather/scatter
             tokens = _sample(cond, getattr(cfg, active[0][0]), generator)
@@ -247,6 +270,19 @@ def _decode_steps(
         )
         past = getattr(out, cache_arg)
         logits = out.logits[:, -1, :].float()
+
+
+def guided_reading(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Guided log-probabilities for text [B, V]: ``u + scale * (c - u)`` over log-softmaxed rows, -inf for every token
+    the conditional row gives less than ``READ_CFG_PLAUSIBLE`` of its likeliest token's probability.
+
+    Why the restriction: where both rows agree (grammar, punctuation) ``c - u`` is noise, and a scale above 1
+    amplifies it into tokens neither row would write; the picture's evidence lives in tokens it already finds likely.
+    Tokens masked to -inf in ``cond`` (forbidden where the row stands) are never candidates.
+    """
+    c, u = cond.log_softmax(-1), uncond.log_softmax(-1)
+    plausible = (c >= c.max(-1, keepdim=True).values + math.log(READ_CFG_PLAUSIBLE)) & torch.isfinite(c)
+    return torch.where(plausible, u + scale * (c - u), torch.full_like(c, float("-inf")))
 
 
 def decode_tokens(

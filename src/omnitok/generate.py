@@ -29,6 +29,7 @@ from omnitok.data.tasks import ASR_ASKS, TTS_ASKS
 from omnitok.decoding import (
     IMAGE_CFG_SCALE,
     IMAGE_SAMPLING,
+    READ_CFG_SCALE,
     SPEECH_SAMPLING,
     TEXT_SAMPLING,
     DecodeConfig,
@@ -83,6 +84,10 @@ class GenerateOptions:
     # what max_new_tokens leaves). None: the words end where the model opens its speech.
     max_text_tokens: int | None = None
     cfg_scale: float = IMAGE_CFG_SCALE
+    # output="text" about a picture: guidance against the same request without its pictures (omnitok.decoding). None:
+    # READ_CFG_SCALE for a bundle whose captions were trained with the picture sometimes dropped (it knows what words
+    # it would write without one), 1 (off) for one that was not.
+    text_cfg_scale: float | None = None
     text: Sampling = TEXT_SAMPLING
     image: Sampling = IMAGE_SAMPLING
     speech: Sampling = SPEECH_SAMPLING
@@ -111,6 +116,9 @@ class GenerateOptions:
         cfg = self.cfg_scale
         if not is_number(cfg) or cfg < 0:
             raise OmnitokError(f"cfg_scale must be a finite number >= 0 (1: no guidance), got {cfg!r}")
+        read = self.text_cfg_scale
+        if read is not None and (not is_number(read) or read < 0):
+            raise OmnitokError(f"text_cfg_scale must be a finite number >= 0 (1: no guidance) or None, got {read!r}")
         for name in ("text", "image", "speech"):
             if not isinstance(getattr(self, name), Sampling):
                 raise OmnitokError(f"{name} must be a Sampling(temperature, top_k, top_p), got {getattr(self, name)!r}")
@@ -266,6 +274,34 @@ class OmniModel:
         ids = [*self._prompt_ids(kept, opts), self.vocab.special(SPAN_TOKENS["image"][0])]
         return torch.tensor(ids, dtype=torch.long)
 
+    def _uncond_reading(self, segs: list[Segment], opts: GenerateOptions) -> torch.Tensor:
+        """Guidance for text about a picture: the same request (from :meth:`_coded`) without its pictures, as the
+        caption task drops them in training (``omnitok.data.tasks.CAPTION_IMAGE_DROP``). Speech stays: a spoken
+        question is the request, not the evidence."""
+        kept = [s for s in segs if not isinstance(s, Image | Video)] or [
+            Text("", role=None if opts.continuation else "user")
+        ]
+        return torch.tensor(self._prompt_ids(kept, opts), dtype=torch.long)
+
+    def read_scale(self, text_cfg_scale: float | None = None) -> float:
+        """The guidance scale for text about a picture (1: none): the one given, else this bundle's default
+        (:class:`GenerateOptions`)."""
+        if text_cfg_scale is not None:
+            return float(text_cfg_scale)
+        return READ_CFG_SCALE if self.bundle.caption_image_drop > 0 else 1.0
+
+    def _read_scale(self, opts: GenerateOptions) -> float:
+        return self.read_scale(opts.text_cfg_scale) if opts.output == "text" else 1.0
+
+    def _uncond_rows(self, coded: list[list[Segment]], opts: GenerateOptions) -> list[torch.Tensor] | None:
+        """Guidance rows for a batch: none where its output is not guided, or no request in it shows a picture."""
+        if opts.output == "image" and opts.cfg_scale != 1:
+            return [self._uncond(c, opts) for c in coded]
+        pictures = any(isinstance(s, Image | Video) for c in coded for s in c)
+        if pictures and self._read_scale(opts) != 1:
+            return [self._uncond_reading(c, opts) for c in coded]
+        return None
+
     def _config(self, opts: GenerateOptions) -> DecodeConfig:
         if opts.max_new_tokens is not None:
             limit = opts.max_new_tokens
@@ -278,7 +314,12 @@ class OmniModel:
         if limit < 1:
             raise OmnitokError(f"max_new_tokens must be >= 1, got {limit}")
         return DecodeConfig(
-            max_new_tokens=limit, text=opts.text, image=opts.image, speech=opts.speech, cfg_scale=opts.cfg_scale
+            max_new_tokens=limit,
+            text=opts.text,
+            image=opts.image,
+            speech=opts.speech,
+            cfg_scale=opts.cfg_scale if opts.output == "image" else 1.0,
+            text_cfg_scale=self._read_scale(opts),
         )
 
     def _fit(
@@ -415,7 +456,7 @@ class OmniModel:
         coded = [self._coded(s, opts) for s in samples]
         requests = [self._request(c, replace(opts, style=st)) for c, st in zip(coded, styles, strict=True)]
         prompts = [r[0] for r in requests]
-        uncond = [self._uncond(c, opts) for c in coded] if opts.output == "image" and opts.cfg_scale != 1 else None
+        uncond = self._uncond_rows(coded, opts)
         cfg, rooms = self._fit(self._config(opts), prompts, uncond, opts.output)
         constraint = requests[0][1]
         if any(r[2] is not None for r in requests):  # read aloud: every row follows its script (_read_aloud_layout)
@@ -760,7 +801,9 @@ class OmniModel:
         opts = GenerateOptions(**options)
         if opts.best_of != 1:
             raise OmnitokError("best_of picks among finished pictures, so it cannot stream; use generate")
-        ids, constraint, script = self._request(self._coded(sample, opts), opts)
+        coded = self._coded(sample, opts)
+        ids, constraint, script = self._request(coded, opts)
+        uncond = self._uncond_rows([coded], opts) if opts.output == "text" else None  # pictures stream unguided
         if script is not None:
             constraint = constraint.scripted([script])
         joined = script is not None  # the read-aloud layout: its spans are one clip, its placed words not the reply
@@ -792,8 +835,8 @@ class OmniModel:
                 yield AudioChunk(audio[emitted_samples:keep], int(speech_tok.sample_rate), time.perf_counter() - t0)
                 emitted_samples = keep
 
-        cfg = self._fit(self._config(opts), [ids], None, opts.output)[0]
-        for tok, state in self._stream_ids(ids, constraint, cfg, gen, opts):
+        cfg = self._fit(self._config(opts), [ids], uncond, opts.output)[0]
+        for tok, state in self._stream_ids(ids, constraint, cfg, gen, opts, uncond):
             kind = self.vocab.kind(tok)
             if joined and kind != "speech":  # placed words, inner closers and openers, end of turn
                 continue
@@ -835,11 +878,13 @@ class OmniModel:
         cfg: DecodeConfig,
         gen: torch.Generator | None,
         opts: GenerateOptions,
+        uncond: list[torch.Tensor] | None = None,
     ) -> Iterator[tuple[int, int]]:
         """(token, automaton state) as they are decoded; a spoken answer (``output="text+speech"``) is decoded in
-        the two passes of :meth:`_words`, so the request's style tokens follow ``<speech>`` as they do there."""
+        the two passes of :meth:`_words`, so the request's style tokens follow ``<speech>`` as they do there.
+        ``uncond``: the guidance row of a text reply (:meth:`_uncond_rows`), as :meth:`generate` decodes it."""
         if opts.output != "text+speech":
-            for tokens, st in iter_decode(self.lm, [ids], constraint, cfg, None, gen):
+            for tokens, st in iter_decode(self.lm, [ids], constraint, cfg, uncond, gen):
                 yield int(tokens[0]), int(st["state"][0])
             return
         opener = self.vocab.special(SPAN_TOKENS["speech"][0])

@@ -134,6 +134,12 @@ def generate_command(
     reference: Annotated[Path | None, typer.Option(help="speak in the voice of this clip")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="cap on generated tokens")] = None,
     cfg_scale: Annotated[float, typer.Option(help="classifier-free guidance for images (1 = off)")] = IMAGE_CFG_SCALE,
+    text_cfg_scale: Annotated[
+        float | None,
+        typer.Option(
+            help="guidance for text about an --image, against the request without it (1 = off; default: the bundle's)"
+        ),
+    ] = None,
     best_of: Annotated[
         int,
         typer.Option(
@@ -169,7 +175,7 @@ def generate_command(
     image_cfg = getattr(model.bundle.image, "config", None)
     sample = build_request(text, list(image or []), list(audio or []), getattr(image_cfg, "image_size", None), resize)
     style = {k: v for k, v in (("voice", voice), ("pitch", pitch), ("rate", rate)) if v}
-    options: dict[str, Any] = {"output": output, "cfg_scale": cfg_scale, "seed": seed}
+    options: dict[str, Any] = {"output": output, "cfg_scale": cfg_scale, "text_cfg_scale": text_cfg_scale, "seed": seed}
     if style:
         options["style"] = style
     if reference is not None:

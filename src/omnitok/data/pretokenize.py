@@ -119,8 +119,18 @@ def _encode_kind(
 
 # What decides a document's tokens or which shard holds it: a rerun into the same --out must keep all of them, or
 # the shards it finds finished (and skips) would mix with ones made another way.
-_RESUME_KEYS = ("world", "image_tokenizer", "speech_tokenizer", "seed", "world_size", "read_aloud_words", "align_words")
-_BEFORE_KEY = {"read_aloud_words": 0, "align_words": False}  # what tokens made before a key was recorded were made with
+_RESUME_KEYS = (
+    "world",
+    "image_tokenizer",
+    "speech_tokenizer",
+    "seed",
+    "world_size",
+    "read_aloud_words",
+    "align_words",
+    "caption_image_drop",
+)
+# what tokens made before a key was recorded were made with
+_BEFORE_KEY = {"read_aloud_words": 0, "align_words": False, "caption_image_drop": 0.0}
 
 
 def _check_resumable(out_dir: Path, config: dict[str, Any]) -> None:
@@ -213,6 +223,9 @@ def pretokenize(
         "world_size": world_size,
         "read_aloud_words": read_aloud_words,
         "align_words": bool(align_words),
+        # the caption task's picture drop, which the bundle passes on: generation guides reading only where it was
+        # trained (omnitok.generate, text_cfg_scale)
+        "caption_image_drop": task_defs.CAPTION_IMAGE_DROP,
     }
     _check_resumable(out_dir, config)
 

@@ -55,6 +55,11 @@ def eval_command(
         "--spoken-qa-best-of",
         help="Spoken answers: write the answer once, speak it N times, keep the clip the model hears it in best.",
     ),
+    text_cfg_scale: float | None = typer.Option(
+        None,
+        "--text-cfg-scale",
+        help="Guidance for text about a picture, against the request without it (1 = off; default: the bundle's).",
+    ),
 ) -> None:
     """Run every task on the held-out test split; write metrics.json and an HTML report."""
     import omnitok
@@ -75,6 +80,7 @@ def eval_command(
         caption_best_of=caption_best_of,
         tts_best_of=tts_best_of,
         spoken_qa_best_of=spoken_qa_best_of,
+        text_cfg_scale=text_cfg_scale,
     )
     model = omnitok.load(str(bundle), device)
     with free_cores(), console.status("evaluating") as status:

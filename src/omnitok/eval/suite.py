@@ -51,6 +51,9 @@ class EvalConfig:
     batch_size: int = 16
     seed: int = 0
     cfg_scale: float = IMAGE_CFG_SCALE
+    # text about a picture (captions, typed answers, video captions) guided against the request without it; None:
+    # the bundle's default (omnitok.generate.GenerateOptions.text_cfg_scale)
+    text_cfg_scale: float | None = None
     t2i_best_of: int = 1  # text-to-image pictures drawn per caption, the one read back likeliest kept (1: plain)
     caption_best_of: int = 1  # captions written per picture, the reader + drawer likeliest kept (1: plain)
     tts_best_of: int = 1  # clips spoken per sentence, the one the LM hears the sentence in likeliest kept (1: plain)
@@ -172,7 +175,12 @@ class Suite:
             sliced = {k: v[lo:hi] for k, v in (per_prompt or {}).items()}
             t = time.monotonic()
             replies = self.model.generate_batch(
-                prompts[lo:hi], seed=self.cfg.seed, **self.cfg.sampling, **opts, **sliced
+                prompts[lo:hi],
+                seed=self.cfg.seed,
+                text_cfg_scale=self.cfg.text_cfg_scale,
+                **self.cfg.sampling,
+                **opts,
+                **sliced,
             )
             if after is not None:
                 after(lo, replies)
@@ -511,6 +519,7 @@ def evaluate(
         "limit": cfg.limit,
         "skipped": sorted(set(cfg.tasks) - set(tasks)),
         "max_minutes": cfg.max_minutes,
+        "text_cfg_scale": model.read_scale(cfg.text_cfg_scale),  # resolved: None is the bundle's default
         "seconds": round(time.monotonic() - t0, 1),
         "task_seconds": seconds,  # where a time-boxed run's minutes went (instruments included)
     }

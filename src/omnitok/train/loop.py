@@ -620,6 +620,7 @@ def _write_bundle(final: Path, recipe: Recipe) -> Path | None:
         made_by.get("speech_tokenizer"),
         extra={"trained_by": {"recipe": recipe.name, "out": str(recipe.out)}},
         read_aloud_words=int(made_by.get("read_aloud_words", 0)),  # tokens made before it was recorded: plain
+        caption_image_drop=float(made_by.get("caption_image_drop", 0.0)),  # likewise: captions always had a picture
     )
 
 

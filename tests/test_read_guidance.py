@@ -1,0 +1,176 @@
+"""Guidance for text about a picture: the caption task's picture drop, the bundle that records it, and the decoder
+that reads against the request without its pictures only where that is what the bundle was trained for."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import omnitok
+import omnitok.generate as generate
+from omnitok.bundle import save_bundle
+from omnitok.data import tasks
+from omnitok.decoding import READ_CFG_PLAUSIBLE, READ_CFG_SCALE, guided_reading
+from omnitok.errors import OmnitokError
+from omnitok.generate import TextDelta
+from omnitok.sequence import Image, Text
+from omnitok.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+from omnitok.tokenizers.text import TextTokenizer
+from omnitok.vocab import Vocabulary
+
+
+def test_guided_reading_reorders_only_what_the_picture_makes_plausible():
+    # cond: the picture says "star" (1) nearly as much as the habit "square" (0); without it, "square" is certain
+    cond = torch.log(torch.tensor([[0.50, 0.40, 0.09, 0.01]]))
+    uncond = torch.log(torch.tensor([[0.90, 0.01, 0.01, 0.08]]))
+    assert int(cond.argmax()) == 0
+    g = guided_reading(cond, uncond, 3.0)
+    assert int(g.argmax()) == 1  # guidance lets the picture's evidence win over the text's habit
+    # token 3 gains most from guidance (0.01 against 0.08 is a *loss*, but token 2's 0.09 vs 0.01 is a big gain) yet
+    # only tokens within READ_CFG_PLAUSIBLE of the conditional best are candidates
+    assert math.isinf(float(g[0, 3])) and float(g[0, 3]) < 0
+    assert READ_CFG_PLAUSIBLE < 0.09 / 0.50 and math.isfinite(float(g[0, 2]))
+    # scale 1 is the conditional row's own log-probabilities among the plausible tokens
+    one = guided_reading(cond, uncond, 1.0)
+    keep = torch.isfinite(one)
+    assert torch.allclose(one[keep], cond.log_softmax(-1)[keep])
+
+
+def _lm(vocab: Vocabulary) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab.size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("read")
+    text = TextTokenizer.train(["a large red circle in the top left", "describe the picture"] * 20, vocab_size=280)
+    text.save(root / "text")
+    img = ImageTokenizer(ImageTokenizerConfig(widths=(8, 8, 8, 8), depths=(1, 1, 1, 1), levels=(4, 4, 4)))
+    img.save(root / "image")
+    vocab = Vocabulary.build(text.vocab_size, {"image": img.codebook_size})
+    lm = _lm(vocab)
+    save_bundle(root / "plain", lm, vocab, root / "text", root / "image")
+    save_bundle(root / "dropped", lm, vocab, root / "text", root / "image", caption_image_drop=0.15)
+    return root
+
+
+def _spy(monkeypatch):
+    rows = []
+    decode = generate.iter_decode
+
+    def iter_decode(lm, prompts, constraint, cfg, uncond, gen):
+        rows.append((prompts, uncond, cfg))
+        return decode(lm, prompts, constraint, cfg, uncond, gen)
+
+    monkeypatch.setattr(generate, "iter_decode", iter_decode)
+    return rows
+
+
+def test_the_bundle_says_whether_reading_is_guided(bundles, monkeypatch):
+    plain, dropped = omnitok.load(str(bundles / "plain")), omnitok.load(str(bundles / "dropped"))
+    assert json.loads((bundles / "dropped" / "omnitok.json").read_text())["caption_image_drop"] == 0.15
+    assert (plain.bundle.caption_image_drop, dropped.bundle.caption_image_drop) == (0.0, 0.15)
+    assert (plain.read_scale(), dropped.read_scale(), plain.read_scale(2.0)) == (1.0, READ_CFG_SCALE, 2.0)
+    picture = np.zeros((64, 64, 3), np.uint8)
+    ask = [Image(pixels=picture), Text("describe the picture")]
+    rows = _spy(monkeypatch)
+    plain.generate(ask, output="text", max_new_tokens=4)
+    dropped.generate(ask, output="text", max_new_tokens=4)
+    dropped.generate(ask, output="text", max_new_tokens=4, text_cfg_scale=1.0)
+    dropped.generate([Text("describe the picture")], output="text", max_new_tokens=4)  # no picture: nothing to guide
+    assert [r[1] is None for r in rows] == [True, False, True, True]
+    (cond,), (uncond,), cfg = rows[1]
+    assert cfg.text_cfg_scale == READ_CFG_SCALE and cfg.cfg_scale == 1.0
+    kinds = [dropped.vocab.kind(t) for t in uncond.tolist()]
+    assert "image" not in kinds and "image" in [dropped.vocab.kind(t) for t in cond.tolist()]
+    # the guidance row is the same request without its picture span
+    ids = cond.tolist()
+    start, end = ids.index(dropped.vocab.special("<image>")), ids.index(dropped.vocab.special("</image>"))
+    assert ids[:start] + ids[end + 1 :] == uncond.tolist()
+
+
+def test_guided_replies_stream_as_they_are_generated(bundles, monkeypatch):
+    model = omnitok.load(str(bundles / "dropped"))
+    picture = np.full((64, 64, 3), 200, np.uint8)
+    ask = [Image(pixels=picture), Text("describe the picture")]
+    (reply,) = model.generate(ask, output="text", max_new_tokens=8)
+    rows = _spy(monkeypatch)
+    streamed = "".join(e.text for e in model.stream(ask, output="text", max_new_tokens=8) if isinstance(e, TextDelta))
+    assert rows and rows[0][1] is not None and streamed == reply.text
+
+
+def test_a_request_without_a_picture_is_not_guided_in_a_batch_with_one(bundles, monkeypatch):
+    """Sampled, with a plausibility cut that leaves only the likeliest token (a random LM's rows are flat): the
+    text-only request samples as it does alone, while its guided neighbour is cut to greedy."""
+    import omnitok.decoding as decoding
+
+    monkeypatch.setattr(decoding, "READ_CFG_PLAUSIBLE", 0.999)
+    model = omnitok.load(str(bundles / "dropped"))
+    hot = {"text": generate.Sampling(temperature=1.0)}
+    picture = np.zeros((64, 64, 3), np.uint8)
+    alone = model.generate_batch(
+        [[Text("describe the picture")], [Text("a large red circle")]], output="text", max_new_tokens=12, seed=3, **hot
+    )
+    mixed = model.generate_batch(
+        [[Text("describe the picture")], [Image(pixels=picture), Text("a large red circle")]],
+        output="text",
+        max_new_tokens=12,
+        seed=3,
+        text_cfg_scale=1.0,
+        **hot,
+    )
+    guided = model.generate_batch(
+        [[Text("describe the picture")], [Image(pixels=picture), Text("a large red circle")]],
+        output="text",
+        max_new_tokens=12,
+        seed=3,
+        **hot,
+    )
+    assert alone[0][0].text == mixed[0][0].text == guided[0][0].text
+    greedy = model.generate_batch(
+        [[Image(pixels=picture), Text("a large red circle")]], output="text", max_new_tokens=12, text_cfg_scale=1.0
+    )
+    assert guided[1][0].text != mixed[1][0].text and guided[1][0].text == greedy[0][0].text
+
+
+def test_bad_guidance_values_are_refused_by_name(bundles, tmp_path):
+    model = omnitok.load(str(bundles / "dropped"))
+    for bad in (-1.0, float("nan"), "3"):
+        with pytest.raises(OmnitokError, match="text_cfg_scale"):
+            model.generate([Text("hi")], output="text", text_cfg_scale=bad)
+    with pytest.raises(OmnitokError, match="caption_image_drop"):
+        save_bundle(tmp_path / "b", model.lm, model.vocab, bundles / "text", bundles / "image", caption_image_drop=1.0)
+    assert not (tmp_path / "b").exists()
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(bundles / "dropped", broken)
+    manifest = json.loads((broken / "omnitok.json").read_text())
+    (broken / "omnitok.json").write_text(json.dumps({**manifest, "caption_image_drop": "lots"}))
+    with pytest.raises(OmnitokError, match=r"omnitok.json: field 'caption_image_drop'"):
+        omnitok.load(str(broken))
+
+
+def test_the_caption_task_drops_its_picture_at_the_set_share(monkeypatch):
+    sample = {"png": np.zeros((64, 64, 3), np.uint8), "meta": {"captions": ["A red circle.", "Red circle."]}}
+    monkeypatch.setattr(tasks, "CAPTION_IMAGE_DROP", 0.0)
+    rng = np.random.default_rng(0)
+    assert all(isinstance(tasks.caption(sample, rng)[0][0], Image) for _ in range(20))
+    monkeypatch.setattr(tasks, "CAPTION_IMAGE_DROP", 0.5)
+    docs = [tasks.caption(sample, np.random.default_rng(i))[0] for i in range(200)]
+    dropped = [d for d in docs if not any(isinstance(s, Image) for s in d)]
+    assert 60 < len(dropped) < 140
+    assert all(d[-1].text == "A red circle." and d[-1].role == "assistant" for d in docs)  # the answer is the same
