@@ -8,7 +8,6 @@ import yaml
 import omnitok
 from omnitok.data.pretokenize import pretokenize
 from omnitok.data.tasks import CAPTION_IMAGE_DROP
-from omnitok.decoding import READ_CFG_SCALE
 from omnitok.eval.suite import EvalConfig, evaluate
 from omnitok.sequence import Image, Text
 from omnitok.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
@@ -58,9 +57,8 @@ def test_world_to_bundle_to_eval(tmp_path):
 
     model = omnitok.load(str(bundle))
     assert model.bundle.read_aloud_words == 2
-    # and the caption task's picture drop: its captions are read with guidance (omnitok.generate, text_cfg_scale)
+    # and the caption task's picture drop, which guidance for reading needs (omnitok.generate, text_cfg_scale)
     assert manifest["caption_image_drop"] == model.bundle.caption_image_drop == CAPTION_IMAGE_DROP > 0
-    assert model.read_scale() == READ_CFG_SCALE
     out = model.generate([Text("a large red circle in the top left")], output="image", seed=0)
     assert out[0].pixels.shape == (64, 64, 3)
     out = model.generate(
@@ -69,7 +67,7 @@ def test_world_to_bundle_to_eval(tmp_path):
     assert all(isinstance(s, Text) for s in out)
     metrics = evaluate(model, tmp_path / "world", tmp_path / "eval", EvalConfig(limit=2, tasks=["caption", "t2i"]))
     assert metrics["caption_acc"]["n"]["all"] == 2 and (tmp_path / "eval" / "report.html").exists()
-    assert metrics["_meta"]["text_cfg_scale"] == READ_CFG_SCALE
+    assert metrics["_meta"]["text_cfg_scale"] == 1.0
 
     # The command line evaluates on a named device, and runs where the serving extras are not installed (a GPU
     # training machine's image has no FastAPI): `omnitok.serve` is imported only when `serve` runs.

@@ -13,7 +13,7 @@ import omnitok
 import omnitok.generate as generate
 from omnitok.bundle import save_bundle
 from omnitok.data import tasks
-from omnitok.decoding import READ_CFG_PLAUSIBLE, READ_CFG_SCALE, guided_reading
+from omnitok.decoding import READ_CFG_PLAUSIBLE, guided_reading
 from omnitok.errors import OmnitokError
 from omnitok.generate import TextDelta
 from omnitok.sequence import Image, Text
@@ -79,21 +79,24 @@ def _spy(monkeypatch):
     return rows
 
 
-def test_the_bundle_says_whether_reading_is_guided(bundles, monkeypatch):
+def test_reading_is_guided_against_the_request_without_its_picture(bundles, monkeypatch):
     plain, dropped = omnitok.load(str(bundles / "plain")), omnitok.load(str(bundles / "dropped"))
     assert json.loads((bundles / "dropped" / "omnitok.json").read_text())["caption_image_drop"] == 0.15
     assert (plain.bundle.caption_image_drop, dropped.bundle.caption_image_drop) == (0.0, 0.15)
-    assert (plain.read_scale(), dropped.read_scale(), plain.read_scale(2.0)) == (1.0, READ_CFG_SCALE, 2.0)
     picture = np.zeros((64, 64, 3), np.uint8)
     ask = [Image(pixels=picture), Text("describe the picture")]
     rows = _spy(monkeypatch)
-    plain.generate(ask, output="text", max_new_tokens=4)
-    dropped.generate(ask, output="text", max_new_tokens=4)
-    dropped.generate(ask, output="text", max_new_tokens=4, text_cfg_scale=1.0)
-    dropped.generate([Text("describe the picture")], output="text", max_new_tokens=4)  # no picture: nothing to guide
+    dropped.generate(ask, output="text", max_new_tokens=4)  # off by default
+    dropped.generate(ask, output="text", max_new_tokens=4, text_cfg_scale=3.0)
+    dropped.generate([Text("describe the picture")], output="text", max_new_tokens=4, text_cfg_scale=3.0)  # no picture
+    dropped.generate(ask, output="image", text_cfg_scale=3.0, cfg_scale=1.0)  # drawing: text guidance does not apply
     assert [r[1] is None for r in rows] == [True, False, True, True]
+    # a bundle that never learned the request without a picture is guided all the same, with a warning that says so
+    with pytest.warns(UserWarning, match="was not trained with captions without their picture"):
+        plain.generate(ask, output="text", max_new_tokens=4, text_cfg_scale=3.0)
+    assert rows[-1][1] is not None
     (cond,), (uncond,), cfg = rows[1]
-    assert cfg.text_cfg_scale == READ_CFG_SCALE and cfg.cfg_scale == 1.0
+    assert cfg.text_cfg_scale == 3.0 and cfg.cfg_scale == 1.0
     kinds = [dropped.vocab.kind(t) for t in uncond.tolist()]
     assert "image" not in kinds and "image" in [dropped.vocab.kind(t) for t in cond.tolist()]
     # the guidance row is the same request without its picture span
@@ -106,9 +109,10 @@ def test_guided_replies_stream_as_they_are_generated(bundles, monkeypatch):
     model = omnitok.load(str(bundles / "dropped"))
     picture = np.full((64, 64, 3), 200, np.uint8)
     ask = [Image(pixels=picture), Text("describe the picture")]
-    (reply,) = model.generate(ask, output="text", max_new_tokens=8)
+    (reply,) = model.generate(ask, output="text", max_new_tokens=8, text_cfg_scale=3.0)
     rows = _spy(monkeypatch)
-    streamed = "".join(e.text for e in model.stream(ask, output="text", max_new_tokens=8) if isinstance(e, TextDelta))
+    events = model.stream(ask, output="text", max_new_tokens=8, text_cfg_scale=3.0)
+    streamed = "".join(e.text for e in events if isinstance(e, TextDelta))
     assert rows and rows[0][1] is not None and streamed == reply.text
 
 
@@ -137,6 +141,7 @@ def test_a_request_without_a_picture_is_not_guided_in_a_batch_with_one(bundles, 
         output="text",
         max_new_tokens=12,
         seed=3,
+        text_cfg_scale=3.0,
         **hot,
     )
     assert alone[0][0].text == mixed[0][0].text == guided[0][0].text

@@ -46,7 +46,7 @@ def save_bundle(
     ``read_aloud_words``: the layout the LM's TTS documents were written in (``omnitok.sequence``; 0: one span after
     the text), which generation must decode in: it is part of what the weights mean, as the vocabulary is.
     ``caption_image_drop``: the share of caption documents trained without their picture, so the LM knows the words
-    it would write without one; generation guides reading against them only where it does (``text_cfg_scale``).
+    it would write without one, which guidance for reading (``text_cfg_scale``) needs.
     """
     if not is_int(read_aloud_words) or read_aloud_words < 0:
         raise OmnitokError(f"read_aloud_words must be an int >= 0, got {read_aloud_words!r}")

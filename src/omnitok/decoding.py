@@ -52,13 +52,13 @@ SPEECH_SAMPLING = Sampling(temperature=0.5, top_k=32)
 # exact scenes 0.27 / 0.19 at 2 against 0.235 / 0.19 at 3, and on test the right object count 0.80 against 0.58-0.61
 # (BENCHMARKS "Guidance for pictures"): a stronger scale draws objects that are not asked for, or drops some.
 IMAGE_CFG_SCALE = 2.0
-# Guidance for text written about a picture (a caption, an answer): what the words would be without the picture is
-# subtracted, so a colour-shape pair never seen in training text is not talked out of by the text's habits. Only
-# tokens within READ_CFG_PLAUSIBLE of the conditional row's likeliest are candidates: guidance reorders what the
-# picture makes plausible and never promotes what it does not (unrestricted, a scale of 3 turned captions into
-# garbage). Measured on a 60-minute bundle whose captions were trained with the picture dropped 15 % of the time
-# (BENCHMARKS "Guidance for reading"): exact captions of held-out compositions 0.225 -> 0.31 at 3, seen ones level.
-READ_CFG_SCALE = 3.0
+# Guidance for text written about a picture (a caption, an answer; ``text_cfg_scale``, off by default): what the words
+# would be without the picture is subtracted, so a colour-shape pair never seen in training text is not talked out of
+# by the text's habits. Only tokens within READ_CFG_PLAUSIBLE of the conditional row's likeliest are candidates:
+# guidance reorders what the picture makes plausible and never promotes what it does not (unrestricted, a scale of 3
+# turned captions into garbage). BENCHMARKS "Guidance for reading": on a 60-minute bundle whose captions were trained
+# with the picture sometimes dropped, exact captions of held-out compositions 0.225 -> 0.31 at 3, seen ones level; on
+# a 15-minute one, whose reading is weak, seen captions fall (0.23 -> 0.13), so it is the caller's choice.
 READ_CFG_PLAUSIBLE = 0.1
 DEFAULT_SAMPLING = {"text": TEXT_SAMPLING, "image": IMAGE_SAMPLING, "speech": SPEECH_SAMPLING}
 SAMPLED_MODALITIES = tuple(DEFAULT_SAMPLING)

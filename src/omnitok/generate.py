@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -29,7 +30,6 @@ from omnitok.data.tasks import ASR_ASKS, TTS_ASKS
 from omnitok.decoding import (
     IMAGE_CFG_SCALE,
     IMAGE_SAMPLING,
-    READ_CFG_SCALE,
     SPEECH_SAMPLING,
     TEXT_SAMPLING,
     DecodeConfig,
@@ -84,10 +84,11 @@ class GenerateOptions:
     # what max_new_tokens leaves). None: the words end where the model opens its speech.
     max_text_tokens: int | None = None
     cfg_scale: float = IMAGE_CFG_SCALE
-    # output="text" about a picture: guidance against the same request without its pictures (omnitok.decoding). None:
-    # READ_CFG_SCALE for a bundle whose captions were trained with the picture sometimes dropped (it knows what words
-    # it would write without one), 1 (off) for one that was not.
-    text_cfg_scale: float | None = None
+    # output="text" about a picture: guidance against the same request without its pictures (omnitok.decoding; 1: off).
+    # For a bundle whose captions were trained with the picture sometimes dropped (Bundle.caption_image_drop), so it
+    # knows what it would write without one: 3 read held-out compositions better where its reading was good (a
+    # 60-minute demo) and worse where it was weak (15 minutes); BENCHMARKS "Guidance for reading".
+    text_cfg_scale: float = 1.0
     text: Sampling = TEXT_SAMPLING
     image: Sampling = IMAGE_SAMPLING
     speech: Sampling = SPEECH_SAMPLING
@@ -117,8 +118,8 @@ class GenerateOptions:
         if not is_number(cfg) or cfg < 0:
             raise OmnitokError(f"cfg_scale must be a finite number >= 0 (1: no guidance), got {cfg!r}")
         read = self.text_cfg_scale
-        if read is not None and (not is_number(read) or read < 0):
-            raise OmnitokError(f"text_cfg_scale must be a finite number >= 0 (1: no guidance) or None, got {read!r}")
+        if not is_number(read) or read < 0:
+            raise OmnitokError(f"text_cfg_scale must be a finite number >= 0 (1: no guidance), got {read!r}")
         for name in ("text", "image", "speech"):
             if not isinstance(getattr(self, name), Sampling):
                 raise OmnitokError(f"{name} must be a Sampling(temperature, top_k, top_p), got {getattr(self, name)!r}")
@@ -283,24 +284,25 @@ class OmniModel:
         ]
         return torch.tensor(self._prompt_ids(kept, opts), dtype=torch.long)
 
-    def read_scale(self, text_cfg_scale: float | None = None) -> float:
-        """The guidance scale for text about a picture (1: none): the one given, else this bundle's default
-        (:class:`GenerateOptions`)."""
-        if text_cfg_scale is not None:
-            return float(text_cfg_scale)
-        return READ_CFG_SCALE if self.bundle.caption_image_drop > 0 else 1.0
-
-    def _read_scale(self, opts: GenerateOptions) -> float:
-        return self.read_scale(opts.text_cfg_scale) if opts.output == "text" else 1.0
+    @staticmethod
+    def _read_scale(opts: GenerateOptions) -> float:
+        return float(opts.text_cfg_scale) if opts.output == "text" else 1.0
 
     def _uncond_rows(self, coded: list[list[Segment]], opts: GenerateOptions) -> list[torch.Tensor] | None:
         """Guidance rows for a batch: none where its output is not guided, or no request in it shows a picture."""
         if opts.output == "image" and opts.cfg_scale != 1:
             return [self._uncond(c, opts) for c in coded]
         pictures = any(isinstance(s, Image | Video) for c in coded for s in c)
-        if pictures and self._read_scale(opts) != 1:
-            return [self._uncond_reading(c, opts) for c in coded]
-        return None
+        if not pictures or self._read_scale(opts) == 1:
+            return None
+        if not self.bundle.caption_image_drop:
+            warnings.warn(
+                f"text_cfg_scale {opts.text_cfg_scale}: {self.bundle.path} was not trained with captions without their "
+                "picture, so the request it is guided against is one it never learned (exact captions of seen "
+                "compositions fell 0.89 -> 0.74 in BENCHMARKS 'Guidance for reading')",
+                stacklevel=4,
+            )
+        return [self._uncond_reading(c, opts) for c in coded]
 
     def _config(self, opts: GenerateOptions) -> DecodeConfig:
         if opts.max_new_tokens is not None:

@@ -135,11 +135,9 @@ def generate_command(
     max_new_tokens: Annotated[int | None, typer.Option(help="cap on generated tokens")] = None,
     cfg_scale: Annotated[float, typer.Option(help="classifier-free guidance for images (1 = off)")] = IMAGE_CFG_SCALE,
     text_cfg_scale: Annotated[
-        float | None,
-        typer.Option(
-            help="guidance for text about an --image, against the request without it (1 = off; default: the bundle's)"
-        ),
-    ] = None,
+        float,
+        typer.Option(help="guidance for text about an --image, against the request without it (1 = off; try 3)"),
+    ] = 1.0,
     best_of: Annotated[
         int,
         typer.Option(

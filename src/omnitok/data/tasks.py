@@ -59,8 +59,8 @@ def caption(s: dict[str, Any], rng: np.random.Generator) -> list[Sample]:
 
 # Share of caption samples with the picture removed: the LM learns what it would write without one, which guidance
 # for reading subtracts (omnitok.generate, text_cfg_scale). On a 60-minute bundle fine-tuned with it, exact captions
-# of held-out colour-shape pairs 0.225 -> 0.31 at the default scale, seen ones level; without guidance the drop cost
-# nothing (0.560 against 0.553). docs/BENCHMARKS.md "Guidance for reading".
+# of held-out colour-shape pairs 0.225 -> 0.31 guided at 3, seen ones level; unguided the drop cost nothing at 60
+# minutes (0.560 against 0.553) nor at 15 (0.12 against 0.08). docs/BENCHMARKS.md "Guidance for reading".
 CAPTION_IMAGE_DROP = 0.15
 
 

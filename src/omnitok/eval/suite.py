@@ -51,9 +51,9 @@ class EvalConfig:
     batch_size: int = 16
     seed: int = 0
     cfg_scale: float = IMAGE_CFG_SCALE
-    # text about a picture (captions, typed answers, video captions) guided against the request without it; None:
-    # the bundle's default (omnitok.generate.GenerateOptions.text_cfg_scale)
-    text_cfg_scale: float | None = None
+    # text about a picture (captions, typed answers, video captions) guided against the request without it (1: off;
+    # omnitok.generate.GenerateOptions.text_cfg_scale)
+    text_cfg_scale: float = 1.0
     t2i_best_of: int = 1  # text-to-image pictures drawn per caption, the one read back likeliest kept (1: plain)
     caption_best_of: int = 1  # captions written per picture, the reader + drawer likeliest kept (1: plain)
     tts_best_of: int = 1  # clips spoken per sentence, the one the LM hears the sentence in likeliest kept (1: plain)
@@ -519,7 +519,7 @@ def evaluate(
         "limit": cfg.limit,
         "skipped": sorted(set(cfg.tasks) - set(tasks)),
         "max_minutes": cfg.max_minutes,
-        "text_cfg_scale": model.read_scale(cfg.text_cfg_scale),  # resolved: None is the bundle's default
+        "text_cfg_scale": cfg.text_cfg_scale,
         "seconds": round(time.monotonic() - t0, 1),
         "task_seconds": seconds,  # where a time-boxed run's minutes went (instruments included)
     }
