@@ -187,6 +187,26 @@ def test_a_spoken_answer_is_one_reply_and_words_that_end_unspoken_are_spoken_in_
     assert events[-1][0] == "finish" and streams == ["text+speech"]  # streamed: one reply too
 
 
+def test_the_operator_guides_text_about_pictures(bundles):
+    """``omnitok serve --text-cfg-scale``: text replies get it (batched and streamed), pictures and speech do not."""
+    import omnitok
+    from omnitok.sequence import Image as Picture
+    from omnitok.sequence import Text
+    from omnitok.serve.engine import Engine, Task
+
+    engine = Engine(omnitok.load(str(bundles[0])), speech_max_tokens=8, text_cfg_scale=3.0)
+    seen = []
+    generate_batch, stream = engine.model.generate_batch, engine.model.stream
+    engine.model.generate_batch = lambda p, **kw: seen.append(kw.get("text_cfg_scale")) or generate_batch(p, **kw)
+    engine.model.stream = lambda segs, **kw: seen.append(kw.get("text_cfg_scale")) or stream(segs, **kw)
+    ask = [Picture(pixels=np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8), role="user"), Text("what?", role="user")]
+    with pytest.warns(UserWarning, match="not trained with captions without their picture"):
+        (result,) = engine.run_batch([Task(ask, "text", max_new_tokens=3)])
+        list(engine.run_stream(Task(ask, "text", max_new_tokens=3)))
+    engine.run_batch([Task([Text("a red circle", role="user")], "image", seed=0)])
+    assert isinstance(result.text, str) and seen == [3.0, 3.0, None]
+
+
 def test_chat_image_out(client):
     r = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "a red circle"}], modalities=["image"], seed=0
@@ -560,6 +580,10 @@ def test_cli_refuses_bad_arguments_clearly(tmp_path):
         assert isinstance(r.exception, OmnitokError) and "cannot listen" in str(r.exception)
     r = runner.invoke(app, ["serve", str(tmp_path / "missing"), "--port", "1"])
     assert isinstance(r.exception, OmnitokError)  # privileged port or missing bundle: a clear error either way
-    for flags, message in [(["--threads", "0"], "--threads must be >= 1"), (["--log-level", "loud"], "--log-level")]:
+    for flags, message in [
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--log-level", "loud"], "--log-level"),
+        (["--text-cfg-scale", "-1"], "--text-cfg-scale must be a finite number >= 0"),
+    ]:
         r = runner.invoke(app, ["serve", str(tmp_path / "missing"), *flags])
         assert isinstance(r.exception, OmnitokError) and message in str(r.exception), flags

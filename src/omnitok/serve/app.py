@@ -577,10 +577,11 @@ def create_app(
     max_batch: int = 8,
     max_queue: int = 256,
     speech_max_tokens: int | None = None,
+    text_cfg_scale: float = 1.0,
 ) -> FastAPI:
     """The ASGI app serving ``model``; ``model_name`` defaults to the bundle directory's name."""
     name = model_name or Path(model.bundle.path).resolve().name
-    engine = Engine(model, speech_max_tokens)
+    engine = Engine(model, speech_max_tokens, text_cfg_scale)
     batcher = Batcher(max_batch=max_batch, max_queue=max_queue)
     server = Server(model, name, engine, batcher)
 

@@ -27,6 +27,12 @@ def serve_command(
     speech_max_tokens: int | None = typer.Option(
         None, "--speech-max-tokens", help="Cap on speech tokens per spoken answer (default: the model's, 12 s)."
     ),
+    text_cfg_scale: float = typer.Option(
+        1.0,
+        "--text-cfg-scale",
+        help="Guidance for text replies about a picture, against the request without it (1 = off; 3 helped a bundle "
+        "that reads well, trained with captions without their picture: docs/BENCHMARKS.md 'Guidance for reading').",
+    ),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     device: str = typer.Option("cpu", "--device", help="torch device for the model, e.g. cpu or cuda."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
@@ -40,6 +46,8 @@ def serve_command(
         raise OmnitokError(f"--speech-max-tokens must be >= 1, got {speech_max_tokens}")
     if max_batch < 1 or max_queue < 1:
         raise OmnitokError(f"--max-batch and --max-queue must be >= 1, got {max_batch} and {max_queue}")
+    if not text_cfg_scale >= 0 or text_cfg_scale == float("inf"):
+        raise OmnitokError(f"--text-cfg-scale must be a finite number >= 0 (1: off), got {text_cfg_scale}")
     if threads is not None and threads < 1:
         raise OmnitokError(f"--threads must be >= 1, got {threads}")
     if log_level.lower() not in LOG_LEVELS:
@@ -55,7 +63,9 @@ def serve_command(
         torch.set_num_threads(threads)
     try:
         model = omnitok.load(str(bundle), device=device)
-        app = create_app(model, model_name, api_key, max_request_mb, max_batch, max_queue, speech_max_tokens)
+        app = create_app(
+            model, model_name, api_key, max_request_mb, max_batch, max_queue, speech_max_tokens, text_cfg_scale
+        )
         console.print(f"serving {bundle} at http://{host}:{port}/v1 (web page: http://{host}:{port}/)")
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower())).run(sockets=[sock])
     finally:

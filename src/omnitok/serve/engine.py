@@ -69,9 +69,12 @@ class Result:
 class Engine:
     """The model plus the knowledge of how to prompt it; owns nothing thread-related."""
 
-    def __init__(self, model: OmniModel, speech_max_tokens: int | None = None) -> None:
+    def __init__(self, model: OmniModel, speech_max_tokens: int | None = None, text_cfg_scale: float = 1.0) -> None:
         self.model = model
         self.speech_max_tokens = speech_max_tokens
+        # text replies about a picture guided against the request without it (omnitok.generate; 1: off): the
+        # operator's choice for the bundle, as it helps a bundle that reads well and hurts one that does not
+        self.text_cfg_scale = text_cfg_scale
         self.voices = self._voices()
         styles = model.vocab.styles()
         self.pitches = styles.get("pitch", [])
@@ -168,6 +171,8 @@ class Engine:
     # --- running tasks (worker thread) ----------------------------------------------------------------
     def _options(self, task: Task, max_new_tokens: int | None) -> dict[str, Any]:
         opts: dict[str, Any] = {"max_new_tokens": max_new_tokens, "seed": task.seed}
+        if task.output == "text":
+            opts["text_cfg_scale"] = self.text_cfg_scale
         if task.temperature is not None or task.top_p is not None:
             t = 1.0 if task.temperature is None else task.temperature
             opts["text"] = Sampling(temperature=t, top_p=1.0 if task.top_p is None else task.top_p)
