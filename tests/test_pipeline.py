@@ -8,12 +8,13 @@ import yaml
 import omnitok
 from omnitok.data.pretokenize import pretokenize
 from omnitok.data.tasks import CAPTION_IMAGE_DROP
-from omnitok.eval.suite import EvalConfig, evaluate
+from omnitok.eval.suite import EvalConfig, choose_text_cfg_scale, evaluate
 from omnitok.sequence import Image, Text
 from omnitok.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 from omnitok.train.loop import train
 from omnitok.train.recipe import load_recipe
 from omnitok.world.build import WorldConfig, build_world
+from omnitok.world.read import iter_samples
 
 
 def test_world_to_bundle_to_eval(tmp_path):
@@ -68,6 +69,22 @@ def test_world_to_bundle_to_eval(tmp_path):
     metrics = evaluate(model, tmp_path / "world", tmp_path / "eval", EvalConfig(limit=2, tasks=["caption", "t2i"]))
     assert metrics["caption_acc"]["n"]["all"] == 2 and (tmp_path / "eval" / "report.html").exists()
     assert metrics["_meta"]["text_cfg_scale"] == 1.0
+
+    # The demo chooses guidance for reading on the val split: on where it writes clearly more exact captions
+    scale, scores = choose_text_cfg_scale(model, tmp_path / "world", limit=4)
+    assert set(scores) == {"1.0", "3.0"} and scale == (3.0 if scores["3.0"] >= scores["1.0"] + 0.25 else 1.0)
+    truth = {s["png"].tobytes(): s["meta"]["captions"][0] for s in iter_samples(tmp_path / "world", "val", "scene")}
+    generate_batch = model.generate_batch
+
+    def reads_when_guided(prompts, **kw):  # a model whose captions are exact only with guidance at 3
+        if kw.get("text_cfg_scale") != 3.0:
+            return generate_batch(prompts, **kw)
+        return [[Text(truth[p[0].pixels.tobytes()], role="assistant")] for p in prompts]
+
+    model.generate_batch = reads_when_guided
+    assert choose_text_cfg_scale(model, tmp_path / "world", limit=4) == (3.0, {"1.0": scores["1.0"], "3.0": 1.0})
+    model.bundle.caption_image_drop = 0.0  # a bundle that never learned captions without a picture: not measured
+    assert choose_text_cfg_scale(model, tmp_path / "world", limit=4) == (1.0, {})
 
     # The command line evaluates on a named device, and runs where the serving extras are not installed (a GPU
     # training machine's image has no FastAPI): `omnitok.serve` is imported only when `serve` runs.

@@ -407,19 +407,25 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, console: Console | No
         metrics = read_json(metrics_path, "metrics")
     else:
         import omnitok
-        from omnitok.eval.suite import EvalConfig, evaluate
+        from omnitok.eval.suite import EvalConfig, choose_text_cfg_scale, evaluate
         from omnitok.threads import free_cores
 
         console.rule("evaluate")
+        model = omnitok.load(str(bundle), cfg.device)
+        with free_cores():
+            read_scale, read_scores = choose_text_cfg_scale(model, world)  # on val: a few seconds
+        chosen["text_cfg_scale"] = {"scale": read_scale, "val_caption_acc": read_scores}
+        if read_scores:
+            console.print(f"guidance for reading: {read_scale} (val exact captions by scale: {read_scores})")
         minutes = cfg.eval_minutes
         if minutes is None:
             minutes = max(0.0, cfg.minutes * 60 - (time.perf_counter() - t0) - EVAL_TAIL_S) / 60
         with free_cores(), console.status("evaluating") as status:
             metrics = evaluate(
-                omnitok.load(str(bundle), cfg.device),
+                model,
                 world,
                 out / "eval",
-                EvalConfig(limit=cfg.eval_limit, seed=cfg.seed, max_minutes=minutes),
+                EvalConfig(limit=cfg.eval_limit, seed=cfg.seed, max_minutes=minutes, text_cfg_scale=read_scale),
                 progress=lambda t: status.update(f"evaluating {t}"),
             )
     step("eval")
