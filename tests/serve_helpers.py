@@ -21,9 +21,12 @@ RATES = ["slow", "normal", "fast"]
 IMAGE_SIZE = 32
 
 
-def build_tiny_bundle(root: Path, speech: bool = True, image: bool = True, read_aloud_words: int = 0) -> Path:
+def build_tiny_bundle(
+    root: Path, speech: bool = True, image: bool = True, read_aloud_words: int = 0, caption_image_drop: float = 0.0
+) -> Path:
     """Write ``root/bundle`` (text + image + speech tokenizers and a 2-layer Llama) and return its path;
-    ``read_aloud_words``: the bundle says its TTS was trained in the read-aloud layout (omnitok.sequence)."""
+    ``read_aloud_words``: the bundle says its TTS was trained in the read-aloud layout (omnitok.sequence);
+    ``caption_image_drop``: it says its captions were trained with the picture sometimes dropped."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -83,7 +86,18 @@ def build_tiny_bundle(root: Path, speech: bool = True, image: bool = True, read_
     )
     if read_aloud_words:
         name += f"-read{read_aloud_words}"
-    return save_bundle(root / name, lm, vocab, root / "text", image_dir, speech_dir, read_aloud_words=read_aloud_words)
+    if caption_image_drop:
+        name += "-drop"
+    return save_bundle(
+        root / name,
+        lm,
+        vocab,
+        root / "text",
+        image_dir,
+        speech_dir,
+        read_aloud_words=read_aloud_words,
+        caption_image_drop=caption_image_drop,
+    )
 
 
 def steer_to_end(model: Any, after_words: bool) -> None:

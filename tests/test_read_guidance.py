@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import omnitok
 import omnitok.generate as generate
@@ -17,9 +16,7 @@ from omnitok.decoding import READ_CFG_PLAUSIBLE, guided_reading
 from omnitok.errors import OmnitokError
 from omnitok.generate import TextDelta
 from omnitok.sequence import Image, Text
-from omnitok.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
-from omnitok.tokenizers.text import TextTokenizer
-from omnitok.vocab import Vocabulary
+from serve_helpers import IMAGE_SIZE
 
 
 def test_guided_reading_reorders_only_what_the_picture_makes_plausible():
@@ -39,31 +36,15 @@ def test_guided_reading_reorders_only_what_the_picture_makes_plausible():
     assert torch.allclose(one[keep], cond.log_softmax(-1)[keep])
 
 
-def _lm(vocab: Vocabulary) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab.size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(cfg)
-
-
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
+    from serve_helpers import build_tiny_bundle
+
     root = tmp_path_factory.mktemp("read")
-    text = TextTokenizer.train(["a large red circle in the top left", "describe the picture"] * 20, vocab_size=280)
-    text.save(root / "text")
-    img = ImageTokenizer(ImageTokenizerConfig(widths=(8, 8, 8, 8), depths=(1, 1, 1, 1), levels=(4, 4, 4)))
-    img.save(root / "image")
-    vocab = Vocabulary.build(text.vocab_size, {"image": img.codebook_size})
-    lm = _lm(vocab)
-    save_bundle(root / "plain", lm, vocab, root / "text", root / "image")
-    save_bundle(root / "dropped", lm, vocab, root / "text", root / "image", caption_image_drop=0.15)
+    build_tiny_bundle(root, speech=False)  # root/bundle-text-image: captions never trained without their picture
+    build_tiny_bundle(root, speech=False, caption_image_drop=0.15)
+    (root / "plain").symlink_to(root / "bundle-text-image")
+    (root / "dropped").symlink_to(root / "bundle-text-image-drop")
     return root
 
 
@@ -83,7 +64,7 @@ def test_reading_is_guided_against_the_request_without_its_picture(bundles, monk
     plain, dropped = omnitok.load(str(bundles / "plain")), omnitok.load(str(bundles / "dropped"))
     assert json.loads((bundles / "dropped" / "omnitok.json").read_text())["caption_image_drop"] == 0.15
     assert (plain.bundle.caption_image_drop, dropped.bundle.caption_image_drop) == (0.0, 0.15)
-    picture = np.zeros((64, 64, 3), np.uint8)
+    picture = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     ask = [Image(pixels=picture), Text("describe the picture")]
     rows = _spy(monkeypatch)
     dropped.generate(ask, output="text", max_new_tokens=4)  # off by default
@@ -107,7 +88,7 @@ def test_reading_is_guided_against_the_request_without_its_picture(bundles, monk
 
 def test_guided_replies_stream_as_they_are_generated(bundles, monkeypatch):
     model = omnitok.load(str(bundles / "dropped"))
-    picture = np.full((64, 64, 3), 200, np.uint8)
+    picture = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 200, np.uint8)
     ask = [Image(pixels=picture), Text("describe the picture")]
     (reply,) = model.generate(ask, output="text", max_new_tokens=8, text_cfg_scale=3.0)
     rows = _spy(monkeypatch)
@@ -124,31 +105,18 @@ def test_a_request_without_a_picture_is_not_guided_in_a_batch_with_one(bundles, 
     monkeypatch.setattr(decoding, "READ_CFG_PLAUSIBLE", 0.999)
     model = omnitok.load(str(bundles / "dropped"))
     hot = {"text": generate.Sampling(temperature=1.0)}
-    picture = np.zeros((64, 64, 3), np.uint8)
-    alone = model.generate_batch(
-        [[Text("describe the picture")], [Text("a large red circle")]], output="text", max_new_tokens=12, seed=3, **hot
-    )
-    mixed = model.generate_batch(
-        [[Text("describe the picture")], [Image(pixels=picture), Text("a large red circle")]],
-        output="text",
-        max_new_tokens=12,
-        seed=3,
-        text_cfg_scale=1.0,
-        **hot,
-    )
-    guided = model.generate_batch(
-        [[Text("describe the picture")], [Image(pixels=picture), Text("a large red circle")]],
-        output="text",
-        max_new_tokens=12,
-        seed=3,
-        text_cfg_scale=3.0,
-        **hot,
-    )
-    assert alone[0][0].text == mixed[0][0].text == guided[0][0].text
-    greedy = model.generate_batch(
-        [[Image(pixels=picture), Text("a large red circle")]], output="text", max_new_tokens=12, text_cfg_scale=1.0
-    )
-    assert guided[1][0].text != mixed[1][0].text and guided[1][0].text == greedy[0][0].text
+    picture = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    ask, shown = [Text("describe the picture")], [Image(pixels=picture), Text("a large red circle")]
+
+    def texts(requests, **kw):
+        return [r[0].text for r in model.generate_batch(requests, output="text", max_new_tokens=12, seed=3, **kw)]
+
+    alone = texts([ask, [Text("a large red circle")]], **hot)
+    mixed = texts([ask, shown], text_cfg_scale=1.0, **hot)
+    guided = texts([ask, shown], text_cfg_scale=3.0, **hot)
+    assert alone[0] == mixed[0] == guided[0]
+    (greedy,) = texts([shown], text_cfg_scale=1.0)
+    assert guided[1] != mixed[1] and guided[1] == greedy
 
 
 def test_bad_guidance_values_are_refused_by_name(bundles, tmp_path):
@@ -170,7 +138,7 @@ def test_bad_guidance_values_are_refused_by_name(bundles, tmp_path):
 
 
 def test_the_caption_task_drops_its_picture_at_the_set_share(monkeypatch):
-    sample = {"png": np.zeros((64, 64, 3), np.uint8), "meta": {"captions": ["A red circle.", "Red circle."]}}
+    sample = {"png": np.zeros((8, 8, 3), np.uint8), "meta": {"captions": ["A red circle.", "Red circle."]}}
     monkeypatch.setattr(tasks, "CAPTION_IMAGE_DROP", 0.0)
     rng = np.random.default_rng(0)
     assert all(isinstance(tasks.caption(sample, rng)[0][0], Image) for _ in range(20))
