@@ -19,8 +19,6 @@ import time
 
 from _common import command, machine, scene_arguments, scene_split, table
 
-CAPTION_ASK = "Describe the picture."
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,17 +27,14 @@ def main() -> None:
     args = ap.parse_args()
 
     from omnitok.eval import metrics as M
-    from omnitok.sequence import Image, Text, text_of
+    from omnitok.eval.suite import describe
 
     model, samples, truth = scene_split(args)
     held = [bool(s["meta"]["heldout_combo"]) for s in samples]
     rows = []
     for scale in args.scales:
         t0 = time.perf_counter()
-        texts: list[str] = []
-        for lo in range(0, len(samples), 16):
-            prompts = [[Image(pixels=s["png"]), Text(CAPTION_ASK)] for s in samples[lo : lo + 16]]
-            texts += [text_of(r) for r in model.generate_batch(prompts, output="text", text_cfg_scale=scale)]
+        texts = describe(model, samples, text_cfg_scale=scale)
         seconds = time.perf_counter() - t0
         exact = [M.caption_correct(t, s) for t, s in zip(texts, truth, strict=True)]
         f1 = [M.caption_object_f1(t, s) for t, s in zip(texts, truth, strict=True)]

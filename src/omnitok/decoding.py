@@ -239,8 +239,9 @@ def _decode_steps(
             if cfg.text_cfg_scale != 1.0:
                 # over what the automaton allows: a plausible token it forbids must not crowd out every allowed one
                 read = (groups["text"] & guided).unsqueeze(-1)
-                allowed_cond, allowed_uncond = constraint.apply(cond, st), constraint.apply(uncond, st)
-                cond = torch.where(read, guided_reading(allowed_cond, allowed_uncond, cfg.text_cfg_scale), cond)
+                banned = ~constraint.mask(st)
+                c, u = cond.masked_fill(banned, float("-inf")), uncond.masked_fill(banned, float("-inf"))
+                cond = torch.where(read, guided_reading(c, u, cfg.text_cfg_scale), cond)
         cond = constraint.apply(cond, st)
         tokens = torch.empty(b, dtype=torch.long, device=device)
         active = [(name, rows_mask) for name, rows_mask in groups.items() if rows_mask.any()]

@@ -267,22 +267,18 @@ class OmniModel:
         return head, [*script, *ending]
 
     def _uncond(self, segs: list[Segment], opts: GenerateOptions) -> torch.Tensor:
-        """The training-time prompt drop: the same request (from :meth:`_coded`) with the user's text removed.
+        """The training-time drop that guidance subtracts: the same request (from :meth:`_coded`) without some of it.
 
-        Pictures and speech stay, so editing a given picture is guided by its instruction.
+        A picture is drawn without the user's text (pictures and speech stay, so editing a given picture is guided by
+        its instruction), after the image opener it is drawn from. Text about a picture is written without the
+        pictures, as the caption task drops them (``omnitok.data.tasks.CAPTION_IMAGE_DROP``); speech stays there: a
+        spoken question is the request, not the evidence.
         """
-        kept = [s for s in segs if not isinstance(s, Text)] or [Text("", role=None if opts.continuation else "user")]
-        ids = [*self._prompt_ids(kept, opts), self.vocab.special(SPAN_TOKENS["image"][0])]
+        drawing = opts.output == "image"
+        dropped = Text if drawing else Image | Video
+        kept = [s for s in segs if not isinstance(s, dropped)] or [Text("", role=None if opts.continuation else "user")]
+        ids = self._prompt_ids(kept, opts) + ([self.vocab.special(SPAN_TOKENS["image"][0])] if drawing else [])
         return torch.tensor(ids, dtype=torch.long)
-
-    def _uncond_reading(self, segs: list[Segment], opts: GenerateOptions) -> torch.Tensor:
-        """Guidance for text about a picture: the same request (from :meth:`_coded`) without its pictures, as the
-        caption task drops them in training (``omnitok.data.tasks.CAPTION_IMAGE_DROP``). Speech stays: a spoken
-        question is the request, not the evidence."""
-        kept = [s for s in segs if not isinstance(s, Image | Video)] or [
-            Text("", role=None if opts.continuation else "user")
-        ]
-        return torch.tensor(self._prompt_ids(kept, opts), dtype=torch.long)
 
     @staticmethod
     def _read_scale(opts: GenerateOptions) -> float:
@@ -302,7 +298,7 @@ class OmniModel:
                 "compositions fell 0.89 -> 0.74 in BENCHMARKS 'Guidance for reading')",
                 stacklevel=4,
             )
-        return [self._uncond_reading(c, opts) for c in coded]
+        return [self._uncond(c, opts) for c in coded]
 
     def _config(self, opts: GenerateOptions) -> DecodeConfig:
         if opts.max_new_tokens is not None:

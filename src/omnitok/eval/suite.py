@@ -104,21 +104,26 @@ def choose_text_cfg_scale(
     samples = [s for _, s in zip(range(limit), iter_samples(world, "val", "scene"), strict=False)]
     if not samples:
         return 1.0, {}
-    counts: dict[str, int] = {}
-    for scale in (1.0, float(try_scale)):
-        exact = 0
-        for lo in range(0, len(samples), 16):
-            chunk = samples[lo : lo + 16]
-            prompts = [[Image(pixels=s["png"]), Text("Describe the picture.")] for s in chunk]
-            replies = model.generate_batch(prompts, output="text", text_cfg_scale=scale)
-            exact += sum(
-                M.caption_correct(text_of(r), scene_from_json(s["meta"]["scene"]))
-                for r, s in zip(replies, chunk, strict=True)
-            )
-        counts[str(scale)] = int(exact)
+    scenes = [scene_from_json(s["meta"]["scene"]) for s in samples]
+    counts = {
+        scale: sum(map(M.caption_correct, describe(model, samples, text_cfg_scale=scale), scenes))
+        for scale in (1.0, float(try_scale))
+    }
     margin = max(1, math.ceil(READ_GUIDANCE_MARGIN * len(samples)))
-    best = float(try_scale) if counts[str(float(try_scale))] >= counts["1.0"] + margin else 1.0
-    return best, {k: v / len(samples) for k, v in counts.items()}
+    best = float(try_scale) if counts[float(try_scale)] >= counts[1.0] + margin else 1.0
+    return best, {str(k): v / len(samples) for k, v in counts.items()}
+
+
+CAPTION_ASK = "Describe the picture."  # the caption task's first ask: the evaluation's question
+
+
+def describe(model: Any, samples: list[dict[str, Any]], batch_size: int = 16, **opts: Any) -> list[str]:
+    """Each scene sample's picture described (``CAPTION_ASK``), ``batch_size`` at a time, with generation ``opts``."""
+    out: list[str] = []
+    for lo in range(0, len(samples), batch_size):
+        prompts = [[Image(pixels=s["png"]), Text(CAPTION_ASK)] for s in samples[lo : lo + batch_size]]
+        out += [text_of(r) for r in model.generate_batch(prompts, output="text", **opts)]
+    return out
 
 
 def _take(world: Path, kind: str, limit: int, need: str | None = None) -> list[dict[str, Any]]:
@@ -233,7 +238,7 @@ class Suite:
     def caption(self) -> dict[str, list[Record]]:
         samples = _take(self.world, "scene", self.cfg.limit)
         outs = self._gen(
-            [[Image(pixels=s["png"]), Text("Describe the picture.")] for s in samples],
+            [[Image(pixels=s["png"]), Text(CAPTION_ASK)] for s in samples],
             output="text",
             best_of=self.cfg.caption_best_of,
         )

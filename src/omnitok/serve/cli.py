@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from omnitok.errors import OmnitokError
+from omnitok.errors import OmnitokError, is_number
 
 console = Console(stderr=True)
 
@@ -46,7 +46,7 @@ def serve_command(
         raise OmnitokError(f"--speech-max-tokens must be >= 1, got {speech_max_tokens}")
     if max_batch < 1 or max_queue < 1:
         raise OmnitokError(f"--max-batch and --max-queue must be >= 1, got {max_batch} and {max_queue}")
-    if not text_cfg_scale >= 0 or text_cfg_scale == float("inf"):
+    if not is_number(text_cfg_scale) or text_cfg_scale < 0:
         raise OmnitokError(f"--text-cfg-scale must be a finite number >= 0 (1: off), got {text_cfg_scale}")
     if threads is not None and threads < 1:
         raise OmnitokError(f"--threads must be >= 1, got {threads}")
