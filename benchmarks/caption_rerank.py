@@ -26,8 +26,6 @@ import torch
 
 from _common import command, machine, scene_arguments, scene_split, table
 
-CAPTION_ASK = "Describe the picture."
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,18 +35,14 @@ def main() -> None:
 
     from omnitok.decoding import Sampling
     from omnitok.eval import metrics as M
+    from omnitok.eval.suite import CAPTION_ASK, write_captions
     from omnitok.sequence import Image, Text
 
     model, samples, truth = scene_split(args)
     codes = [c.numpy() for c in model.bundle.image.encode(torch.as_tensor(np.stack([s["png"] for s in samples])))]
 
     def write(**opts: object) -> list[str]:
-        out = []
-        for lo in range(0, len(samples), 16):
-            prompts = [[Image(pixels=s["png"]), Text(CAPTION_ASK)] for s in samples[lo : lo + 16]]
-            for reply in model.generate_batch(prompts, output="text", **opts):
-                out.append(" ".join(x.text for x in reply if isinstance(x, Text)).strip())
-        return out
+        return write_captions(model, samples, **opts)
 
     t0 = time.perf_counter()
     sampled = Sampling(temperature=0.7, top_k=32)

@@ -27,14 +27,14 @@ def main() -> None:
     args = ap.parse_args()
 
     from omnitok.eval import metrics as M
-    from omnitok.eval.suite import describe
+    from omnitok.eval.suite import write_captions
 
     model, samples, truth = scene_split(args)
     held = [bool(s["meta"]["heldout_combo"]) for s in samples]
     rows = []
     for scale in args.scales:
         t0 = time.perf_counter()
-        texts = describe(model, samples, text_cfg_scale=scale)
+        texts = write_captions(model, samples, text_cfg_scale=scale)
         seconds = time.perf_counter() - t0
         exact = [M.caption_correct(t, s) for t, s in zip(texts, truth, strict=True)]
         f1 = [M.caption_object_f1(t, s) for t, s in zip(texts, truth, strict=True)]

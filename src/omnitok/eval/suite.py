@@ -106,7 +106,7 @@ def choose_text_cfg_scale(
         return 1.0, {}
     scenes = [scene_from_json(s["meta"]["scene"]) for s in samples]
     counts = {
-        scale: sum(map(M.caption_correct, describe(model, samples, text_cfg_scale=scale), scenes))
+        scale: sum(map(M.caption_correct, write_captions(model, samples, text_cfg_scale=scale), scenes))
         for scale in (1.0, float(try_scale))
     }
     margin = max(1, math.ceil(READ_GUIDANCE_MARGIN * len(samples)))
@@ -117,7 +117,7 @@ def choose_text_cfg_scale(
 CAPTION_ASK = "Describe the picture."  # the caption task's first ask: the evaluation's question
 
 
-def describe(model: Any, samples: list[dict[str, Any]], batch_size: int = 16, **opts: Any) -> list[str]:
+def write_captions(model: Any, samples: list[dict[str, Any]], batch_size: int = 16, **opts: Any) -> list[str]:
     """Each scene sample's picture described (``CAPTION_ASK``), ``batch_size`` at a time, with generation ``opts``."""
     out: list[str] = []
     for lo in range(0, len(samples), batch_size):
